@@ -1,0 +1,8 @@
+//! poco_sync's pure core. Nothing here uses pgrx or talks to a server, so all of it is
+//! unit-tested with plain `cargo test -p poco_core`.
+
+pub mod crypto;
+pub mod error;
+pub mod target;
+
+pub use error::{PocoError, Result, SqlState};
