@@ -10,6 +10,8 @@ use thiserror::Error;
 pub enum SqlState {
     /// 22023 invalid_parameter_value
     InvalidParameterValue,
+    /// 22004 null_value_not_allowed
+    NullValueNotAllowed,
     /// 22P02 invalid_text_representation
     InvalidTextRepresentation,
     /// 42501 insufficient_privilege
@@ -38,6 +40,7 @@ impl SqlState {
     pub fn code(self) -> &'static str {
         match self {
             SqlState::InvalidParameterValue => "22023",
+            SqlState::NullValueNotAllowed => "22004",
             SqlState::InvalidTextRepresentation => "22P02",
             SqlState::InsufficientPrivilege => "42501",
             SqlState::UndefinedObject => "42704",
@@ -87,6 +90,9 @@ pub enum PocoError {
     #[error("target must be a URL string or a JSON object")]
     BadJsonShape,
 
+    #[error("{0} must not be NULL")]
+    NullArgument(&'static str),
+
     // ---- key and crypto -----------------------------------------------------------------
     #[error("poco.key_file is not set")]
     NoKeyConfigured,
@@ -121,6 +127,7 @@ impl PocoError {
             | NoUser | UnknownJsonKey(_) | BadJsonValue(_) | BadJsonShape => {
                 SqlState::InvalidParameterValue
             }
+            NullArgument(_) => SqlState::NullValueNotAllowed,
             PrivateAddress(..) => SqlState::InsufficientPrivilege,
             NoKeyConfigured => SqlState::ObjectNotInPrerequisiteState,
             KeyFileUnreadable(..) => SqlState::UndefinedFile,
@@ -152,6 +159,7 @@ impl PocoError {
             UnknownJsonKey(_) => "Allowed keys: DATABASE_URL, PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGSSLMODE.",
             BadJsonValue(_) => "Give every value as a JSON string (PGPORT may also be a number).",
             BadJsonShape => "Pass a URL as text or a JSON object such as {\"DATABASE_URL\": \"postgresql://...\"}.",
+            NullArgument(_) => "Pass a value for every argument that has no default.",
             NoKeyConfigured => "Write a 32-byte key (64 hex digits or base64) to a file only the server's OS user can read, and set poco.key_file to its path in postgresql.conf.",
             KeyFileUnreadable(..) => "Check that poco.key_file names an existing file the PostgreSQL server's OS user can read.",
             KeyFileMode(_) => "Run chmod 0600 on the key file (owner: the PostgreSQL server's OS user).",
@@ -191,6 +199,7 @@ mod tests {
             PocoError::UnknownJsonKey("x".into()),
             PocoError::BadJsonValue("x".into()),
             PocoError::BadJsonShape,
+            PocoError::NullArgument("parent_id"),
             PocoError::NoKeyConfigured,
             PocoError::KeyFileUnreadable("f".into(), "e".into()),
             PocoError::KeyFileMode("f".into()),

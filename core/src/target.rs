@@ -529,6 +529,26 @@ fn classify_name(n: &str) -> Option<&'static str> {
 }
 
 impl TargetSpec {
+    /// Rebuild a spec from a stored catalog row (the password is not part of it).
+    pub fn from_stored(
+        host: &str,
+        port: i32,
+        dbname: &str,
+        user: &str,
+        sslmode: &str,
+        params: BTreeMap<String, String>,
+    ) -> Result<TargetSpec> {
+        Ok(TargetSpec {
+            host: parse_host(host)?,
+            port: u16::try_from(port).map_err(|_| PocoError::BadPort(port.to_string()))?,
+            dbname: dbname.to_string(),
+            user: user.to_string(),
+            password: None,
+            sslmode: SslMode::parse(sslmode)?,
+            params,
+        })
+    }
+
     /// The policy checks that depend on `poco.allow_private_targets`. Host names are checked
     /// for local-only names here; their resolved addresses are checked again at connect time.
     pub fn validate(&self, allow_private: bool) -> Result<()> {

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite: pure unit tests, #[pg_test] tests in one server, and end-to-end
+# tests with real platform and learner servers (pg_test/). Installs what it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+PG_MAJOR=${PG_MAJOR:-15}
+TEST_USER=${POCO_TEST_USER:-poco}
+PG_CONFIG=/usr/lib/postgresql/$PG_MAJOR/bin/pg_config
+[ -x "$PG_CONFIG" ] || PG_CONFIG=/usr/bin/pg_config
+
+bash scripts/setup.sh
+
+echo "==> unit tests (no PostgreSQL)"
+cargo test -p poco_core
+
+echo "==> #[pg_test] tests (one server run by $TEST_USER)"
+PGRX_DATA=/var/tmp/poco_sync-pgrx-$PG_MAJOR
+mkdir -p "$PGRX_DATA" && chown "$TEST_USER" "$PGRX_DATA"
+cargo pgrx test "pg$PG_MAJOR" --runas "$TEST_USER" --pgdata "$PGRX_DATA/data"
+
+echo "==> install the extension into PostgreSQL $PG_MAJOR"
+cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null
+
+echo "==> end-to-end tests (platform and learner servers started by pg_test/)"
+POCO_TEST_USER="$TEST_USER" POCO_PG_CONFIG="$PG_CONFIG" cargo test -p poco_e2e -- --test-threads=2

@@ -1,0 +1,60 @@
+-- poco_sync catalog. Configuration (poco.target) and history (poco.events) are separate
+-- tables, both kept by pg_dump (pg_extension_config_dump). Nothing here ever holds a
+-- password in clear: poco.target.secret is AES-256-GCM ciphertext (see src/targets.rs).
+
+CREATE SCHEMA IF NOT EXISTS poco;
+COMMENT ON SCHEMA poco IS 'poco_sync catalog: targets, jobs, events';
+REVOKE ALL ON SCHEMA poco FROM PUBLIC;
+
+CREATE SEQUENCE poco.target_id_seq;
+CREATE TABLE poco.target (
+    id            bigint PRIMARY KEY DEFAULT nextval('poco.target_id_seq'),
+    parent_id     text NOT NULL,
+    label         text,
+    host          text NOT NULL,
+    port          integer NOT NULL CHECK (port BETWEEN 1 AND 65535),
+    dbname        text NOT NULL,
+    username      text NOT NULL,
+    sslmode       text NOT NULL,
+    params        jsonb NOT NULL DEFAULT '{}',
+    url_redacted  text NOT NULL,
+    secret        bytea,           -- 'P1' | key id | nonce | AES-256-GCM(password)
+    key_id        text NOT NULL,   -- fingerprint of the key that sealed secret (not the key)
+    continuous    boolean NOT NULL DEFAULT false,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    created_by    name NOT NULL DEFAULT session_user,
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+ALTER SEQUENCE poco.target_id_seq OWNED BY poco.target.id;
+CREATE INDEX target_parent_idx ON poco.target (parent_id);
+COMMENT ON TABLE poco.target IS 'Learner databases (internal; read poco.targets instead)';
+
+CREATE SEQUENCE poco.events_id_seq;
+CREATE TABLE poco.events (
+    id         bigint PRIMARY KEY DEFAULT nextval('poco.events_id_seq'),
+    at         timestamptz NOT NULL DEFAULT clock_timestamp(),
+    kind       text NOT NULL,
+    parent_id  text,
+    target_id  bigint,
+    job_id     bigint,
+    actor      name NOT NULL DEFAULT session_user,
+    message    text NOT NULL,
+    detail     jsonb NOT NULL DEFAULT '{}'
+);
+ALTER SEQUENCE poco.events_id_seq OWNED BY poco.events.id;
+CREATE INDEX events_at_idx ON poco.events (at);
+CREATE INDEX events_parent_idx ON poco.events (parent_id, at);
+COMMENT ON TABLE poco.events IS 'Audit log: configuration changes, pushes, syncs and errors';
+
+SELECT pg_catalog.pg_extension_config_dump('poco.target', '');
+SELECT pg_catalog.pg_extension_config_dump('poco.target_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('poco.events', '');
+SELECT pg_catalog.pg_extension_config_dump('poco.events_id_seq', '');
+
+-- What anyone allowed to look may see of a target: never the secret.
+CREATE VIEW poco.targets AS
+SELECT t.id AS target_id, t.parent_id, t.label, t.url_redacted, t.host, t.port, t.dbname,
+       t.username, t.sslmode, t.params, t.secret IS NOT NULL AS has_password, t.key_id,
+       t.continuous, t.created_at, t.created_by, t.updated_at
+  FROM poco.target t;
+COMMENT ON VIEW poco.targets IS 'One row per learner target; credentials are never shown';

@@ -1,0 +1,93 @@
+-- Public interface (API.md). Functions live in pg_catalog, as pg_cron's do, so they are
+-- callable without schema qualification; they are SECURITY DEFINER with a fixed search_path
+-- and EXECUTE is revoked from PUBLIC: a DBA grants them to the application's role.
+--
+-- parent_id takes the type of the scope root's key: the anyelement overloads take integer,
+-- bigint, uuid...; the text overloads take untyped literals ('a-uuid-or-name').
+
+CREATE VIEW poco.worker AS SELECT * FROM poco.worker_status();
+COMMENT ON VIEW poco.worker IS 'The poco_sync background worker and its heartbeat';
+
+CREATE FUNCTION pg_catalog.poco_add_target(parent_id anyelement, url text, label text DEFAULT NULL)
+RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.add_target($1::text, $2, NULL::jsonb, $3) $$;
+
+CREATE FUNCTION pg_catalog.poco_add_target(parent_id text, url text, label text DEFAULT NULL)
+RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.add_target($1, $2, NULL::jsonb, $3) $$;
+
+CREATE FUNCTION pg_catalog.poco_add_target(parent_id anyelement, url jsonb, label text DEFAULT NULL)
+RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.add_target($1::text, NULL::text, $2, $3) $$;
+
+CREATE FUNCTION pg_catalog.poco_add_target(parent_id text, url jsonb, label text DEFAULT NULL)
+RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.add_target($1, NULL::text, $2, $3) $$;
+
+CREATE FUNCTION pg_catalog.poco_remove_target(target_id bigint)
+RETURNS void LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.remove_target($1) $$;
+
+CREATE FUNCTION pg_catalog.poco_check_target(target_id bigint)
+RETURNS text LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.check_target($1) $$;
+
+-- Superuser only (not granted by poco_grant_usage): re-encrypt all targets under the
+-- current poco.key_file; the argument names the file of the key they were stored with.
+CREATE FUNCTION pg_catalog.poco_rotate_key(old_key_file text)
+RETURNS bigint LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.rotate_key($1) $$;
+
+CREATE FUNCTION poco.status_of(parent_id text)
+RETURNS TABLE(target_id bigint, label text, url_redacted text, continuous boolean, state text,
+              last_snapshot_at timestamptz, last_applied_at timestamptz, lag_changes bigint,
+              last_error text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT t.id, t.label, t.url_redacted, t.continuous,
+         CASE WHEN t.continuous THEN 'sync' ELSE 'idle' END,
+         NULL::timestamptz, NULL::timestamptz, 0::bigint, NULL::text
+    FROM poco.target t WHERE t.parent_id = $1 ORDER BY t.id
+$$;
+
+CREATE FUNCTION pg_catalog.poco_status(parent_id anyelement)
+RETURNS TABLE(target_id bigint, label text, url_redacted text, continuous boolean, state text,
+              last_snapshot_at timestamptz, last_applied_at timestamptz, lag_changes bigint,
+              last_error text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM poco.status_of($1::text) $$;
+
+CREATE FUNCTION pg_catalog.poco_status(parent_id text)
+RETURNS TABLE(target_id bigint, label text, url_redacted text, continuous boolean, state text,
+              last_snapshot_at timestamptz, last_applied_at timestamptz, lag_changes bigint,
+              last_error text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM poco.status_of($1) $$;
+
+-- Grant what an application (the parent-facing page) needs to one role.
+CREATE FUNCTION pg_catalog.poco_grant_usage(role_name name)
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE f regprocedure;
+BEGIN
+  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+            WHERE p.pronamespace = 'pg_catalog'::regnamespace AND p.proname LIKE 'poco\_%'
+              AND p.proname NOT IN ('poco_rotate_key', 'poco_grant_usage')
+  LOOP
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, role_name);
+  END LOOP;
+  EXECUTE format('GRANT USAGE ON SCHEMA poco TO %I', role_name);
+  EXECUTE format('GRANT EXECUTE ON FUNCTION poco.worker_status() TO %I', role_name);
+  EXECUTE format('GRANT SELECT ON poco.targets, poco.events, poco.worker TO %I', role_name);
+END $$;
+
+DO $$
+DECLARE f regprocedure;
+BEGIN
+  FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+            WHERE (p.pronamespace = 'pg_catalog'::regnamespace AND p.proname LIKE 'poco\_%')
+               OR p.pronamespace = 'poco'::regnamespace
+  LOOP
+    EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+  END LOOP;
+END $$;
