@@ -68,9 +68,17 @@ pub fn next_target_id() -> i64 {
     Spi::get_one::<i64>("SELECT nextval('poco.target_id_seq')").or_raise().expect("nextval")
 }
 
+/// The first column of the first row, or None when there is no row (Spi::get_one errors then).
+fn first_value<T: FromDatum + IntoDatum>(query: &str, args: &[DatumWithOid]) -> Option<T> {
+    Spi::connect_mut(|client| {
+        let mut table = client.update(query, Some(1), args).or_raise();
+        table.next().and_then(|row| row.get::<T>(1).ok().flatten())
+    })
+}
+
 /// A target of this parent that already points at the same server, database and user.
 pub fn find_same_destination(parent_id: &str, spec: &TargetSpec) -> Option<i64> {
-    Spi::get_one_with_args::<i64>(
+    first_value::<i64>(
         "SELECT id FROM poco.target WHERE parent_id = $1 AND host = $2 AND port = $3 \
          AND dbname = $4 AND username = $5 ORDER BY id LIMIT 1 FOR UPDATE",
         &[
@@ -81,7 +89,6 @@ pub fn find_same_destination(parent_id: &str, spec: &TargetSpec) -> Option<i64> 
             spec.user.clone().into(),
         ],
     )
-    .or_raise()
 }
 
 pub struct NewTarget<'a> {
@@ -148,22 +155,16 @@ pub fn set_secret(id: i64, secret: Option<Vec<u8>>, key_id: &str) {
 /// Delete a target; returns (parent id, redacted URL) of what was deleted.
 pub fn delete_target(id: i64) -> Result<(String, String)> {
     Spi::connect_mut(|client| {
-        let table = client
+        let mut table = client
             .update(
                 "DELETE FROM poco.target WHERE id = $1 RETURNING parent_id, url_redacted",
                 None,
                 &[id.into()],
             )
             .or_raise();
-        table
-            .map(|row| {
-                (
-                    row.get::<String>(1).ok().flatten().unwrap_or_default(),
-                    row.get::<String>(2).ok().flatten().unwrap_or_default(),
-                )
-            })
-            .next()
-            .ok_or(PocoError::NoSuchTarget(id))
+        let row = table.next().ok_or(PocoError::NoSuchTarget(id))?;
+        let get = |i| row.get::<String>(i).ok().flatten().unwrap_or_default();
+        Ok((get(1), get(2)))
     })
 }
 

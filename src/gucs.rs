@@ -13,9 +13,10 @@ pub fn init() {
     GucRegistry::define_string_guc(
         c"poco.database",
         c"Database whose poco_sync background worker sends data to learners.",
-        c"The worker connects to this database at server start; install the extension there.",
+        c"Install the extension there. On a change (and reload) the worker reconnects to the new database.",
         &DATABASE,
-        GucContext::Postmaster,
+        // Not PGC_POSTMASTER: that cannot be defined when the library is loaded after start.
+        GucContext::Sighup,
         GucFlags::default(),
     );
     GucRegistry::define_string_guc(

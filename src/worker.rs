@@ -68,6 +68,10 @@ pub extern "C-unwind" fn poco_worker_main(_arg: pg_sys::Datum) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             keys::forget();
+            if gucs::database() != db {
+                log!("poco_sync worker: poco.database changed to \"{}\"; reconnecting", gucs::database());
+                break; // exit code 1: the postmaster starts us again, connected to the new one
+            }
         }
         sleep = one_pass(&runtime);
     }

@@ -1,1 +1,336 @@
-pub fn x(){}
+//! Test harness: throwaway PostgreSQL servers for end-to-end tests.
+//!
+//! Each [`Server`] gets its own temp directory and a free loopback port, is initialised and
+//! run by a non-root OS user (initdb refuses root), listens on 127.0.0.1 only, and is
+//! stopped (`-m immediate`) and deleted when dropped, also when the test panics.
+//! A *platform* server has poco_sync preloaded, a key file and `poco.database = platform`;
+//! a *learner* server is a plain PostgreSQL.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use tokio_postgres::error::DbError;
+pub use tokio_postgres::Row;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// The OS user that runs the servers when the tests run as root.
+pub fn test_user() -> String {
+    std::env::var("POCO_TEST_USER").unwrap_or_else(|_| "poco".into())
+}
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn bindir() -> PathBuf {
+    let pg_config = std::env::var("POCO_PG_CONFIG").unwrap_or_else(|_| "pg_config".into());
+    let out = Command::new(&pg_config).arg("--bindir").output().expect("pg_config");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// Run a server binary as the test user.
+fn run_as_user(bin: &Path, args: &[&str]) -> Output {
+    let mut cmd = if is_root() {
+        let mut c = Command::new("runuser");
+        c.arg("-u").arg(test_user()).arg("--").arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    };
+    cmd.args(args).env("LC_ALL", "C.UTF-8").output().expect("run server binary")
+}
+
+fn check(out: Output, what: &str) -> String {
+    if !out.status.success() {
+        panic!(
+            "{what} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn chown_to_test_user(p: &Path) {
+    if is_root() {
+        let st = Command::new("chown").arg("-R").arg(test_user()).arg(p).status().unwrap();
+        assert!(st.success(), "chown {p:?}");
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A 32-byte key as 64 hex digits, different for every seed.
+pub fn hex_key(seed: u8) -> String {
+    (0..32u8).map(|i| format!("{:02x}", i.wrapping_mul(31).wrapping_add(seed))).collect()
+}
+
+#[derive(Clone)]
+pub struct Options {
+    pub preload: bool,
+    /// Key file contents (`None`: poco.key_file is not set).
+    pub key: Option<String>,
+    pub allow_private: bool,
+    pub extra_conf: Vec<String>,
+    /// Create database `platform` and `CREATE EXTENSION poco_sync` in it.
+    pub create_extension: bool,
+}
+
+impl Options {
+    pub fn platform() -> Options {
+        Options {
+            preload: true,
+            key: Some(hex_key(1)),
+            allow_private: true,
+            extra_conf: vec![],
+            create_extension: true,
+        }
+    }
+    pub fn learner() -> Options {
+        Options { preload: false, key: None, allow_private: false, extra_conf: vec![], create_extension: false }
+    }
+}
+
+pub struct Server {
+    pub name: String,
+    pub dir: PathBuf,
+    pub port: u16,
+    bindir: PathBuf,
+}
+
+impl Server {
+    pub fn start(name: &str, opts: &Options) -> Server {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("poco_e2e_{}_{}_{n}", name, std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        chown_to_test_user(&dir);
+        let bindir = bindir();
+        let data = dir.join("data");
+        check(
+            run_as_user(
+                &bindir.join("initdb"),
+                &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"],
+            ),
+            "initdb",
+        );
+        let mut server = Server { name: name.into(), dir: dir.clone(), port: 0, bindir };
+        let mut conf = vec![
+            "listen_addresses = '127.0.0.1'".to_string(),
+            format!("unix_socket_directories = '{}'", dir.display()),
+            "fsync = off".into(),
+            "log_line_prefix = '%m [%p] %b '".into(),
+        ];
+        if opts.preload {
+            conf.push("shared_preload_libraries = 'poco_sync'".into());
+            conf.push("poco.database = 'platform'".into());
+        }
+        if let Some(k) = &opts.key {
+            server.write_key_file("key", k);
+            conf.push(format!("poco.key_file = '{}'", dir.join("key").display()));
+        }
+        if opts.allow_private {
+            conf.push("poco.allow_private_targets = on".into());
+        }
+        conf.extend(opts.extra_conf.iter().cloned());
+        let conf_path = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).unwrap();
+        text.push_str("\n# poco_sync test harness\n");
+        text.push_str(&conf.join("\n"));
+        text.push('\n');
+        std::fs::write(&conf_path, text).unwrap();
+        // The port is chosen right before start; retry if another process took it meanwhile.
+        for attempt in 0..5 {
+            server.port = free_port();
+            if server.pg_ctl_start().is_ok() {
+                break;
+            }
+            assert!(attempt < 4, "could not start {name}: {}", server.log());
+        }
+        if opts.create_extension {
+            server.psql("postgres", "CREATE DATABASE platform");
+            server.psql("platform", "CREATE EXTENSION poco_sync");
+        }
+        server
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Write a key file owned by the server's user with mode 0600; returns its path.
+    pub fn write_key_file(&self, name: &str, contents: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.dir.join(name);
+        std::fs::write(&p, contents).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        chown_to_test_user(&p);
+        p
+    }
+
+    fn pg_ctl_start(&self) -> Result<(), String> {
+        let out = run_as_user(
+            &self.bindir.join("pg_ctl"),
+            &[
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                self.data_dir().to_str().unwrap(),
+                "-l",
+                self.log_path().to_str().unwrap(),
+                "-o",
+                &format!("-p {}", self.port),
+            ],
+        );
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    pub fn start_again(&self) {
+        self.pg_ctl_start().unwrap_or_else(|e| panic!("restart {}: {e}\n{}", self.name, self.log()));
+    }
+
+    /// `pg_ctl stop -m <mode>`; returns how long it took.
+    pub fn stop(&self, mode: &str) -> Duration {
+        let t = Instant::now();
+        let _ = run_as_user(
+            &self.bindir.join("pg_ctl"),
+            &["stop", "-w", "-t", "60", "-m", mode, "-D", self.data_dir().to_str().unwrap()],
+        );
+        t.elapsed()
+    }
+
+    pub fn reload(&self) {
+        self.psql("postgres", "SELECT pg_reload_conf()");
+    }
+
+    pub fn conninfo(&self, db: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={db} connect_timeout=10", self.port)
+    }
+
+    /// A URL for this server as a poco target (plaintext: test servers have no TLS).
+    pub fn target_url(&self, db: &str, user: &str, password: &str) -> String {
+        format!("postgresql://{user}:{password}@127.0.0.1:{}/{db}?sslmode=disable", self.port)
+    }
+
+    /// Run SQL with psql (as the postgres superuser over TCP); panics on error.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new(self.bindir.join("psql"))
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", &self.conninfo(db), "-c", sql])
+            .output()
+            .unwrap();
+        check(out, &format!("psql on {}: {sql}", self.name)).trim().to_string()
+    }
+
+    /// Run a server binary (pg_dump, pg_dumpall...) against this server; returns stdout.
+    pub fn tool(&self, bin: &str, args: &[&str]) -> String {
+        let out = Command::new(self.bindir.join(bin))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+            .args(args)
+            .output()
+            .unwrap();
+        check(out, bin)
+    }
+
+    pub fn connect(&self, db: &str) -> Db {
+        Db::connect(&self.conninfo(db))
+    }
+
+    pub fn postmaster_pid(&self) -> i32 {
+        let pidfile = std::fs::read_to_string(self.data_dir().join("postmaster.pid")).unwrap();
+        pidfile.lines().next().unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop("immediate");
+        if std::env::var_os("POCO_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A synchronous client over tokio-postgres, for tests.
+pub struct Db {
+    rt: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+}
+
+impl Db {
+    pub fn connect(conninfo: &str) -> Db {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let client = rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("connect {conninfo}: {e}"));
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            client
+        });
+        Db { rt, client }
+    }
+
+    pub fn query(&self, sql: &str) -> Vec<Row> {
+        self.rt
+            .block_on(self.client.query(sql, &[]))
+            .unwrap_or_else(|e| panic!("{sql}: {}", e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())))
+    }
+
+    pub fn execute(&self, sql: &str) {
+        self.rt
+            .block_on(self.client.batch_execute(sql))
+            .unwrap_or_else(|e| panic!("{sql}: {}", e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())));
+    }
+
+    /// The first column of the first row, as text (NULL as None).
+    pub fn value(&self, sql: &str) -> Option<String> {
+        let rows = self.rt.block_on(self.client.simple_query(sql)).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        rows.into_iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_string)),
+            _ => None,
+        })?
+    }
+
+    /// Run a statement that must fail; returns the server's error.
+    pub fn error(&self, sql: &str) -> DbError {
+        match self.rt.block_on(self.client.batch_execute(sql)) {
+            Ok(()) => panic!("expected an error from: {sql}"),
+            Err(e) => e.as_db_error().cloned().unwrap_or_else(|| panic!("{sql}: not a server error: {e}")),
+        }
+    }
+}
+
+/// Poll `f` every 100 ms until it returns Some, for at most `limit`.
+pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let t = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if t.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
