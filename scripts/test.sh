@@ -16,7 +16,7 @@ cargo test -p poco_core
 
 echo "==> #[pg_test] tests (one server run by $TEST_USER)"
 PGRX_DATA=/var/tmp/poco_sync-pgrx-$PG_MAJOR
-mkdir -p "$PGRX_DATA" && chown "$TEST_USER" "$PGRX_DATA"
+rm -rf "$PGRX_DATA" && mkdir -p "$PGRX_DATA" && chown "$TEST_USER" "$PGRX_DATA"
 cargo pgrx test "pg$PG_MAJOR" --runas "$TEST_USER" --pgdata "$PGRX_DATA/data"
 
 echo "==> install the extension into PostgreSQL $PG_MAJOR"

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The demo: build and install poco_sync, start a platform and a learner server of its own
+# (as the non-root user, on loopback ports 55432 and 55433, data under /var/tmp/poco_sync-demo),
+# load sample data, store the learner as a target of one parent, and show the result.
+# Idempotent: run it again and it reuses what is there. Stop it with: scripts/demo.sh stop
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+PG_MAJOR=${PG_MAJOR:-15}
+USER_=${POCO_TEST_USER:-poco}
+BASE=/var/tmp/poco_sync-demo
+PLATFORM_PORT=55432
+LEARNER_PORT=55433
+BIN=/usr/lib/postgresql/$PG_MAJOR/bin
+PG_CONFIG=$BIN/pg_config; [ -x "$PG_CONFIG" ] || PG_CONFIG=/usr/bin/pg_config
+
+as_user() { runuser -u "$USER_" -- "$@"; }
+psql_() { local port=$1 db=$2; shift 2; "$BIN/psql" -X -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d "$db" "$@"; }
+
+if [ "${1:-}" = stop ]; then
+  for s in platform learner; do
+    [ -d "$BASE/$s" ] && as_user "$BIN/pg_ctl" stop -m fast -D "$BASE/$s" || true
+  done
+  exit 0
+fi
+
+bash scripts/setup.sh
+echo "==> building and installing poco_sync (release)"
+cargo pgrx install --release --pg-config "$PG_CONFIG" >/dev/null
+
+mkdir -p "$BASE" && chown "$USER_" "$BASE"
+start() { # name port extra-conf
+  local name=$1 port=$2 conf=$3 dir=$BASE/$1
+  if [ ! -f "$dir/PG_VERSION" ]; then
+    as_user "$BIN/initdb" -D "$dir" -U postgres --auth=trust -E UTF8 >/dev/null
+    printf "listen_addresses = '127.0.0.1'\nport = %s\nunix_socket_directories = '%s'\n%b" \
+      "$port" "$BASE" "$conf" >> "$dir/postgresql.conf"
+  fi
+  if ! as_user "$BIN/pg_ctl" status -D "$dir" >/dev/null 2>&1; then
+    as_user "$BIN/pg_ctl" start -w -D "$dir" -l "$BASE/$name.log" >/dev/null
+  else # pick up a newly installed library
+    as_user "$BIN/pg_ctl" restart -w -m fast -D "$dir" -l "$BASE/$name.log" >/dev/null
+  fi
+  echo "==> $name server on 127.0.0.1:$port (log: $BASE/$name.log)"
+}
+
+if [ ! -f "$BASE/poco.key" ]; then
+  od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$BASE/poco.key"
+  chown "$USER_" "$BASE/poco.key"; chmod 600 "$BASE/poco.key"
+fi
+start platform $PLATFORM_PORT "shared_preload_libraries = 'poco_sync'\npoco.database = 'platform'\npoco.key_file = '$BASE/poco.key'\npoco.allow_private_targets = on   # the learner is on loopback\n"
+start learner $LEARNER_PORT ""
+
+psql_ $PLATFORM_PORT postgres -qAtc "SELECT 1 FROM pg_database WHERE datname = 'platform'" | grep -q 1 \
+  || psql_ $PLATFORM_PORT postgres -qc "CREATE DATABASE platform"
+psql_ $LEARNER_PORT postgres -qAtc "SELECT 1 FROM pg_database WHERE datname = 'family'" | grep -q 1 \
+  || psql_ $LEARNER_PORT postgres -qc "CREATE DATABASE family"
+psql_ $LEARNER_PORT postgres -qc "DO \$\$ BEGIN CREATE ROLE family_owner LOGIN PASSWORD 'demo-Pa55'; EXCEPTION WHEN duplicate_object THEN NULL; END \$\$"
+psql_ $LEARNER_PORT postgres -qc "ALTER DATABASE family OWNER TO family_owner"
+
+echo "==> sample data and a target for parent 1"
+psql_ $PLATFORM_PORT platform -qAt <<SQL
+CREATE EXTENSION IF NOT EXISTS poco_sync;
+CREATE TABLE IF NOT EXISTS users (
+  id bigint PRIMARY KEY, role text NOT NULL CHECK (role IN ('admin','parent','learner')),
+  parent_id bigint REFERENCES users(id), name text NOT NULL, password_hash text);
+INSERT INTO users VALUES (1,'parent',NULL,'Dana','x'),(2,'learner',1,'Sam','x'),(3,'learner',1,'Kim','x'),
+                         (4,'parent',NULL,'Lee','x'),(5,'learner',4,'Ari','x'),(9,'admin',NULL,'Root','x')
+  ON CONFLICT DO NOTHING;
+SELECT poco_add_target(1, 'postgresql://family_owner:demo-Pa55@127.0.0.1:$LEARNER_PORT/family?sslmode=disable', 'Dana''s laptop');
+SQL
+
+echo; echo "==> SELECT target_id, parent_id, label, url_redacted FROM poco.targets;"
+psql_ $PLATFORM_PORT platform -c "SELECT target_id, parent_id, label, url_redacted FROM poco.targets"
+echo "==> SELECT * FROM poco_status(1);"
+psql_ $PLATFORM_PORT platform -c "SELECT target_id, label, url_redacted, continuous, state FROM poco_status(1)"
+echo "==> SELECT poco_check_target(target_id) FROM poco.targets;"
+psql_ $PLATFORM_PORT platform -c "SELECT target_id, poco_check_target(target_id) FROM poco.targets"
+# The worker connects once database "platform" exists (it retries every 2 s until then).
+for _ in $(seq 1 50); do
+  [ "$(psql_ $PLATFORM_PORT platform -qAtc "SELECT state FROM poco.worker")" = idle ] && break
+  sleep 0.2
+done
+echo "==> SELECT pid, state, heartbeat_at FROM poco.worker;"
+psql_ $PLATFORM_PORT platform -c "SELECT pid, state, heartbeat_at FROM poco.worker"
+echo "==> the audit log, poco.events"
+psql_ $PLATFORM_PORT platform -c "SELECT at, kind, actor, message FROM poco.events ORDER BY id DESC LIMIT 5"
+cat <<EOF2
+
+The platform is at  psql -h 127.0.0.1 -p $PLATFORM_PORT -U postgres platform
+the learner at      psql -h 127.0.0.1 -p $LEARNER_PORT -U postgres family
+Stop both with:     bash scripts/demo.sh stop
+(Push and continuous sync are not implemented yet: see README, "Status".)
+EOF2
