@@ -26,7 +26,8 @@ CREATE TABLE poco.target (
     updated_at    timestamptz NOT NULL DEFAULT now()
 );
 ALTER SEQUENCE poco.target_id_seq OWNED BY poco.target.id;
-CREATE INDEX target_parent_idx ON poco.target (parent_id);
+-- One target per parent and destination: storing it again updates it (poco_add_target).
+CREATE UNIQUE INDEX target_destination_idx ON poco.target (parent_id, host, port, dbname, username);
 COMMENT ON TABLE poco.target IS 'Learner databases (internal; read poco.targets instead)';
 
 CREATE SEQUENCE poco.events_id_seq;
