@@ -104,10 +104,15 @@ fn params_json(spec: &TargetSpec) -> JsonB {
     JsonB(serde_json::to_value(&spec.params).expect("params are strings"))
 }
 
-pub fn insert_target(t: &NewTarget) {
+/// Write a target: a new row, or the existing row with this id (same destination stored
+/// again: new credentials, options and label, same id, since the id is sealed into the AAD).
+pub fn upsert_target(t: &NewTarget) {
     Spi::run_with_args(
         "INSERT INTO poco.target (id, parent_id, label, host, port, dbname, username, sslmode, \
-         params, url_redacted, secret, key_id) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12)",
+         params, url_redacted, secret, key_id) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) \
+         ON CONFLICT (id) DO UPDATE SET label = coalesce(EXCLUDED.label, poco.target.label), \
+         sslmode = EXCLUDED.sslmode, params = EXCLUDED.params, url_redacted = EXCLUDED.url_redacted, \
+         secret = EXCLUDED.secret, key_id = EXCLUDED.key_id, updated_at = now()",
         &[
             t.id.into(),
             t.parent_id.into(),
@@ -116,24 +121,6 @@ pub fn insert_target(t: &NewTarget) {
             (t.spec.port as i32).into(),
             t.spec.dbname.clone().into(),
             t.spec.user.clone().into(),
-            t.spec.sslmode.as_str().into(),
-            params_json(t.spec).into(),
-            t.spec.redacted_url().into(),
-            t.secret.clone().into(),
-            t.key_id.clone().into(),
-        ],
-    )
-    .or_raise();
-}
-
-/// Replace the connection details and credentials of an existing target (same destination).
-pub fn update_target(t: &NewTarget) {
-    Spi::run_with_args(
-        "UPDATE poco.target SET label = coalesce($2, label), sslmode = $3, params = $4, \
-         url_redacted = $5, secret = $6, key_id = $7, updated_at = now() WHERE id = $1",
-        &[
-            t.id.into(),
-            t.label.into(),
             t.spec.sslmode.as_str().into(),
             params_json(t.spec).into(),
             t.spec.redacted_url().into(),

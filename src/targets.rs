@@ -51,26 +51,16 @@ pub mod poco {
             secret: seal(&key, id, parent_id, &spec),
             key_id: key.id_hex(),
         };
+        catalog::upsert_target(&t);
         let url = spec.redacted_url();
-        if existed {
-            catalog::update_target(&t);
-            catalog::log_event(
-                "target_updated",
-                Some(parent_id),
-                Some(id),
-                &format!("target {id} of parent {parent_id} updated: {url}"),
-                json!({"url": url, "label": label}),
-            );
-        } else {
-            catalog::insert_target(&t);
-            catalog::log_event(
-                "target_added",
-                Some(parent_id),
-                Some(id),
-                &format!("target {id} added for parent {parent_id}: {url}"),
-                json!({"url": url, "label": label}),
-            );
-        }
+        let (kind, what) = if existed { ("target_updated", "updated") } else { ("target_added", "added") };
+        catalog::log_event(
+            kind,
+            Some(parent_id),
+            Some(id),
+            &format!("target {id} of parent {parent_id} {what}: {url}"),
+            json!({"url": url, "label": label}),
+        );
         Ok(id)
     }
 
