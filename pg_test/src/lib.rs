@@ -238,7 +238,7 @@ impl Server {
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", &self.conninfo(db), "-c", sql])
             .output()
             .unwrap();
-        check(out, &format!("psql on {}: {sql}", self.name)).trim().to_string()
+        check(out, &format!("psql on {}: {}", self.name, redact(sql))).trim().to_string()
     }
 
     /// Run a server binary (pg_dump, pg_dumpall...) against this server; returns stdout.
@@ -270,6 +270,40 @@ impl Drop for Server {
     }
 }
 
+/// SQL as it may appear in test output: the password of any URL (`://user:PW@`) and any
+/// `"PGPASSWORD": "..."` value replaced by `***`.
+pub fn redact(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut rest = sql;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail.find(|c: char| c == '/' || c == '\'' || c == '"' || c.is_whitespace()).unwrap_or(tail.len());
+        let auth = &tail[..end];
+        match (auth.rfind('@'), auth.find(':')) {
+            (Some(at), Some(colon)) if colon < at => {
+                out.push_str(&auth[..=colon]);
+                out.push_str("***");
+                out.push_str(&auth[at..]);
+            }
+            _ => out.push_str(auth),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    let key = "\"PGPASSWORD\": \"";
+    let mut res = String::new();
+    let mut rest = out.as_str();
+    while let Some(i) = rest.find(key) {
+        res.push_str(&rest[..i + key.len()]);
+        res.push_str("***");
+        let after = &rest[i + key.len()..];
+        rest = &after[after.find('"').unwrap_or(after.len())..];
+    }
+    res.push_str(rest);
+    res
+}
+
 /// A synchronous client over tokio-postgres, for tests.
 pub struct Db {
     rt: tokio::runtime::Runtime,
@@ -294,18 +328,18 @@ impl Db {
     pub fn query(&self, sql: &str) -> Vec<Row> {
         self.rt
             .block_on(self.client.query(sql, &[]))
-            .unwrap_or_else(|e| panic!("{sql}: {}", e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())))
+            .unwrap_or_else(|e| panic!("{}: {}", redact(sql), e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())))
     }
 
     pub fn execute(&self, sql: &str) {
         self.rt
             .block_on(self.client.batch_execute(sql))
-            .unwrap_or_else(|e| panic!("{sql}: {}", e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())));
+            .unwrap_or_else(|e| panic!("{}: {}", redact(sql), e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())));
     }
 
     /// The first column of the first row, as text (NULL as None).
     pub fn value(&self, sql: &str) -> Option<String> {
-        let rows = self.rt.block_on(self.client.simple_query(sql)).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let rows = self.rt.block_on(self.client.simple_query(sql)).unwrap_or_else(|e| panic!("{}: {e}", redact(sql)));
         rows.into_iter().find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_string)),
             _ => None,
@@ -315,8 +349,8 @@ impl Db {
     /// Run a statement that must fail; returns the server's error.
     pub fn error(&self, sql: &str) -> DbError {
         match self.rt.block_on(self.client.batch_execute(sql)) {
-            Ok(()) => panic!("expected an error from: {sql}"),
-            Err(e) => e.as_db_error().cloned().unwrap_or_else(|| panic!("{sql}: not a server error: {e}")),
+            Ok(()) => panic!("expected an error from: {}", redact(sql)),
+            Err(e) => e.as_db_error().cloned().unwrap_or_else(|| panic!("{}: not a server error: {e}", redact(sql))),
         }
     }
 }
@@ -332,5 +366,16 @@ pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<
             return None;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_hides_url_and_json_passwords() {
+        let sql = r#"SELECT poco_add_target(1, 'postgresql://u:Se:cr@t@127.0.0.1:5/d'), '{"PGPASSWORD": "pw1", "PGUSER": "x"}'"#;
+        let r = super::redact(sql);
+        assert!(!r.contains("Se:cr") && !r.contains("pw1"), "{r}");
+        assert!(r.contains("postgresql://u:***@127.0.0.1:5/d") && r.contains(r#""PGPASSWORD": "***""#), "{r}");
     }
 }
