@@ -255,6 +255,11 @@ impl Server {
         Db::connect(&self.conninfo(db))
     }
 
+    /// Connect as another (non-superuser) role.
+    pub fn connect_as(&self, user: &str, db: &str) -> Db {
+        Db::connect(&format!("host=127.0.0.1 port={} user={user} dbname={db} connect_timeout=10", self.port))
+    }
+
     pub fn postmaster_pid(&self) -> i32 {
         let pidfile = std::fs::read_to_string(self.data_dir().join("postmaster.pid")).unwrap();
         pidfile.lines().next().unwrap().trim().parse().unwrap()

@@ -205,7 +205,7 @@ fn key_file_must_exist_be_private_and_hold_a_key() {
 
     // The key file setting is hidden from non-superusers.
     db2.execute("CREATE ROLE app LOGIN");
-    let app = poco_e2e::Db::connect(&format!("host=127.0.0.1 port={} user=app dbname=platform", platform.port));
+    let app = platform.connect_as("app", "platform");
     let e = app.error("SHOW poco.key_file");
     assert_eq!(e.code().code(), "42501");
     assert_eq!(app.value("SELECT count(*) FROM pg_settings WHERE name = 'poco.key_file'").unwrap(), "0");
@@ -234,7 +234,7 @@ fn private_targets_are_refused_unless_allowed() {
     assert_eq!(db.value("SELECT sslmode FROM poco.targets").unwrap(), "require");
     // A non-superuser cannot turn the setting on for its session.
     db.execute("CREATE ROLE app LOGIN");
-    let app = poco_e2e::Db::connect(&format!("host=127.0.0.1 port={} user=app dbname=platform", platform.port));
+    let app = platform.connect_as("app", "platform");
     assert_eq!(app.error("SET poco.allow_private_targets = on").code().code(), "55P02");
     // Nor call the functions until granted.
     assert_eq!(app.error("SELECT poco_status(1)").code().code(), "42501");
