@@ -34,6 +34,24 @@ pub enum SqlState {
     QueryCanceled,
     /// XX000 internal_error
     Internal,
+    /// 42601 syntax_error
+    SyntaxError,
+    /// 42703 undefined_column
+    UndefinedColumn,
+    /// 42P01 undefined_table
+    UndefinedTable,
+    /// 42809 wrong_object_type
+    WrongObjectType,
+    /// 42830 invalid_foreign_key
+    InvalidForeignKey,
+    /// 42702 ambiguous_column
+    AmbiguousColumn,
+    /// 42P17 invalid_object_definition
+    InvalidObjectDefinition,
+    /// 42P16 invalid_table_definition
+    InvalidTableDefinition,
+    /// 42710 duplicate_object
+    DuplicateObject,
 }
 
 impl SqlState {
@@ -52,6 +70,15 @@ impl SqlState {
             SqlState::ConnectionFailure => "08006",
             SqlState::QueryCanceled => "57014",
             SqlState::Internal => "XX000",
+            SqlState::SyntaxError => "42601",
+            SqlState::UndefinedColumn => "42703",
+            SqlState::UndefinedTable => "42P01",
+            SqlState::WrongObjectType => "42809",
+            SqlState::InvalidForeignKey => "42830",
+            SqlState::AmbiguousColumn => "42702",
+            SqlState::InvalidObjectDefinition => "42P17",
+            SqlState::InvalidTableDefinition => "42P16",
+            SqlState::DuplicateObject => "42710",
         }
     }
 }
@@ -114,6 +141,12 @@ pub enum PocoError {
     NotPreloaded,
     #[error("could not connect to target {0}: {1}")]
     Connect(i64, String),
+    // ---- account scope -------------------------------------------------------------------
+    #[error("invalid root predicate: {0}")]
+    ScopePredicate(String),
+    /// A scope declaration error whose hint depends on the schema (candidate paths, names).
+    #[error("{message}")]
+    Scope { state: SqlState, message: String, hint: String },
     #[error("{0}")]
     Internal(String),
 }
@@ -137,6 +170,8 @@ impl PocoError {
             NoSuchTarget(_) => SqlState::UndefinedObject,
             NotPreloaded => SqlState::ObjectNotInPrerequisiteState,
             Connect(..) => SqlState::UnableToConnect,
+            ScopePredicate(_) => SqlState::SyntaxError,
+            Scope { state, .. } => *state,
             Internal(_) => SqlState::Internal,
         }
     }
@@ -169,6 +204,8 @@ impl PocoError {
             NoSuchTarget(_) => "List the targets with: SELECT * FROM poco.targets;",
             NotPreloaded => "Add poco_sync to shared_preload_libraries in postgresql.conf and restart the server.",
             Connect(..) => "Check that the learner server is running and reachable, and that the user, password and database are right.",
+            ScopePredicate(_) => "Give one boolean expression over the root table's columns that uses $1 for the parent id, e.g. 'id = $1 OR parent_id = $1'.",
+            Scope { hint, .. } => return Some(hint.clone()),
             Internal(_) => return None,
         };
         Some(h.to_string())
@@ -209,6 +246,8 @@ mod tests {
             PocoError::NoSuchTarget(1),
             PocoError::NotPreloaded,
             PocoError::Connect(1, "refused".into()),
+            PocoError::ScopePredicate("x".into()),
+            PocoError::Scope { state: SqlState::InvalidForeignKey, message: "m".into(), hint: "h".into() },
         ];
         for e in all {
             assert!(e.hint().is_some(), "{e:?} has no hint");

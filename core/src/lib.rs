@@ -3,6 +3,8 @@
 
 pub mod crypto;
 pub mod error;
+pub mod predicate;
+pub mod scope;
 pub mod target;
 
 pub use error::{PocoError, Result, SqlState};

@@ -1,0 +1,850 @@
+//! Account scope: from the DBA's declarations (a root, owned tables, reference tables, excluded
+//! columns) and a snapshot of the platform's foreign keys, decide exactly which rows belong to
+//! one parent and compile that into SQL.
+//!
+//! Rules (API.md §1, README "Account scope"):
+//! - **Root**: rows of the root table for which the predicate holds, `$1` being the parent id.
+//! - **Owned** table T: a row is in scope when its ownership path leads to an in-scope root row.
+//!   The path is a chain of foreign keys T → … → root. It may pass through other owned tables and
+//!   through undeclared tables (used for the join only, never sent), never through a reference
+//!   table. Candidates are enumerated from the FK graph; `via` (a constraint or column name)
+//!   filters them by their first hop. A path whose first hop lands directly on an owned table or
+//!   the root beats longer ones; otherwise exactly one candidate must remain.
+//! - **Reference** table R: `all` sends every row; `referenced` sends the rows that in-scope rows
+//!   of any scoped table reference through a foreign key, transitively (a lesson referenced by
+//!   progress pulls its course). A self-reference (a lesson's prerequisite) is followed
+//!   recursively. A cycle through several `referenced` tables is refused.
+//! - A NULL in any column of a foreign key means "no reference" (MATCH SIMPLE), so such a row
+//!   reaches nothing through that key.
+//!
+//! Everything here is pure: the extension loads `Catalog` and `Declarations` through SPI and
+//! runs the SQL this module writes. Identifiers arrive already quoted by PostgreSQL's
+//! `quote_ident`; values never appear in the SQL, only `$1` (the parent id as text, cast to the
+//! root key's type) and, for the owners query, `$2`.
+
+use crate::error::{PocoError, Result, SqlState};
+use crate::predicate::Predicate;
+use std::collections::{BTreeMap, BTreeSet};
+
+pub type Oid = u32;
+
+/// Longest ownership path searched, in foreign keys.
+pub const MAX_PATH_LEN: usize = 12;
+/// At most this many candidate paths are collected (and listed in an error).
+const MAX_CANDIDATES: usize = 16;
+/// Bound on the path search's work, whatever the shape of the schema.
+const MAX_SEARCH_STEPS: usize = 200_000;
+
+#[derive(Debug, Clone)]
+pub struct Column {
+    pub attnum: i16,
+    pub name: String,
+    /// The name as PostgreSQL's quote_ident writes it.
+    pub ident: String,
+    /// format_type() of the column's type.
+    pub type_sql: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub oid: Oid,
+    /// schema.table, each part quoted as needed.
+    pub ident: String,
+    /// pg_class.relkind: 'r' table, 'p' partitioned table (others cannot be scoped).
+    pub relkind: char,
+    /// Live columns in attnum order.
+    pub columns: Vec<Column>,
+    pub pk: Option<Vec<i16>>,
+    /// Key columns of each valid index, in index order.
+    pub indexes: Vec<Vec<i16>>,
+}
+
+impl Table {
+    pub fn column(&self, attnum: i16) -> Option<&Column> {
+        self.columns.iter().find(|c| c.attnum == attnum)
+    }
+    pub fn column_named(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+    fn idents(&self, cols: &[i16]) -> Vec<String> {
+        cols.iter()
+            .map(|a| self.column(*a).map(|c| c.ident.clone()).unwrap_or_else(|| format!("#{a}")))
+            .collect()
+    }
+    fn from_item(&self) -> String {
+        if self.relkind == 'p' {
+            self.ident.clone()
+        } else {
+            format!("ONLY {}", self.ident)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ForeignKey {
+    /// Constraint name (unquoted, as in pg_constraint).
+    pub name: String,
+    pub child: Oid,
+    pub child_cols: Vec<i16>,
+    pub parent: Oid,
+    pub parent_cols: Vec<i16>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    pub tables: BTreeMap<Oid, Table>,
+    pub fks: Vec<ForeignKey>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefMode {
+    Referenced,
+    All,
+}
+
+impl RefMode {
+    pub fn parse(s: &str) -> Result<RefMode> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "referenced" => Ok(RefMode::Referenced),
+            "all" => Ok(RefMode::All),
+            _ => Err(scope_err(
+                SqlState::InvalidParameterValue,
+                format!("invalid reference mode \"{s}\""),
+                "Use 'referenced' (only the rows in-scope rows point at) or 'all' (the whole table).",
+            )),
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefMode::Referenced => "referenced",
+            RefMode::All => "all",
+        }
+    }
+}
+
+/// What the DBA declared (poco.scope and poco.scope_exclusion).
+#[derive(Debug, Clone, Default)]
+pub struct Declarations {
+    pub root: Option<(Oid, String)>,
+    pub owned: Vec<(Oid, Option<String>)>,
+    pub reference: Vec<(Oid, RefMode)>,
+    pub excluded: Vec<(Oid, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Root,
+    Owned,
+    Reference(RefMode),
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Root => "root",
+            Role::Owned => "owned",
+            Role::Reference(_) => "reference",
+        }
+    }
+}
+
+/// One foreign key of a scoped table and whether the learner gets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FkVerdict {
+    pub name: String,
+    /// `name: child(cols) → parent(cols)`
+    pub text: String,
+    pub sent: bool,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScopedTable {
+    pub oid: Oid,
+    pub ident: String,
+    pub role: Role,
+    /// How rows are chosen, for people: the ownership path, the predicate, or the references.
+    pub path: String,
+    /// Owned tables: the foreign keys (indexes into `Catalog::fks`) from this table to the root.
+    pub chain: Vec<usize>,
+    /// Quoted names of the columns that leave the platform, in attnum order.
+    pub columns: Vec<String>,
+    pub excluded: Vec<String>,
+    pub fks: Vec<FkVerdict>,
+    pub warnings: Vec<String>,
+    /// `$1` = parent id (text). Returns the sent columns of the parent's rows.
+    pub select_sql: String,
+    /// `$1` = parent id (text). Counts the parent's rows.
+    pub count_sql: String,
+    /// `$1` = candidate parent ids (text[]), `$2` = a row of this table as jsonb. Returns the
+    /// candidates whose scope holds such a row (given the current contents of the other tables).
+    pub owners_sql: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Scope {
+    pub root: Oid,
+    pub key_column: String,
+    /// format_type() of the root key: the parent id's type.
+    pub key_type: String,
+    pub tables: Vec<ScopedTable>,
+}
+
+impl Scope {
+    pub fn table(&self, oid: Oid) -> Option<&ScopedTable> {
+        self.tables.iter().find(|t| t.oid == oid)
+    }
+    /// SQL that turns the text parameter `$1` into the root key's type (and fails on bad input).
+    pub fn canonical_parent_sql(&self) -> String {
+        format!("SELECT (($1::pg_catalog.text)::{})::pg_catalog.text", self.key_type)
+    }
+}
+
+pub fn scope_err(state: SqlState, message: impl Into<String>, hint: impl Into<String>) -> PocoError {
+    PocoError::Scope { state, message: message.into(), hint: hint.into() }
+}
+
+struct Ctx<'a> {
+    cat: &'a Catalog,
+    decls: &'a Declarations,
+    roles: BTreeMap<Oid, Role>,
+    root: Option<Oid>,
+    by_child: BTreeMap<Oid, Vec<usize>>,
+    excluded: BTreeMap<Oid, BTreeSet<String>>,
+}
+
+impl<'a> Ctx<'a> {
+    fn table(&self, oid: Oid) -> Result<&'a Table> {
+        self.cat.tables.get(&oid).ok_or_else(|| {
+            scope_err(
+                SqlState::UndefinedTable,
+                format!("a scoped table (OID {oid}) no longer exists"),
+                format!("Remove its declaration: SELECT poco_scope_remove({oid});"),
+            )
+        })
+    }
+    fn name(&self, oid: Oid) -> String {
+        self.cat.tables.get(&oid).map(|t| t.ident.clone()).unwrap_or_else(|| format!("OID {oid}"))
+    }
+    fn is_excluded(&self, oid: Oid, attnum: i16) -> bool {
+        let Some(set) = self.excluded.get(&oid) else { return false };
+        self.cat
+            .tables
+            .get(&oid)
+            .and_then(|t| t.column(attnum))
+            .is_some_and(|c| set.contains(&c.name))
+    }
+    fn fk_cols_text(&self, oid: Oid, cols: &[i16]) -> String {
+        match self.cat.tables.get(&oid) {
+            Some(t) => format!("{}({})", t.ident, t.idents(cols).join(", ")),
+            None => format!("OID {oid}"),
+        }
+    }
+    fn describe_chain(&self, chain: &[usize]) -> String {
+        let mut s = String::new();
+        for &i in chain {
+            let fk = &self.cat.fks[i];
+            s.push_str(&self.fk_cols_text(fk.child, &fk.child_cols));
+            s.push_str(" → ");
+        }
+        if let Some(&last) = chain.last() {
+            s.push_str(&self.name(self.cat.fks[last].parent));
+        }
+        s
+    }
+
+    /// Every simple FK path from `t` that ends at the root or an owned table, through
+    /// undeclared tables only.
+    fn segments(&self, t: Oid) -> Vec<Vec<usize>> {
+        let mut out = Vec::new();
+        let mut visited = BTreeSet::from([t]);
+        let mut path = Vec::new();
+        let mut steps = 0usize;
+        self.dfs(t, &mut visited, &mut path, &mut out, &mut steps);
+        out
+    }
+
+    fn dfs(
+        &self,
+        node: Oid,
+        visited: &mut BTreeSet<Oid>,
+        path: &mut Vec<usize>,
+        out: &mut Vec<Vec<usize>>,
+        steps: &mut usize,
+    ) {
+        let Some(edges) = self.by_child.get(&node) else { return };
+        for &i in edges {
+            *steps += 1;
+            if out.len() >= MAX_CANDIDATES || *steps > MAX_SEARCH_STEPS {
+                return;
+            }
+            let p = self.cat.fks[i].parent;
+            if visited.contains(&p) {
+                continue;
+            }
+            path.push(i);
+            match self.roles.get(&p) {
+                Some(Role::Root) | Some(Role::Owned) => out.push(path.clone()),
+                Some(Role::Reference(_)) => {}
+                None => {
+                    if path.len() < MAX_PATH_LEN && self.cat.tables.contains_key(&p) {
+                        visited.insert(p);
+                        self.dfs(p, visited, path, out, steps);
+                        visited.remove(&p);
+                    }
+                }
+            }
+            path.pop();
+        }
+    }
+
+    fn fk_matches_via(&self, fk: &ForeignKey, via: &str) -> bool {
+        if fk.name == via {
+            return true;
+        }
+        let t = &self.cat.tables[&fk.child];
+        fk.child_cols.iter().any(|a| t.column(*a).is_some_and(|c| c.name == via))
+    }
+
+    /// The first hop and stop of `t`'s ownership path.
+    fn choose_segment(&self, t: Oid, via: Option<&str>, root: Oid) -> Result<Vec<usize>> {
+        let tname = self.name(t);
+        let all = self.segments(t);
+        let list = |segs: &[Vec<usize>]| -> String {
+            segs.iter().map(|s| self.describe_chain(s)).collect::<Vec<_>>().join("; ")
+        };
+        let segs: Vec<Vec<usize>> = match via {
+            None => all.clone(),
+            Some(v) => {
+                let own_fks: Vec<&ForeignKey> =
+                    self.by_child.get(&t).into_iter().flatten().map(|&i| &self.cat.fks[i]).collect();
+                if !own_fks.iter().any(|fk| self.fk_matches_via(fk, v)) {
+                    let names: Vec<String> = own_fks
+                        .iter()
+                        .map(|fk| format!("{} ({})", fk.name, self.fk_cols_text(fk.child, &fk.child_cols)))
+                        .collect();
+                    return Err(scope_err(
+                        SqlState::UndefinedColumn,
+                        format!("{tname} has no foreign key or foreign-key column named \"{v}\""),
+                        if names.is_empty() {
+                            format!("{tname} has no foreign keys at all.")
+                        } else {
+                            format!("via names a foreign key constraint or one of its columns. Foreign keys of {tname}: {}", names.join(", "))
+                        },
+                    ));
+                }
+                let f: Vec<Vec<usize>> =
+                    all.iter().filter(|s| self.fk_matches_via(&self.cat.fks[s[0]], v)).cloned().collect();
+                if f.is_empty() {
+                    return Err(scope_err(
+                        SqlState::InvalidForeignKey,
+                        format!("foreign key \"{v}\" of {tname} does not lead to the account root {}", self.name(root)),
+                        if all.is_empty() {
+                            format!("{tname} has no foreign key path to the root at all.")
+                        } else {
+                            format!("Paths that do lead there: {}", list(&all))
+                        },
+                    ));
+                }
+                f
+            }
+        };
+        let direct: Vec<Vec<usize>> = segs.iter().filter(|s| s.len() == 1).cloned().collect();
+        let pick = if direct.len() == 1 {
+            direct
+        } else if direct.is_empty() && segs.len() == 1 {
+            segs.clone()
+        } else {
+            direct
+        };
+        match pick.len() {
+            1 => Ok(pick.into_iter().next().unwrap()),
+            0 if segs.is_empty() => Err(scope_err(
+                SqlState::InvalidForeignKey,
+                format!("no foreign key path leads from {tname} to the account root {}", self.name(root)),
+                format!(
+                    "An owned table reaches the root through foreign keys, possibly through other owned tables. Add a foreign key, or declare {tname} with poco_scope_reference() if it holds shared content."
+                ),
+            )),
+            _ => {
+                let cands = if pick.len() > 1 { pick } else { segs };
+                Err(scope_err(
+                    SqlState::AmbiguousColumn,
+                    format!(
+                        "several foreign key paths lead from {tname} to the account root: {}",
+                        list(&cands)
+                    ),
+                    format!(
+                        "Pick one with via, a constraint or column name: SELECT poco_scope_table('{}', via => '{}');",
+                        tname.replace('\'', "''"),
+                        self.cat.fks[cands[0][0]].name.replace('\'', "''")
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// Resolve and compile the declarations against the catalog. `Ok(None)` when there is no root
+/// and nothing that needs one (reference tables and exclusions are still checked).
+pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
+    let mut roles = BTreeMap::new();
+    if let Some((r, _)) = &decls.root {
+        roles.insert(*r, Role::Root);
+    }
+    for (t, _) in &decls.owned {
+        roles.insert(*t, Role::Owned);
+    }
+    for (t, m) in &decls.reference {
+        roles.insert(*t, Role::Reference(*m));
+    }
+    let mut by_child: BTreeMap<Oid, Vec<usize>> = BTreeMap::new();
+    for (i, fk) in cat.fks.iter().enumerate() {
+        by_child.entry(fk.child).or_default().push(i);
+    }
+    let mut excluded: BTreeMap<Oid, BTreeSet<String>> = BTreeMap::new();
+    for (t, c) in &decls.excluded {
+        excluded.entry(*t).or_default().insert(c.clone());
+    }
+    let cx = Ctx { cat, decls, roles, root: decls.root.as_ref().map(|r| r.0), by_child, excluded };
+
+    // Every declared table exists and is a table.
+    for oid in cx.roles.keys() {
+        let t = cx.table(*oid)?;
+        if t.relkind != 'r' && t.relkind != 'p' {
+            return Err(scope_err(
+                SqlState::WrongObjectType,
+                format!("{} is not a table", t.ident),
+                "Only tables and partitioned tables can be scoped.",
+            ));
+        }
+    }
+    // Exclusions name real, non-key columns.
+    for (oid, col) in &decls.excluded {
+        let t = cx.table(*oid)?;
+        let Some(c) = t.column_named(col) else {
+            return Err(scope_err(
+                SqlState::UndefinedColumn,
+                format!("column \"{col}\" of {} does not exist", t.ident),
+                "Check the column name; remove a stale exclusion with poco_scope_include_column().",
+            ));
+        };
+        if t.pk.as_ref().is_some_and(|pk| pk.contains(&c.attnum)) {
+            return Err(scope_err(
+                SqlState::InvalidParameterValue,
+                format!("column {} of {} is part of its primary key and cannot be excluded", c.ident, t.ident),
+                "The learner needs the key to identify rows. Exclude other columns.",
+            ));
+        }
+    }
+
+    let Some((root, pred_text)) = decls.root.clone() else {
+        if let Some((t, _)) = decls.owned.first() {
+            return Err(scope_err(
+                SqlState::ObjectNotInPrerequisiteState,
+                format!("{} is declared as owned but no scope root is declared", cx.name(*t)),
+                "Declare the account's root first, e.g. SELECT poco_scope_root('users', 'id = $1 OR parent_id = $1');",
+            ));
+        }
+        check_reference_cycles(&cx)?;
+        return Ok(None);
+    };
+    let root_t = cx.table(root)?;
+    let key_col = match &root_t.pk {
+        Some(pk) if pk.len() == 1 => root_t.column(pk[0]).cloned().expect("pk column"),
+        _ => {
+            return Err(scope_err(
+                SqlState::InvalidTableDefinition,
+                format!("the scope root {} has no single-column primary key", root_t.ident),
+                "The root's primary key gives the parent id its type (integer, bigint, uuid, text...). Add a one-column primary key to the root table.",
+            ))
+        }
+    };
+    let pred = Predicate::parse(&pred_text)?;
+
+    // Ownership: one segment per owned table, composed into a chain to the root.
+    let mut seg: BTreeMap<Oid, Vec<usize>> = BTreeMap::new();
+    for (t, via) in &decls.owned {
+        seg.insert(*t, cx.choose_segment(*t, via.as_deref(), root)?);
+    }
+    let mut chains: BTreeMap<Oid, Vec<usize>> = BTreeMap::new();
+    for (t, _) in &decls.owned {
+        let mut chain = Vec::new();
+        let mut seen = vec![*t];
+        let mut cur = *t;
+        loop {
+            let s = &seg[&cur];
+            chain.extend_from_slice(s);
+            let stop = cat.fks[*s.last().unwrap()].parent;
+            if stop == root {
+                break;
+            }
+            if seen.contains(&stop) {
+                let names: Vec<String> = seen.iter().map(|o| cx.name(*o)).collect();
+                return Err(scope_err(
+                    SqlState::InvalidObjectDefinition,
+                    format!("the ownership paths of {} lead to each other, never to the account root", names.join(", ")),
+                    "Give one of them a via (column or constraint) whose path ends at the root.",
+                ));
+            }
+            seen.push(stop);
+            cur = stop;
+        }
+        chains.insert(*t, chain);
+    }
+    check_reference_cycles(&cx)?;
+    for (t, m) in &decls.reference {
+        if *m == RefMode::Referenced && !self_edges(&cx, *t).is_empty() && cx.table(*t)?.pk.is_none() {
+            return Err(scope_err(
+                SqlState::InvalidTableDefinition,
+                format!("reference table {} refers to itself but has no primary key", cx.name(*t)),
+                "Add a primary key (needed to follow the self-reference), or declare it with mode 'all'.",
+            ));
+        }
+    }
+
+    let key_type = key_col.type_sql.clone();
+    let g = Gen { cx: &cx, chains: &chains, pred: &pred, key_type: &key_type };
+
+    let mut order: Vec<(Oid, Role)> = vec![(root, Role::Root)];
+    let mut owned: Vec<Oid> = decls.owned.iter().map(|o| o.0).collect();
+    owned.sort_by_key(|o| (chains[o].len(), cx.name(*o)));
+    order.extend(owned.into_iter().map(|o| (o, Role::Owned)));
+    let mut refs: Vec<(Oid, RefMode)> = decls.reference.clone();
+    refs.sort_by_key(|r| cx.name(r.0));
+    order.extend(refs.into_iter().map(|(o, m)| (o, Role::Reference(m))));
+
+    let mut tables = Vec::new();
+    for (oid, role) in order {
+        let t = cx.table(oid)?;
+        let cols: Vec<&Column> = t.columns.iter().filter(|c| !cx.is_excluded(oid, c.attnum)).collect();
+        let excl: Vec<String> = t.columns.iter().filter(|c| cx.is_excluded(oid, c.attnum)).map(|c| c.ident.clone()).collect();
+        let col_list = if cols.is_empty() {
+            "NULL".to_string()
+        } else {
+            cols.iter().map(|c| format!("t.{}", c.ident)).collect::<Vec<_>>().join(", ")
+        };
+        let forward = g.member(oid, "t", &g.param_forward(), &mut Counter::default());
+        let owners = g.member(oid, "t", &format!("(poco_p.v)::{key_type}"), &mut Counter::default());
+        let path = match role {
+            Role::Root => format!("{} WHERE {}", t.ident, pred_text.trim()),
+            Role::Owned => cx.describe_chain(&chains[&oid]),
+            Role::Reference(RefMode::All) => "all rows".to_string(),
+            Role::Reference(RefMode::Referenced) => {
+                let inc = incoming(&cx, oid);
+                let selfs = self_edges(&cx, oid);
+                if inc.is_empty() {
+                    "referenced by no scoped table: no rows".to_string()
+                } else {
+                    let mut s: Vec<String> = inc
+                        .iter()
+                        .map(|&i| cx.fk_cols_text(cat.fks[i].child, &cat.fks[i].child_cols))
+                        .collect();
+                    s.dedup();
+                    let mut text = format!("rows referenced by {}", s.join(", "));
+                    if !selfs.is_empty() {
+                        let own: Vec<String> = selfs.iter().map(|&i| cx.fk_cols_text(oid, &cat.fks[i].child_cols)).collect();
+                        text.push_str(&format!(", and recursively by {}", own.join(", ")));
+                    }
+                    text
+                }
+            }
+        };
+        tables.push(ScopedTable {
+            oid,
+            ident: t.ident.clone(),
+            role,
+            path,
+            chain: chains.get(&oid).cloned().unwrap_or_default(),
+            columns: cols.iter().map(|c| c.ident.clone()).collect(),
+            excluded: excl,
+            fks: fk_verdicts(&cx, oid, role, chains.get(&oid)),
+            warnings: warnings(&cx, oid, role, chains.get(&oid)),
+            select_sql: format!("SELECT {col_list} FROM {} t WHERE {forward}", t.from_item()),
+            count_sql: format!("SELECT pg_catalog.count(*) FROM {} t WHERE {forward}", t.from_item()),
+            owners_sql: format!(
+                "SELECT poco_p.v FROM pg_catalog.unnest($1::pg_catalog.text[]) AS poco_p(v) \
+                 WHERE EXISTS (SELECT 1 FROM pg_catalog.jsonb_populate_record(NULL::{}, $2) t WHERE {owners})",
+                t.ident
+            ),
+        });
+    }
+    Ok(Some(Scope { root, key_column: key_col.ident.clone(), key_type, tables }))
+}
+
+/// Foreign keys from other scoped tables into reference table `r` that pull rows in
+/// (`referenced` mode). Keys using an excluded column pull nothing: that value never leaves.
+fn incoming(cx: &Ctx, r: Oid) -> Vec<usize> {
+    cx.cat
+        .fks
+        .iter()
+        .enumerate()
+        .filter(|(_, fk)| {
+            fk.parent == r
+                && fk.child != r
+                && cx.roles.contains_key(&fk.child)
+                && !fk.child_cols.iter().any(|a| cx.is_excluded(fk.child, *a))
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+fn self_edges(cx: &Ctx, r: Oid) -> Vec<usize> {
+    cx.cat
+        .fks
+        .iter()
+        .enumerate()
+        .filter(|(_, fk)| fk.parent == r && fk.child == r && !fk.child_cols.iter().any(|a| cx.is_excluded(r, *a)))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// A cycle of `referenced` tables (A pulls B pulls A) has no finite compiled form here.
+fn check_reference_cycles(cx: &Ctx) -> Result<()> {
+    let referenced: BTreeSet<Oid> = cx
+        .decls
+        .reference
+        .iter()
+        .filter(|(_, m)| *m == RefMode::Referenced)
+        .map(|(o, _)| *o)
+        .collect();
+    // Edge r -> s when rows of s are pulled by rows of r (r's FK points at s).
+    let mut state: BTreeMap<Oid, u8> = BTreeMap::new();
+    fn visit(cx: &Ctx, refs: &BTreeSet<Oid>, n: Oid, state: &mut BTreeMap<Oid, u8>, stack: &mut Vec<Oid>) -> Option<Vec<Oid>> {
+        state.insert(n, 1);
+        stack.push(n);
+        for fk in cx.cat.fks.iter().filter(|f| f.child == n && f.parent != n && refs.contains(&f.parent)) {
+            if fk.child_cols.iter().any(|a| cx.is_excluded(n, *a)) {
+                continue;
+            }
+            match state.get(&fk.parent).copied().unwrap_or(0) {
+                1 => {
+                    let pos = stack.iter().position(|x| *x == fk.parent).unwrap();
+                    return Some(stack[pos..].to_vec());
+                }
+                0 => {
+                    if let Some(c) = visit(cx, refs, fk.parent, state, stack) {
+                        return Some(c);
+                    }
+                }
+                _ => {}
+            }
+        }
+        stack.pop();
+        state.insert(n, 2);
+        None
+    }
+    for &r in &referenced {
+        if state.get(&r).copied().unwrap_or(0) == 0 {
+            if let Some(cycle) = visit(cx, &referenced, r, &mut state, &mut Vec::new()) {
+                let names: Vec<String> = cycle.iter().map(|o| cx.name(*o)).collect();
+                return Err(scope_err(
+                    SqlState::InvalidObjectDefinition,
+                    format!("reference tables {} reference each other in a cycle", names.join(" → ")),
+                    format!(
+                        "Declare one of them with mode 'all', e.g. SELECT poco_scope_reference('{}', 'all');",
+                        names[0].replace('\'', "''")
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fk_verdicts(cx: &Ctx, oid: Oid, role: Role, chain: Option<&Vec<usize>>) -> Vec<FkVerdict> {
+    let mut out = Vec::new();
+    for &i in cx.by_child.get(&oid).into_iter().flatten() {
+        let fk = &cx.cat.fks[i];
+        let text = format!(
+            "{}: {} → {}",
+            fk.name,
+            cx.fk_cols_text(fk.child, &fk.child_cols),
+            cx.fk_cols_text(fk.parent, &fk.parent_cols)
+        );
+        let prole = cx.roles.get(&fk.parent).copied();
+        let (sent, reason) = if let Some(c) = fk.child_cols.iter().find(|a| cx.is_excluded(oid, **a)) {
+            let n = cx.cat.tables[&oid].column(*c).map(|c| c.ident.clone()).unwrap_or_default();
+            (false, format!("column {n} is excluded"))
+        } else if prole.is_none() {
+            (false, format!("{} is not in the scope", cx.name(fk.parent)))
+        } else if fk.parent_cols.iter().any(|a| cx.is_excluded(fk.parent, *a)) {
+            (false, "a referenced column is excluded".to_string())
+        } else if role == Role::Owned && chain.is_some_and(|c| c.first() == Some(&i)) {
+            (true, "ownership path".to_string())
+        } else if let Some(Role::Reference(_)) = prole {
+            (true, "reference table".to_string())
+        } else if let Role::Reference(_) = role {
+            (false, "a reference table pointing into an account".to_string())
+        } else {
+            (false, "not guaranteed by the scope: the referenced row may belong to another account".to_string())
+        };
+        out.push(FkVerdict { name: fk.name.clone(), text, sent, reason });
+    }
+    out
+}
+
+fn warnings(cx: &Ctx, oid: Oid, role: Role, chain: Option<&Vec<usize>>) -> Vec<String> {
+    let mut w = Vec::new();
+    let t = &cx.cat.tables[&oid];
+    if t.pk.is_none() {
+        w.push(format!("{} has no primary key: continuous sync needs one to identify rows", t.ident));
+    }
+    if role == Role::Owned {
+        for &i in chain.into_iter().flatten() {
+            let fk = &cx.cat.fks[i];
+            let c = &cx.cat.tables[&fk.child];
+            let n = fk.child_cols.len();
+            let want: BTreeSet<i16> = fk.child_cols.iter().copied().collect();
+            let indexed = c
+                .indexes
+                .iter()
+                .any(|ix| ix.len() >= n && ix[..n].iter().copied().collect::<BTreeSet<i16>>() == want);
+            if !indexed {
+                let cols = c.idents(&fk.child_cols).join(", ");
+                w.push(format!(
+                    "no index on {}({cols}), used by this table's ownership path: finding one account's rows reads the whole table; CREATE INDEX ON {} ({cols});",
+                    c.ident, c.ident
+                ));
+            }
+        }
+    }
+    w
+}
+
+#[derive(Default)]
+struct Counter(usize);
+impl Counter {
+    fn next(&mut self, p: &str) -> String {
+        self.0 += 1;
+        format!("{p}{}", self.0)
+    }
+}
+
+struct Gen<'a> {
+    cx: &'a Ctx<'a>,
+    chains: &'a BTreeMap<Oid, Vec<usize>>,
+    pred: &'a Predicate,
+    key_type: &'a str,
+}
+
+fn tuple(alias: &str, idents: &[String]) -> String {
+    let v: Vec<String> = idents.iter().map(|i| format!("{alias}.{i}")).collect();
+    if v.len() == 1 {
+        v[0].clone()
+    } else {
+        format!("({})", v.join(", "))
+    }
+}
+
+impl Gen<'_> {
+    fn param_forward(&self) -> String {
+        format!("($1::pg_catalog.text)::{}", self.key_type)
+    }
+
+    /// A boolean SQL condition: the row `alias` of table `oid` is in the parent's scope.
+    fn member(&self, oid: Oid, alias: &str, param: &str, n: &mut Counter) -> String {
+        let cat = self.cx.cat;
+        match self.cx.roles[&oid] {
+            Role::Root => format!("({})", self.pred.with_param(param)),
+            Role::Owned => self.chain_member(&self.chains[&oid], alias, param, n),
+            Role::Reference(RefMode::All) => "true".to_string(),
+            Role::Reference(RefMode::Referenced) => {
+                let t = &cat.tables[&oid];
+                let selfs = self_edges(self.cx, oid);
+                if selfs.is_empty() {
+                    return self.pulled(oid, alias, param, n);
+                }
+                // Rows pulled from outside, then everything they reach through the self-keys.
+                let pk = t.pk.clone().expect("checked: self-referencing reference table has a pk");
+                let pk_ids = t.idents(&pk);
+                let cte = n.next("poco_rec");
+                let base = n.next("b");
+                let next = n.next("n");
+                let mut carried: Vec<String> = pk_ids.clone();
+                let mut joins = Vec::new();
+                for &i in &selfs {
+                    let fk = &cat.fks[i];
+                    let child = t.idents(&fk.child_cols);
+                    let start = carried.len();
+                    carried.extend(child.iter().cloned());
+                    let names: Vec<String> = (start..carried.len()).map(|k| format!("c{k}")).collect();
+                    let parent = t.idents(&fk.parent_cols);
+                    let conds: Vec<String> = parent
+                        .iter()
+                        .zip(names.iter())
+                        .map(|(p, c)| format!("{next}.{p} = {cte}.{c}"))
+                        .collect();
+                    joins.push(format!("({})", conds.join(" AND ")));
+                }
+                let colnames: Vec<String> = (0..carried.len()).map(|k| format!("c{k}")).collect();
+                let sel = |a: &str| carried.iter().map(|c| format!("{a}.{c}")).collect::<Vec<_>>().join(", ");
+                let pkc: Vec<String> = (0..pk_ids.len()).map(|k| format!("{cte}.c{k}")).collect();
+                format!(
+                    "{} IN (WITH RECURSIVE {cte}({}) AS (SELECT {} FROM {} {base} WHERE {} UNION SELECT {} FROM {} {next} JOIN {cte} ON {}) SELECT {} FROM {cte})",
+                    tuple(alias, &pk_ids),
+                    colnames.join(", "),
+                    sel(&base),
+                    t.from_item(),
+                    self.pulled(oid, &base, param, n),
+                    sel(&next),
+                    t.from_item(),
+                    joins.join(" OR "),
+                    pkc.join(", ")
+                )
+            }
+        }
+    }
+
+    /// Rows of reference table `oid` that in-scope rows of other scoped tables point at.
+    fn pulled(&self, oid: Oid, alias: &str, param: &str, n: &mut Counter) -> String {
+        let cat = self.cx.cat;
+        let t = &cat.tables[&oid];
+        let mut groups: BTreeMap<Vec<i16>, Vec<String>> = BTreeMap::new();
+        for i in incoming(self.cx, oid) {
+            let fk = &cat.fks[i];
+            let child = &cat.tables[&fk.child];
+            let a = n.next("s");
+            let cond = self.member(fk.child, &a, param, n);
+            let cols: Vec<String> = child.idents(&fk.child_cols).iter().map(|c| format!("{a}.{c}")).collect();
+            groups.entry(fk.parent_cols.clone()).or_default().push(format!(
+                "SELECT {} FROM {} {a} WHERE {cond}",
+                cols.join(", "),
+                child.from_item()
+            ));
+        }
+        if groups.is_empty() {
+            return "false".to_string();
+        }
+        let parts: Vec<String> = groups
+            .into_iter()
+            .map(|(pcols, sels)| format!("{} IN ({})", tuple(alias, &t.idents(&pcols)), sels.join(" UNION ALL ")))
+            .collect();
+        if parts.len() == 1 {
+            parts.into_iter().next().unwrap()
+        } else {
+            format!("({})", parts.join(" OR "))
+        }
+    }
+
+    fn chain_member(&self, chain: &[usize], alias: &str, param: &str, n: &mut Counter) -> String {
+        let cat = self.cx.cat;
+        let fk = &cat.fks[chain[0]];
+        let child = &cat.tables[&fk.child];
+        let parent = &cat.tables[&fk.parent];
+        let a = n.next("o");
+        let inner = if chain.len() == 1 {
+            debug_assert_eq!(Some(fk.parent), self.cx.root);
+            format!("({})", self.pred.with_param(param))
+        } else {
+            self.chain_member(&chain[1..], &a, param, n)
+        };
+        let pcols: Vec<String> = parent.idents(&fk.parent_cols).iter().map(|c| format!("{a}.{c}")).collect();
+        format!(
+            "{} IN (SELECT {} FROM {} {a} WHERE {inner})",
+            tuple(alias, &child.idents(&fk.child_cols)),
+            pcols.join(", "),
+            parent.from_item()
+        )
+    }
+}
