@@ -47,6 +47,36 @@ CREATE INDEX events_at_idx ON poco.events (at);
 CREATE INDEX events_parent_idx ON poco.events (parent_id, at);
 COMMENT ON TABLE poco.events IS 'Audit log: configuration changes, pushes, syncs and errors';
 
+-- Account scope (API §1). Tables are stored as regclass: pg_dump writes them by name and a
+-- restore resolves them again, and pg_upgrade keeps their OIDs. Every change is validated by
+-- compiling the whole scope (src/scope.rs) before it commits.
+CREATE TABLE poco.scope (
+    rel         regclass PRIMARY KEY,
+    role        text NOT NULL CHECK (role IN ('root', 'owned', 'reference')),
+    predicate   text,    -- root: boolean SQL over the root's columns, $1 = parent id
+    via         text,    -- owned: constraint or column picking the ownership path
+    mode        text,    -- reference: 'referenced' or 'all'
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    created_by  name NOT NULL DEFAULT session_user,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    CHECK ((role = 'root') = (predicate IS NOT NULL)),
+    CHECK ((role = 'reference') = (mode IN ('referenced', 'all'))),
+    CHECK (role = 'owned' OR via IS NULL)
+);
+CREATE UNIQUE INDEX scope_one_root_idx ON poco.scope ((true)) WHERE role = 'root';
+COMMENT ON TABLE poco.scope IS 'Account scope declarations: the root, owned and reference tables';
+
+CREATE TABLE poco.scope_exclusion (
+    rel         regclass NOT NULL,
+    col         name NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    created_by  name NOT NULL DEFAULT session_user,
+    PRIMARY KEY (rel, col)
+);
+COMMENT ON TABLE poco.scope_exclusion IS 'Columns that never leave the platform';
+
+SELECT pg_catalog.pg_extension_config_dump('poco.scope', '');
+SELECT pg_catalog.pg_extension_config_dump('poco.scope_exclusion', '');
 SELECT pg_catalog.pg_extension_config_dump('poco.target', '');
 SELECT pg_catalog.pg_extension_config_dump('poco.target_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('poco.events', '');

@@ -47,7 +47,7 @@ AS $$
   SELECT t.id, t.label, t.url_redacted, t.continuous,
          CASE WHEN t.continuous THEN 'sync' ELSE 'idle' END,
          NULL::timestamptz, NULL::timestamptz, 0::bigint, NULL::text
-    FROM poco.target t WHERE t.parent_id = $1 ORDER BY t.id
+    FROM poco.target t WHERE t.parent_id = poco.canonical_parent($1) ORDER BY t.id
 $$;
 
 CREATE FUNCTION pg_catalog.poco_status(parent_id anyelement)
@@ -64,6 +64,61 @@ RETURNS TABLE(target_id bigint, label text, url_redacted text, continuous boolea
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$ SELECT * FROM poco.status_of($1) $$;
 
+-- ---- Account scope (API §1). Declaring the scope is for the DBA (not granted by
+-- poco_grant_usage); previewing it is for applications too.
+CREATE FUNCTION pg_catalog.poco_scope_root(tbl regclass, predicate text)
+RETURNS void LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.scope_root($1::oid, $2) $$;
+
+CREATE FUNCTION pg_catalog.poco_scope_table(tbl regclass, via text DEFAULT NULL)
+RETURNS void LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.scope_table($1::oid, $2) $$;
+
+CREATE FUNCTION pg_catalog.poco_scope_reference(tbl regclass, mode text DEFAULT 'referenced')
+RETURNS void LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.scope_reference($1::oid, $2) $$;
+
+CREATE FUNCTION pg_catalog.poco_scope_exclude_column(tbl regclass, col name)
+RETURNS void LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.scope_exclude_column($1::oid, $2::text) $$;
+
+CREATE FUNCTION pg_catalog.poco_scope_include_column(tbl regclass, col name)
+RETURNS boolean LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.scope_include_column($1::oid, $2::text) $$;
+
+CREATE FUNCTION pg_catalog.poco_scope_remove(tbl regclass)
+RETURNS boolean LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.scope_remove($1::oid) $$;
+
+CREATE FUNCTION pg_catalog.poco_scope_clear()
+RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.scope_clear() $$;
+
+CREATE FUNCTION pg_catalog.poco_scope_preview(parent_id anyelement)
+RETURNS TABLE(table_name text, role text, rows bigint, path text, foreign_keys_sent text[],
+              foreign_keys_left_out text[], excluded_columns text[], warnings text[])
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM poco.scope_preview($1::text) $$;
+
+CREATE FUNCTION pg_catalog.poco_scope_preview(parent_id text)
+RETURNS TABLE(table_name text, role text, rows bigint, path text, foreign_keys_sent text[],
+              foreign_keys_left_out text[], excluded_columns text[], warnings text[])
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM poco.scope_preview($1) $$;
+
+CREATE FUNCTION pg_catalog.poco_scope_check()
+RETURNS TABLE(table_name text, severity text, message text)
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM poco.scope_check() $$;
+
+CREATE FUNCTION pg_catalog.poco_scope_owners(tbl regclass, row_data jsonb, parent_ids text[] DEFAULT NULL)
+RETURNS SETOF text LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM poco.scope_owners($1::oid, $2, $3) $$;
+
+-- The compiled scope, one row per table (DBAs: EXPLAIN the select_sql with a parent id).
+CREATE VIEW poco.scope_tables AS SELECT * FROM poco.scope_queries();
+COMMENT ON VIEW poco.scope_tables IS 'The compiled account scope: path and queries of each scoped table';
+
 -- Grant what an application (the parent-facing page) needs to one role.
 CREATE FUNCTION pg_catalog.poco_grant_usage(role_name name)
 RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
@@ -73,6 +128,7 @@ BEGIN
   FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
             WHERE p.pronamespace = 'pg_catalog'::regnamespace AND p.proname LIKE 'poco\_%'
               AND p.proname NOT IN ('poco_rotate_key', 'poco_grant_usage')
+              AND (p.proname NOT LIKE 'poco\_scope\_%' OR p.proname = 'poco_scope_preview')
   LOOP
     EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, role_name);
   END LOOP;

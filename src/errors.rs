@@ -20,6 +20,15 @@ fn code(s: SqlState) -> PgSqlErrorCode {
         SqlState::ConnectionFailure => ERRCODE_CONNECTION_FAILURE,
         SqlState::QueryCanceled => ERRCODE_QUERY_CANCELED,
         SqlState::Internal => ERRCODE_INTERNAL_ERROR,
+        SqlState::SyntaxError => ERRCODE_SYNTAX_ERROR,
+        SqlState::UndefinedColumn => ERRCODE_UNDEFINED_COLUMN,
+        SqlState::UndefinedTable => ERRCODE_UNDEFINED_TABLE,
+        SqlState::WrongObjectType => ERRCODE_WRONG_OBJECT_TYPE,
+        SqlState::InvalidForeignKey => ERRCODE_INVALID_FOREIGN_KEY,
+        SqlState::AmbiguousColumn => ERRCODE_AMBIGUOUS_COLUMN,
+        SqlState::InvalidObjectDefinition => ERRCODE_INVALID_OBJECT_DEFINITION,
+        SqlState::InvalidTableDefinition => ERRCODE_INVALID_TABLE_DEFINITION,
+        SqlState::DuplicateObject => ERRCODE_DUPLICATE_OBJECT,
     }
 }
 

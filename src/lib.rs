@@ -7,6 +7,7 @@ mod catalog;
 mod errors;
 mod gucs;
 mod keys;
+mod scope;
 mod shmem;
 mod status;
 mod targets;

@@ -38,6 +38,8 @@ pub mod poco {
     ) -> Result<i64> {
         let spec = parse(url, url_json)?;
         spec.validate(gucs::allow_private_targets())?;
+        let parent = crate::scope::existing_parent(parent_id)?;
+        let parent_id = parent.as_str();
         let key = keys::current()?;
         let (id, existed) = match catalog::find_same_destination(parent_id, &spec) {
             Some(id) => (id, true),

@@ -306,6 +306,14 @@ impl<'a> Ctx<'a> {
         fk.child_cols.iter().any(|a| t.column(*a).is_some_and(|c| c.name == via))
     }
 
+    /// What to pass as via for this FK: its column when it has one, else the constraint.
+    fn via_name(&self, fk: &ForeignKey) -> String {
+        match fk.child_cols.as_slice() {
+            [a] => self.cat.tables[&fk.child].column(*a).map(|c| c.name.clone()).unwrap_or_else(|| fk.name.clone()),
+            _ => fk.name.clone(),
+        }
+    }
+
     /// The first hop and stop of `t`'s ownership path.
     fn choose_segment(&self, t: Oid, via: Option<&str>, root: Oid) -> Result<Vec<usize>> {
         let tname = self.name(t);
@@ -377,7 +385,7 @@ impl<'a> Ctx<'a> {
                     format!(
                         "Pick one with via, a constraint or column name: SELECT poco_scope_table('{}', via => '{}');",
                         tname.replace('\'', "''"),
-                        self.cat.fks[cands[0][0]].name.replace('\'', "''")
+                        self.via_name(&self.cat.fks[cands[0][0]]).replace('\'', "''")
                     ),
                 ))
             }
@@ -524,7 +532,11 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
         } else {
             cols.iter().map(|c| format!("t.{}", c.ident)).collect::<Vec<_>>().join(", ")
         };
-        let forward = g.member(oid, "t", &g.param_forward(), &mut Counter::default());
+        let mut forward = g.member(oid, "t", &g.param_forward(), &mut Counter::default());
+        if !forward.contains("$1") {
+            // 'all' tables and tables nothing pulls: same one-parameter shape as the others.
+            forward = format!("{forward} AND $1::pg_catalog.text IS NOT NULL");
+        }
         let owners = g.member(oid, "t", &format!("(poco_p.v)::{key_type}"), &mut Counter::default());
         let path = match role {
             Role::Root => format!("{} WHERE {}", t.ident, pred_text.trim()),

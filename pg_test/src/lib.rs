@@ -336,6 +336,13 @@ impl Db {
             .unwrap_or_else(|e| panic!("{}: {}", redact(sql), e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())))
     }
 
+    /// A query with parameters; panics with the server's message on error.
+    pub fn query_with(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Vec<Row> {
+        self.rt
+            .block_on(self.client.query(sql, params))
+            .unwrap_or_else(|e| panic!("{}: {}", redact(sql), e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())))
+    }
+
     pub fn execute(&self, sql: &str) {
         self.rt
             .block_on(self.client.batch_execute(sql))
