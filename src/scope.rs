@@ -84,7 +84,7 @@ pub fn load_catalog() -> Catalog {
     }
     let q = "SELECT k.conname::text, k.conrelid::int8, k.conkey, k.confrelid::int8, k.confkey \
                FROM pg_catalog.pg_constraint k WHERE k.contype = 'f' AND k.conparentid = 0 \
-              ORDER BY k.conrelid, k.conname";
+              ORDER BY k.conrelid::pg_catalog.regclass::pg_catalog.text, k.conname";
     for fk in rows(q, &[], |r| ForeignKey {
         name: s(r, 1),
         child: oid_of(r, 2),

@@ -552,6 +552,7 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
                         .iter()
                         .map(|&i| cx.fk_cols_text(cat.fks[i].child, &cat.fks[i].child_cols))
                         .collect();
+                    s.sort();
                     s.dedup();
                     let mut text = format!("rows referenced by {}", s.join(", "));
                     if !selfs.is_empty() {
