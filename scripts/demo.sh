@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: build and install poco_sync, start a platform and a learner server of its own
 # (as the non-root user, on loopback ports 55432 and 55433, data under /var/tmp/poco_sync-demo),
-# load sample data, store the learner as a target of one parent, and show the result.
+# load the sample e-learning platform and its scope, store the learner as a target of one
+# parent, preview what that parent's push would send, and show the result.
 # Idempotent: run it again and it reuses what is there. Stop it with: scripts/demo.sh stop
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,22 +59,25 @@ psql_ $LEARNER_PORT postgres -qAtc "SELECT 1 FROM pg_database WHERE datname = 'f
 psql_ $LEARNER_PORT postgres -qc "DO \$\$ BEGIN CREATE ROLE family_owner LOGIN PASSWORD 'demo-Pa55'; EXCEPTION WHEN duplicate_object THEN NULL; END \$\$"
 psql_ $LEARNER_PORT postgres -qc "ALTER DATABASE family OWNER TO family_owner"
 
-echo "==> sample data and a target for parent 1"
-psql_ $PLATFORM_PORT platform -qAt <<SQL
-CREATE EXTENSION IF NOT EXISTS poco_sync;
-CREATE TABLE IF NOT EXISTS users (
-  id bigint PRIMARY KEY, role text NOT NULL CHECK (role IN ('admin','parent','learner')),
-  parent_id bigint REFERENCES users(id), name text NOT NULL, password_hash text);
-INSERT INTO users VALUES (1,'parent',NULL,'Dana','x'),(2,'learner',1,'Sam','x'),(3,'learner',1,'Kim','x'),
-                         (4,'parent',NULL,'Lee','x'),(5,'learner',4,'Ari','x'),(9,'admin',NULL,'Root','x')
-  ON CONFLICT DO NOTHING;
-SELECT poco_add_target(1, 'postgresql://family_owner:demo-Pa55@127.0.0.1:$LEARNER_PORT/family?sslmode=disable', 'Dana''s laptop');
-SQL
+echo "==> the sample e-learning platform (sample/) and its account scope"
+psql_ $PLATFORM_PORT platform -qc "CREATE EXTENSION IF NOT EXISTS poco_sync"
+if [ "$(psql_ $PLATFORM_PORT platform -qAtc "SELECT count(*) FROM pg_namespace WHERE nspname = 'elearning'")" = 0 ]; then
+  psql_ $PLATFORM_PORT platform -q -f sample/schema.sql
+  psql_ $PLATFORM_PORT platform -q -v parents=${DEMO_PARENTS:-20} -f sample/data.sql
+  psql_ $PLATFORM_PORT platform -q -o /dev/null -f sample/scope.sql
+fi
+echo "==> a target for parent 21"
+psql_ $PLATFORM_PORT platform -qAt -o /dev/null -c \
+  "SELECT poco_add_target(21, 'postgresql://family_owner:demo-Pa55@127.0.0.1:$LEARNER_PORT/family?sslmode=disable', 'Parent 21''s laptop')"
+echo "==> SELECT table_name, role, rows, path FROM poco_scope_preview(21);"
+psql_ $PLATFORM_PORT platform -c "SELECT table_name, role, rows, path FROM poco_scope_preview(21)"
+echo "==> SELECT * FROM poco_scope_check();  -- foreign keys the learner will not get, missing indexes"
+psql_ $PLATFORM_PORT platform -c "SELECT * FROM poco_scope_check()"
 
 echo; echo "==> SELECT target_id, parent_id, label, url_redacted FROM poco.targets;"
 psql_ $PLATFORM_PORT platform -c "SELECT target_id, parent_id, label, url_redacted FROM poco.targets"
-echo "==> SELECT * FROM poco_status(1);"
-psql_ $PLATFORM_PORT platform -c "SELECT target_id, label, url_redacted, continuous, state FROM poco_status(1)"
+echo "==> SELECT * FROM poco_status(21);"
+psql_ $PLATFORM_PORT platform -c "SELECT target_id, label, url_redacted, continuous, state FROM poco_status(21)"
 echo "==> SELECT poco_check_target(target_id) FROM poco.targets;"
 psql_ $PLATFORM_PORT platform -c "SELECT target_id, poco_check_target(target_id) FROM poco.targets"
 # The worker connects once database "platform" exists (it retries every 2 s until then).

@@ -47,7 +47,7 @@ AS $$
   SELECT t.id, t.label, t.url_redacted, t.continuous,
          CASE WHEN t.continuous THEN 'sync' ELSE 'idle' END,
          NULL::timestamptz, NULL::timestamptz, 0::bigint, NULL::text
-    FROM poco.target t WHERE t.parent_id = poco.canonical_parent($1) ORDER BY t.id
+    FROM poco.target t WHERE t.parent_id = (SELECT poco.canonical_parent($1)) ORDER BY t.id
 $$;
 
 CREATE FUNCTION pg_catalog.poco_status(parent_id anyelement)

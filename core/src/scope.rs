@@ -750,6 +750,17 @@ fn tuple(alias: &str, idents: &[String]) -> String {
     }
 }
 
+/// `alias.cols` is among the rows of `sub`. One column: `= ANY (ARRAY(sub))`, which runs the
+/// subquery once and probes the index with the keys it found, whatever the planner's estimate
+/// of its size; several columns: a row-wise `IN`. NULL keys match nothing either way.
+fn in_set(alias: &str, idents: &[String], sub: &str) -> String {
+    if idents.len() == 1 {
+        format!("{alias}.{} = ANY (ARRAY({sub}))", idents[0])
+    } else {
+        format!("{} IN ({sub})", tuple(alias, idents))
+    }
+}
+
 impl Gen<'_> {
     fn param_forward(&self) -> String {
         format!("($1::pg_catalog.text)::{}", self.key_type)
@@ -793,9 +804,11 @@ impl Gen<'_> {
                 let colnames: Vec<String> = (0..carried.len()).map(|k| format!("c{k}")).collect();
                 let sel = |a: &str| carried.iter().map(|c| format!("{a}.{c}")).collect::<Vec<_>>().join(", ");
                 let pkc: Vec<String> = (0..pk_ids.len()).map(|k| format!("{cte}.c{k}")).collect();
-                format!(
-                    "{} IN (WITH RECURSIVE {cte}({}) AS (SELECT {} FROM {} {base} WHERE {} UNION SELECT {} FROM {} {next} JOIN {cte} ON {}) SELECT {} FROM {cte})",
-                    tuple(alias, &pk_ids),
+                // The recursive step is a LATERAL subquery kept apart by OFFSET 0, so each
+                // reached row costs one index probe instead of a hash join over the table.
+                let lat = n.next("x");
+                let sub = format!(
+                    "WITH RECURSIVE {cte}({}) AS (SELECT {} FROM {} {base} WHERE {} UNION SELECT {lat}.* FROM {cte} CROSS JOIN LATERAL (SELECT {} FROM {} {next} WHERE {} OFFSET 0) {lat}) SELECT {} FROM {cte}",
                     colnames.join(", "),
                     sel(&base),
                     t.from_item(),
@@ -804,7 +817,8 @@ impl Gen<'_> {
                     t.from_item(),
                     joins.join(" OR "),
                     pkc.join(", ")
-                )
+                );
+                in_set(alias, &pk_ids, &sub)
             }
         }
     }
@@ -831,7 +845,7 @@ impl Gen<'_> {
         }
         let parts: Vec<String> = groups
             .into_iter()
-            .map(|(pcols, sels)| format!("{} IN ({})", tuple(alias, &t.idents(&pcols)), sels.join(" UNION ALL ")))
+            .map(|(pcols, sels)| in_set(alias, &t.idents(&pcols), &sels.join(" UNION ALL ")))
             .collect();
         if parts.len() == 1 {
             parts.into_iter().next().unwrap()
@@ -853,11 +867,7 @@ impl Gen<'_> {
             self.chain_member(&chain[1..], &a, param, n)
         };
         let pcols: Vec<String> = parent.idents(&fk.parent_cols).iter().map(|c| format!("{a}.{c}")).collect();
-        format!(
-            "{} IN (SELECT {} FROM {} {a} WHERE {inner})",
-            tuple(alias, &child.idents(&fk.child_cols)),
-            pcols.join(", "),
-            parent.from_item()
-        )
+        let sub = format!("SELECT {} FROM {} {a} WHERE {inner}", pcols.join(", "), parent.from_item());
+        in_set(alias, &child.idents(&fk.child_cols), &sub)
     }
 }

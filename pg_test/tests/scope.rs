@@ -240,6 +240,11 @@ fn scope_errors_say_what_is_wrong_and_change_nothing() {
     let (c, m, _) = err(&db, "SELECT poco_add_target('00000000-0000-4000-8000-000000000099'::uuid, 'postgresql://u:p@127.0.0.1:1/d?sslmode=disable')");
     assert_eq!(c, "42704");
     assert!(m.contains("has no account"), "{m}");
+    // A stored target's parent id is canonical (the uuid without braces), and so is lookup.
+    db.execute("SELECT poco_add_target('{00000000-0000-4000-8000-000000000001}', 'postgresql://u:p@127.0.0.1:1/d?sslmode=disable')");
+    assert_eq!(db.value("SELECT parent_id FROM poco.targets").unwrap(), "00000000-0000-4000-8000-000000000001");
+    assert_eq!(count(&db, "SELECT count(*) FROM poco_status('00000000-0000-4000-8000-000000000001'::uuid)"), 1);
+    assert_eq!(count(&db, "SELECT count(*) FROM poco_status('{00000000-0000-4000-8000-000000000001}')"), 1);
     let (c, _, _) = err(&db, "SELECT poco_scope_owners('secrets', '{}'::jsonb)");
     assert_eq!(c, "22023");
     // Removing the root while owned tables need it: refused, nothing removed.
