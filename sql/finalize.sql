@@ -115,6 +115,28 @@ CREATE FUNCTION pg_catalog.poco_scope_owners(tbl regclass, row_data jsonb, paren
 RETURNS SETOF text LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$ SELECT * FROM poco.scope_owners($1::oid, $2, $3) $$;
 
+-- A dropped table leaves the scope with it (logged); a table that needed it for its path then
+-- fails to resolve with an error naming it, at the next scope change, preview or push.
+CREATE FUNCTION poco.forget_dropped_tables() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE o record; r text;
+BEGIN
+  IF to_regclass('poco.scope') IS NULL THEN RETURN; END IF;   -- DROP EXTENSION itself
+  FOR o IN SELECT objid, object_identity FROM pg_event_trigger_dropped_objects()
+            WHERE object_type = 'table' AND objsubid = 0 LOOP
+    DELETE FROM poco.scope_exclusion WHERE rel::oid = o.objid;
+    DELETE FROM poco.scope WHERE rel::oid = o.objid RETURNING role INTO r;
+    IF r IS NOT NULL THEN
+      INSERT INTO poco.events (kind, message, detail)
+      VALUES ('scope_changed', format('scope: %s (%s) was dropped; its declaration is removed', o.object_identity, r),
+              jsonb_build_object('table', o.object_identity, 'removed', r, 'reason', 'dropped'));
+    END IF;
+  END LOOP;
+END $$;
+CREATE EVENT TRIGGER poco_forget_dropped_tables ON sql_drop
+  EXECUTE FUNCTION poco.forget_dropped_tables();
+
 -- The compiled scope, one row per table (DBAs: EXPLAIN the select_sql with a parent id).
 CREATE VIEW poco.scope_tables AS SELECT * FROM poco.scope_queries();
 COMMENT ON VIEW poco.scope_tables IS 'The compiled account scope: path and queries of each scoped table';

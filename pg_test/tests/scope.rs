@@ -296,8 +296,18 @@ fn the_scope_can_change_and_survives_dump_and_restore() {
         "password_hash"
     );
 
+    // Dropping a scoped table removes its declaration (and says so in the audit log); a table
+    // whose path needed it then fails to resolve, naming it.
+    db.execute("DROP TABLE elearning.audit_log");
+    assert_eq!(count(&db, "SELECT count(*) FROM poco_scope_preview(23)"), 7);
+    assert!(db.value("SELECT message FROM poco.events ORDER BY id DESC LIMIT 1").unwrap().contains("elearning.audit_log (owned) was dropped"));
+    db.execute("DROP TABLE elearning.enrollments CASCADE");
+    let e = db.error("SELECT * FROM poco_scope_preview(23)");
+    assert_eq!(e.code().code(), "42830");
+    assert!(e.message().contains("no foreign key path leads from elearning.lesson_progress"), "{}", e.message());
+
     // poco_scope_clear forgets everything.
-    assert_eq!(count(&db, "SELECT poco_scope_clear()"), 8);
+    assert_eq!(count(&db, "SELECT poco_scope_clear()"), 6);
     let e = db.error("SELECT * FROM poco_scope_preview(23)");
     assert_eq!(e.code().code(), "55000");
 }
