@@ -204,3 +204,24 @@ fn missing_indexes_on_ownership_paths_are_reported() {
     let s = compile(&c2, &decls(&[(2, None)], &[])).unwrap().unwrap();
     assert!(s.table(2).unwrap().warnings.is_empty());
 }
+
+#[test]
+fn ownership_cycles_and_unkeyed_self_references_are_refused() {
+    // a(b_id) -> b and b(a_id) -> a, both owned, neither reaching the root.
+    let mut c = elearning();
+    c.tables.insert(8, table(8, "a", &["id", "b_id"], 1));
+    c.tables.insert(9, table(9, "b", &["id", "a_id"], 1));
+    c.fks.push(fk("a_b_fk", 8, &[2], 9, &[1]));
+    c.fks.push(fk("b_a_fk", 9, &[2], 8, &[1]));
+    let (code, msg, hint) = err(&c, &decls(&[(8, None), (9, None)], &[]));
+    assert_eq!(code, "42P17");
+    assert!(msg.contains("public.a") && msg.contains("public.b") && msg.contains("never to the account root"), "{msg}");
+    assert!(hint.contains("via"));
+    // A referenced table that refers to itself needs a primary key to follow the recursion.
+    c.tables.get_mut(&4).unwrap().pk = None;
+    let (code, msg, hint) = err(&c, &decls(&[], &[(4, RefMode::Referenced)]));
+    assert_eq!(code, "42P16");
+    assert!(msg.contains("public.lessons refers to itself"), "{msg}");
+    assert!(hint.contains("'all'"));
+    assert!(compile(&c, &decls(&[], &[(4, RefMode::All)])).is_ok());
+}
