@@ -28,7 +28,7 @@ cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null
 
 echo "==> end-to-end tests (platform and learner servers started by pg_test/)"
 export POCO_TEST_USER="$TEST_USER" POCO_PG_CONFIG="$PG_CONFIG"
-run cargo test -p poco_e2e -- --test-threads=2
+run cargo test -p poco_e2e -- --test-threads=2 --show-output   # show-output: the isolation figures land in the log
 
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "poco_sync: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' "$LOG"
