@@ -255,6 +255,11 @@ impl Server {
         Db::connect(&self.conninfo(db))
     }
 
+    /// Connect, or None while the server is not accepting connections (e.g. restarting).
+    pub fn try_connect(&self, db: &str) -> Option<Db> {
+        Db::try_connect(&self.conninfo(db)).ok()
+    }
+
     /// Connect as another (non-superuser) role.
     pub fn connect_as(&self, user: &str, db: &str) -> Db {
         Db::connect(&format!("host=127.0.0.1 port={} user={user} dbname={db} connect_timeout=10", self.port))
@@ -317,23 +322,36 @@ pub struct Db {
 
 impl Db {
     pub fn connect(conninfo: &str) -> Db {
+        Db::try_connect(conninfo).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    pub fn try_connect(conninfo: &str) -> Result<Db, String> {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let client = rt.block_on(async {
             let (client, conn) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls)
                 .await
-                .unwrap_or_else(|e| panic!("connect {conninfo}: {e}"));
+                .map_err(|e| format!("connect {conninfo}: {e}"))?;
             tokio::spawn(async move {
                 let _ = conn.await;
             });
-            client
-        });
-        Db { rt, client }
+            Ok::<_, String>(client)
+        })?;
+        Ok(Db { rt, client })
     }
 
     pub fn query(&self, sql: &str) -> Vec<Row> {
         self.rt
             .block_on(self.client.query(sql, &[]))
             .unwrap_or_else(|e| panic!("{}: {}", redact(sql), e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())))
+    }
+
+    /// The first column of the first row as text, or the error (no panic).
+    pub fn try_value(&self, sql: &str) -> Result<Option<String>, String> {
+        let rows = self.rt.block_on(self.client.simple_query(sql)).map_err(|e| e.to_string())?;
+        Ok(rows.into_iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_string)),
+            _ => None,
+        }).flatten())
     }
 
     /// A query with parameters; panics with the server's message on error.
