@@ -13,7 +13,7 @@ use pgrx::prelude::*;
 use poco_core::scope::{self as core_scope, Catalog, Column, Declarations, ForeignKey, RefMode, Scope, Table};
 use poco_core::{PocoError, Result, SqlState};
 use serde_json::json;
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
 /// Schemas whose tables are never scoped nor searched for paths.
 const SYSTEM_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema', 'poco') \
@@ -135,15 +135,25 @@ pub fn require() -> Result<Scope> {
 /// The parent id in the root key's canonical text form ('007' → '7', upper → lower-case uuid).
 /// Without a declared root the text is kept as given.
 pub fn canonical_parent(parent: &str) -> Result<String> {
-    match current()? {
+    // Only the root key's type is needed: one catalog query, not a whole compile (poco_status
+    // calls this on every page view).
+    let q = "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM poco.scope s \
+               JOIN pg_catalog.pg_constraint k ON k.conrelid = s.rel AND k.contype = 'p' \
+               JOIN pg_catalog.pg_attribute a ON a.attrelid = s.rel AND a.attnum = k.conkey[1] \
+              WHERE s.role = 'root' AND pg_catalog.cardinality(k.conkey) = 1";
+    match rows(q, &[], |r| s(r, 1)).pop() {
         None => Ok(parent.to_string()),
-        Some(sc) => canonical_with(&sc, parent),
+        Some(key_type) => canonicalize(&key_type, parent),
     }
 }
 
 pub fn canonical_with(sc: &Scope, parent: &str) -> Result<String> {
-    let sql = sc.canonical_parent_sql();
-    let key_type = sc.key_type.clone();
+    canonicalize(&sc.key_type, parent)
+}
+
+fn canonicalize(key_type: &str, parent: &str) -> Result<String> {
+    let sql = poco_core::scope::canonical_parent_sql(key_type);
+    let key_type = key_type.to_string();
     let shown = truncate(parent, 80);
     PgTryBuilder::new(|| {
         Ok(rows(&sql, &[parent.into()], |r| s(r, 1)).pop().unwrap_or_default())
@@ -203,7 +213,7 @@ pub fn root_rows(sc: &Scope, parent: &str) -> i64 {
 /// and non-boolean results now, phrased as a predicate error.
 fn check_predicate_sql(sc: &Scope) {
     let root = sc.table(sc.root).expect("root");
-    let sql = format!("{} LIMIT 0", root.count_sql.replacen("SELECT pg_catalog.count(*)", "SELECT 1", 1));
+    let sql = format!("{} LIMIT 0", root.count_sql); // planned in full, executes nothing
     let res: std::result::Result<(), (PgSqlErrorCode, String)> = PgTryBuilder::new(|| {
         Spi::run_with_args(&sql, &[Option::<String>::None.into()]).or_raise();
         Ok(())
@@ -287,54 +297,49 @@ pub mod poco {
         super::canonical_parent(parent_id).or_raise()
     }
 
+    /// Store one table's declaration (its role and that role's one setting), replacing what
+    /// the table had; a new root replaces the old one. Returns the table's name.
+    fn declare(oid: pg_sys::Oid, role: &str, predicate: Option<&str>, via: Option<&str>, mode: Option<&str>) -> String {
+        lock();
+        let name = checked_table(oid);
+        refuse_other_role(oid, &name, role);
+        if role == "root" {
+            Spi::run_with_args("DELETE FROM poco.scope WHERE role = 'root' AND rel::oid <> $1", &[oid.into()]).or_raise();
+        }
+        Spi::run_with_args(
+            "INSERT INTO poco.scope (rel, role, predicate, via, mode) VALUES ($1::oid::regclass, $2, $3, $4, $5) \
+             ON CONFLICT (rel) DO UPDATE SET predicate = EXCLUDED.predicate, via = EXCLUDED.via, \
+             mode = EXCLUDED.mode, updated_at = now()",
+            &[oid.into(), role.into(), predicate.into(), via.into(), mode.into()],
+        )
+        .or_raise();
+        name
+    }
+
     #[pg_extern(volatile, parallel_unsafe)]
     fn scope_root(tbl: Option<pg_sys::Oid>, predicate: Option<&str>) {
         let oid = tbl.unwrap_or_else(|| raise(PocoError::NullArgument("tbl")));
         let pred = predicate.unwrap_or_else(|| raise(PocoError::NullArgument("predicate")));
         poco_core::predicate::Predicate::parse(pred).or_raise();
-        lock();
-        let name = checked_table(oid);
-        refuse_other_role(oid, &name, "root");
-        Spi::run("DELETE FROM poco.scope WHERE role = 'root'").or_raise();
-        Spi::run_with_args(
-            "INSERT INTO poco.scope (rel, role, predicate) VALUES ($1::oid::regclass, 'root', $2)",
-            &[oid.into(), pred.into()],
-        )
-        .or_raise();
+        let name = declare(oid, "root", Some(pred), None, None);
         validate_and_log(format!("scope root: {name} WHERE {pred}"), json!({"table": name, "role": "root", "predicate": pred}));
     }
 
     #[pg_extern(volatile, parallel_unsafe)]
     fn scope_table(tbl: Option<pg_sys::Oid>, via: Option<&str>) {
         let oid = tbl.unwrap_or_else(|| raise(PocoError::NullArgument("tbl")));
-        lock();
-        let name = checked_table(oid);
-        refuse_other_role(oid, &name, "owned");
-        Spi::run_with_args(
-            "INSERT INTO poco.scope (rel, role, via) VALUES ($1::oid::regclass, 'owned', $2) \
-             ON CONFLICT (rel) DO UPDATE SET via = EXCLUDED.via, updated_at = now()",
-            &[oid.into(), via.into()],
-        )
-        .or_raise();
+        let name = declare(oid, "owned", None, via, None);
         validate_and_log(format!("scope: {name} is owned"), json!({"table": name, "role": "owned", "via": via}));
     }
 
     #[pg_extern(volatile, parallel_unsafe)]
     fn scope_reference(tbl: Option<pg_sys::Oid>, mode: Option<&str>) {
         let oid = tbl.unwrap_or_else(|| raise(PocoError::NullArgument("tbl")));
-        let mode = RefMode::parse(mode.unwrap_or("referenced")).or_raise();
-        lock();
-        let name = checked_table(oid);
-        refuse_other_role(oid, &name, "reference");
-        Spi::run_with_args(
-            "INSERT INTO poco.scope (rel, role, mode) VALUES ($1::oid::regclass, 'reference', $2) \
-             ON CONFLICT (rel) DO UPDATE SET mode = EXCLUDED.mode, updated_at = now()",
-            &[oid.into(), mode.as_str().into()],
-        )
-        .or_raise();
+        let mode = RefMode::parse(mode.unwrap_or("referenced")).or_raise().as_str();
+        let name = declare(oid, "reference", None, None, Some(mode));
         validate_and_log(
-            format!("scope: {name} is a reference table ({})", mode.as_str()),
-            json!({"table": name, "role": "reference", "mode": mode.as_str()}),
+            format!("scope: {name} is a reference table ({mode})"),
+            json!({"table": name, "role": "reference", "mode": mode}),
         );
     }
 
@@ -517,11 +522,7 @@ pub mod poco {
                 .collect(),
             None => rows("SELECT DISTINCT parent_id FROM poco.target ORDER BY 1", &[], |r| s(r, 1)),
         };
-        let mut seen = BTreeMap::new();
-        for c in candidates {
-            seen.insert(c, ());
-        }
-        let list: Vec<String> = seen.into_keys().collect();
+        let list: Vec<String> = candidates.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
         let out = rows(&t.owners_sql, &[list.into(), row.into()], |r| s(r, 1));
         SetOfIterator::new(out)
     }

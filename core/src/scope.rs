@@ -194,10 +194,12 @@ impl Scope {
     pub fn table(&self, oid: Oid) -> Option<&ScopedTable> {
         self.tables.iter().find(|t| t.oid == oid)
     }
-    /// SQL that turns the text parameter `$1` into the root key's type (and fails on bad input).
-    pub fn canonical_parent_sql(&self) -> String {
-        format!("SELECT (($1::pg_catalog.text)::{})::pg_catalog.text", self.key_type)
-    }
+}
+
+/// SQL that turns the text parameter `$1` into the root key's type and back to its canonical
+/// text (and fails on bad input).
+pub fn canonical_parent_sql(key_type: &str) -> String {
+    format!("SELECT (($1::pg_catalog.text)::{key_type})::pg_catalog.text")
 }
 
 pub fn scope_err(state: SqlState, message: impl Into<String>, hint: impl Into<String>) -> PocoError {
@@ -357,39 +359,34 @@ impl<'a> Ctx<'a> {
                 f
             }
         };
-        let direct: Vec<Vec<usize>> = segs.iter().filter(|s| s.len() == 1).cloned().collect();
-        let pick = if direct.len() == 1 {
-            direct
-        } else if direct.is_empty() && segs.len() == 1 {
-            segs.clone()
-        } else {
-            direct
-        };
-        match pick.len() {
-            1 => Ok(pick.into_iter().next().unwrap()),
-            0 if segs.is_empty() => Err(scope_err(
+        // One path whose first key lands on an owned table or the root wins; failing that,
+        // the only path there is.
+        let direct: Vec<&Vec<usize>> = segs.iter().filter(|s| s.len() == 1).collect();
+        if direct.len() == 1 {
+            return Ok(direct[0].clone());
+        }
+        if direct.is_empty() && segs.len() == 1 {
+            return Ok(segs[0].clone());
+        }
+        if segs.is_empty() {
+            return Err(scope_err(
                 SqlState::InvalidForeignKey,
                 format!("no foreign key path leads from {tname} to the account root {}", self.name(root)),
                 format!(
                     "An owned table reaches the root through foreign keys, possibly through other owned tables. Add a foreign key, or declare {tname} with poco_scope_reference() if it holds shared content."
                 ),
-            )),
-            _ => {
-                let cands = if pick.len() > 1 { pick } else { segs };
-                Err(scope_err(
-                    SqlState::AmbiguousColumn,
-                    format!(
-                        "several foreign key paths lead from {tname} to the account root: {}",
-                        list(&cands)
-                    ),
-                    format!(
-                        "Pick one with via, a constraint or column name: SELECT poco_scope_table('{}', via => '{}');",
-                        tname.replace('\'', "''"),
-                        self.via_name(&self.cat.fks[cands[0][0]]).replace('\'', "''")
-                    ),
-                ))
-            }
+            ));
         }
+        let cands: Vec<Vec<usize>> = if direct.len() > 1 { direct.into_iter().cloned().collect() } else { segs.clone() };
+        Err(scope_err(
+            SqlState::AmbiguousColumn,
+            format!("several foreign key paths lead from {tname} to the account root: {}", list(&cands)),
+            format!(
+                "Pick one with via, a constraint or column name: SELECT poco_scope_table('{}', via => '{}');",
+                tname.replace('\'', "''"),
+                self.via_name(&self.cat.fks[cands[0][0]]).replace('\'', "''")
+            ),
+        ))
     }
 }
 
