@@ -89,3 +89,39 @@ SELECT t.id AS target_id, t.parent_id, t.label, t.url_redacted, t.host, t.port, 
        t.continuous, t.created_at, t.created_by, t.updated_at
   FROM poco.target t;
 COMMENT ON VIEW poco.targets IS 'One row per learner target; credentials are never shown';
+
+-- Push jobs (API §2, §4). A row is queued by poco_push in the caller's transaction, so a
+-- rolled-back caller queues nothing; the worker starts it after commit. Live progress of a
+-- running job is in shared memory (poco.job_progress()); poco.jobs shows both.
+CREATE SEQUENCE poco.job_id_seq;
+CREATE TABLE poco.job (
+    id               bigint PRIMARY KEY DEFAULT nextval('poco.job_id_seq'),
+    kind             text NOT NULL DEFAULT 'push' CHECK (kind IN ('push')),
+    parent_id        text NOT NULL,
+    target_id        bigint REFERENCES poco.target (id) ON DELETE SET NULL,
+    state            text NOT NULL DEFAULT 'queued'
+                     CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    requested_by     name NOT NULL DEFAULT session_user,
+    requested_at     timestamptz NOT NULL DEFAULT now(),
+    backup           boolean NOT NULL DEFAULT false,
+    attempts         integer NOT NULL DEFAULT 0,
+    max_attempts     integer NOT NULL DEFAULT 1 CHECK (max_attempts >= 1),
+    next_attempt_at  timestamptz NOT NULL DEFAULT now(),
+    started_at       timestamptz,
+    finished_at      timestamptz,
+    tables_total     integer,
+    tables_done      integer NOT NULL DEFAULT 0,
+    rows_done        bigint NOT NULL DEFAULT 0,
+    bytes_done       bigint NOT NULL DEFAULT 0,
+    current_table    text,
+    error            text,
+    error_sqlstate   text,
+    backup_schema    text,
+    detail           jsonb NOT NULL DEFAULT '{}'
+);
+ALTER SEQUENCE poco.job_id_seq OWNED BY poco.job.id;
+CREATE INDEX job_queue_idx ON poco.job (next_attempt_at, id) WHERE state IN ('queued', 'running');
+CREATE INDEX job_target_idx ON poco.job (target_id, id);
+COMMENT ON TABLE poco.job IS 'Push jobs (internal; read poco.jobs instead)';
+SELECT pg_catalog.pg_extension_config_dump('poco.job', '');
+SELECT pg_catalog.pg_extension_config_dump('poco.job_id_seq', '');

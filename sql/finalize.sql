@@ -64,6 +64,45 @@ RETURNS TABLE(target_id bigint, label text, url_redacted text, continuous boolea
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$ SELECT * FROM poco.status_of($1) $$;
 
+-- ---- Push jobs (API §2, §4). poco_push queues in the caller's transaction; the worker
+-- starts the jobs when it commits.
+CREATE FUNCTION pg_catalog.poco_push(parent_id anyelement)
+RETURNS SETOF bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.push($1::text, NULL::bigint) $$;
+
+CREATE FUNCTION pg_catalog.poco_push(parent_id text)
+RETURNS SETOF bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.push($1, NULL::bigint) $$;
+
+CREATE FUNCTION pg_catalog.poco_push(parent_id anyelement, target_id bigint)
+RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.push($1::text, $2) $$;
+
+CREATE FUNCTION pg_catalog.poco_push(parent_id text, target_id bigint)
+RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.push($1, $2) $$;
+
+CREATE FUNCTION pg_catalog.poco_wait(job_id bigint, timeout interval DEFAULT '5 min')
+RETURNS text LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.wait($1, extract(epoch FROM $2)::float8) $$;
+
+CREATE FUNCTION pg_catalog.poco_cancel(job_id bigint)
+RETURNS boolean LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.cancel($1) $$;
+
+CREATE VIEW poco.jobs AS
+SELECT j.id AS job_id, j.kind, j.parent_id, j.target_id, j.state,
+       COALESCE(p.tables_total, j.tables_total) AS tables_total,
+       COALESCE(p.tables_done, j.tables_done) AS tables_done,
+       COALESCE(p.rows_done, j.rows_done) AS rows_done,
+       COALESCE(p.bytes_done, j.bytes_done) AS bytes_done,
+       COALESCE(p.current_table, j.current_table) AS current_table,
+       j.started_at, j.finished_at, j.error, j.error_sqlstate, j.attempts, j.max_attempts,
+       j.next_attempt_at, j.requested_by, j.requested_at, p.pid, COALESCE(p.cancelling, false) AS cancelling,
+       j.detail
+  FROM poco.job j LEFT JOIN poco.job_progress() p ON p.job_id = j.id;
+COMMENT ON VIEW poco.jobs IS 'One row per push job, with the live progress of running ones';
+
 -- ---- Account scope (API §1). Declaring the scope is for the DBA (not granted by
 -- poco_grant_usage); previewing it is for applications too.
 CREATE FUNCTION pg_catalog.poco_scope_root(tbl regclass, predicate text)
@@ -155,8 +194,8 @@ BEGIN
     EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, role_name);
   END LOOP;
   EXECUTE format('GRANT USAGE ON SCHEMA poco TO %I', role_name);
-  EXECUTE format('GRANT EXECUTE ON FUNCTION poco.worker_status() TO %I', role_name);
-  EXECUTE format('GRANT SELECT ON poco.targets, poco.events, poco.worker TO %I', role_name);
+  EXECUTE format('GRANT EXECUTE ON FUNCTION poco.worker_status(), poco.job_progress() TO %I', role_name);
+  EXECUTE format('GRANT SELECT ON poco.targets, poco.events, poco.worker, poco.jobs TO %I', role_name);
 END $$;
 
 DO $$

@@ -169,3 +169,197 @@ pub fn log_event(
     )
     .or_raise();
 }
+
+// ---- Jobs (poco.job). See src/jobs.rs (SQL functions) and src/worker.rs, src/push.rs.
+
+pub fn target_ids_of(parent_id: &str) -> Vec<i64> {
+    Spi::connect(|client| {
+        client
+            .select("SELECT id FROM poco.target WHERE parent_id = $1 ORDER BY id", None, &[parent_id.into()])
+            .or_raise()
+            .filter_map(|r| r.get::<i64>(1).ok().flatten())
+            .collect()
+    })
+}
+
+/// Append a job's event: the actor is whoever asked for the job, also when the worker logs.
+pub fn log_job_event(kind: &str, job_id: i64, message: &str, detail: serde_json::Value) {
+    Spi::run_with_args(
+        "INSERT INTO poco.events (kind, parent_id, target_id, job_id, actor, message, detail) \
+         SELECT $1, j.parent_id, j.target_id, j.id, j.requested_by, $3, $4 FROM poco.job j WHERE j.id = $2",
+        &[kind.into(), job_id.into(), message.into(), JsonB(detail).into()],
+    )
+    .or_raise();
+}
+
+/// (state, queued by the current transaction) of a job, read with a fresh snapshot.
+pub fn job_state(job_id: i64) -> Option<(String, bool)> {
+    Spi::connect_mut(|client| {
+        let mut t = client
+            .update("SELECT state, xmin::text::bigint FROM poco.job WHERE id = $1", Some(1), &[job_id.into()])
+            .or_raise();
+        t.next().map(|r| {
+            let state = r.get::<String>(1).ok().flatten().unwrap_or_default();
+            let xmin = r.get::<i64>(2).ok().flatten().unwrap_or(0) as u32;
+            let mine = unsafe { pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(xmin)) };
+            (state, mine)
+        })
+    })
+}
+
+pub fn cancel_queued(job_id: i64) -> bool {
+    first_value::<i64>(
+        "UPDATE poco.job SET state = 'cancelled', finished_at = now(), \
+         error = 'cancelled by ' || session_user || ' before it started' \
+         WHERE id = $1 AND state = 'queued' RETURNING id",
+        &[job_id.into()],
+    )
+    .is_some()
+}
+
+/// What a job worker needs to start.
+pub struct JobRow {
+    pub id: i64,
+    pub parent_id: String,
+    pub target_id: Option<i64>,
+    pub state: String,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    /// rows of the last successful push to the same target (for the progress estimate)
+    pub rows_expected: Option<i64>,
+}
+
+pub fn load_job(job_id: i64) -> Option<JobRow> {
+    Spi::connect(|client| {
+        let mut t = client
+            .select(
+                "SELECT j.id, j.parent_id, j.target_id, j.state, j.attempts, j.max_attempts, \
+                        (SELECT p.rows_done FROM poco.job p WHERE p.target_id = j.target_id \
+                          AND p.state = 'succeeded' ORDER BY p.id DESC LIMIT 1) \
+                   FROM poco.job j WHERE j.id = $1",
+                Some(1),
+                &[job_id.into()],
+            )
+            .or_raise();
+        t.next().map(|r| JobRow {
+            id: r.get::<i64>(1).ok().flatten().unwrap_or(0),
+            parent_id: r.get::<String>(2).ok().flatten().unwrap_or_default(),
+            target_id: r.get::<i64>(3).ok().flatten(),
+            state: r.get::<String>(4).ok().flatten().unwrap_or_default(),
+            attempts: r.get::<i32>(5).ok().flatten().unwrap_or(0),
+            max_attempts: r.get::<i32>(6).ok().flatten().unwrap_or(1),
+            rows_expected: r.get::<i64>(7).ok().flatten(),
+        })
+    })
+}
+
+/// Jobs left 'running' whose process is gone (the server restarted, or a job worker died):
+/// they end as failed. `live` are the jobs that do have a process.
+pub fn fail_orphans(live: &[i64], why: &str) -> Vec<i64> {
+    Spi::connect_mut(|client| {
+        client
+            .update(
+                "UPDATE poco.job SET state = 'failed', finished_at = now(), error = $2, error_sqlstate = '57P01' \
+                 WHERE state = 'running' AND id <> ALL($1) RETURNING id",
+                None,
+                &[live.to_vec().into(), why.into()],
+            )
+            .or_raise()
+            .filter_map(|r| r.get::<i64>(1).ok().flatten())
+            .collect()
+    })
+}
+
+/// Claim up to `n` queued jobs whose time has come, one per target at a time: they become
+/// 'running' (attempts + 1). Returns their ids.
+pub fn claim_jobs(n: usize) -> Vec<i64> {
+    if n == 0 {
+        return vec![];
+    }
+    Spi::connect_mut(|client| {
+        client
+            .update(
+                "WITH c AS (
+                   SELECT j.id FROM poco.job j
+                    WHERE j.state = 'queued' AND j.next_attempt_at <= now()
+                      AND NOT EXISTS (SELECT 1 FROM poco.job r WHERE r.state = 'running' AND r.target_id = j.target_id)
+                      AND j.id = (SELECT min(q.id) FROM poco.job q WHERE q.state = 'queued' AND q.target_id IS NOT DISTINCT FROM j.target_id)
+                    ORDER BY j.next_attempt_at, j.id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                 UPDATE poco.job j SET state = 'running', attempts = j.attempts + 1,
+                        started_at = now(), finished_at = NULL, tables_done = 0, rows_done = 0, bytes_done = 0
+                   FROM c WHERE j.id = c.id RETURNING j.id",
+                None,
+                &[(n as i64).into()],
+            )
+            .or_raise()
+            .filter_map(|r| r.get::<i64>(1).ok().flatten())
+            .collect()
+    })
+}
+
+/// Put a claimed job back in the queue (no process could be started for it).
+pub fn requeue(job_id: i64, delay_ms: u64, why: &str) {
+    Spi::run_with_args(
+        "UPDATE poco.job SET state = 'queued', attempts = greatest(attempts - 1, 0), \
+         next_attempt_at = now() + $2 * interval '1 millisecond', error = $3 WHERE id = $1 AND state = 'running'",
+        &[job_id.into(), (delay_ms as i64).into(), why.into()],
+    )
+    .or_raise();
+}
+
+/// Copy a running job's progress into its row and tell listeners (`NOTIFY poco_progress`).
+pub fn publish_progress(s: &crate::shmem::JobSlot, payload: &serde_json::Value) {
+    Spi::run_with_args(
+        "UPDATE poco.job SET tables_total = $2, tables_done = $3, rows_done = $4, bytes_done = $5, \
+         current_table = $6 WHERE id = $1 AND state = 'running'",
+        &[
+            s.job_id.into(),
+            s.tables_total.into(),
+            s.tables_done.into(),
+            s.rows_done.into(),
+            s.bytes_done.into(),
+            s.current_table().into(),
+        ],
+    )
+    .or_raise();
+    Spi::run_with_args("SELECT pg_catalog.pg_notify('poco_progress', $1)", &[payload.to_string().into()]).or_raise();
+}
+
+/// A job's end: its final row (or back to the queue for a retry), its event, its last NOTIFY.
+pub struct JobEnd<'a> {
+    pub job_id: i64,
+    /// 'succeeded', 'failed', 'cancelled', or 'queued' (retry after `retry_in_ms`)
+    pub state: &'a str,
+    pub retry_in_ms: u64,
+    pub tables_total: i32,
+    pub tables_done: i32,
+    pub rows: i64,
+    pub bytes: i64,
+    pub error: Option<&'a str>,
+    pub sqlstate: Option<&'a str>,
+    pub detail: serde_json::Value,
+}
+
+pub fn finish_job(e: &JobEnd) {
+    Spi::run_with_args(
+        "UPDATE poco.job SET state = $2, \
+                finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE now() END, \
+                next_attempt_at = now() + $3 * interval '1 millisecond', \
+                tables_total = $4, tables_done = $5, rows_done = $6, bytes_done = $7, \
+                current_table = NULL, error = $8, error_sqlstate = $9, detail = detail || $10 \
+          WHERE id = $1",
+        &[
+            e.job_id.into(),
+            e.state.into(),
+            (e.retry_in_ms as i64).into(),
+            e.tables_total.into(),
+            e.tables_done.into(),
+            e.rows.into(),
+            e.bytes.into(),
+            e.error.into(),
+            e.sqlstate.into(),
+            JsonB(e.detail.clone()).into(),
+        ],
+    )
+    .or_raise();
+}

@@ -8,6 +8,11 @@ static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::ne
 static KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static ALLOW_PRIVATE: GucSetting<bool> = GucSetting::<bool>::new(false);
 static NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static MAX_JOBS: GucSetting<i32> = GucSetting::<i32>::new(2);
+static PUSH_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(4);
+static RETRY_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static NETWORK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+static BATCH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -45,6 +50,56 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+    GucRegistry::define_int_guc(
+        c"poco.max_jobs",
+        c"How many pushes run at once (each in its own background worker process).",
+        c"Each running job takes one of max_worker_processes.",
+        &MAX_JOBS,
+        1,
+        crate::shmem::MAX_SLOTS as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"poco.push_attempts",
+        c"How many times a push is tried when it fails for a transient reason.",
+        c"Connection refused or lost, timeouts, the learner restarting. Other errors fail at once.",
+        &PUSH_ATTEMPTS,
+        1,
+        100,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"poco.retry_delay",
+        c"Delay before the first retry of a push; it doubles with each further attempt.",
+        c"Capped at 5 minutes.",
+        &RETRY_DELAY_MS,
+        10,
+        300_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"poco.network_timeout",
+        c"Longest wait for any one network operation with a learner (connect, query, COPY chunk).",
+        c"A learner that does not answer within it fails the attempt (and is retried).",
+        &NETWORK_TIMEOUT_MS,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"poco.copy_chunk",
+        c"Bytes of COPY data gathered before they are handed to the network.",
+        c"Memory per running job is a small multiple of this.",
+        &BATCH_BYTES,
+        8 * 1024,
+        64 * 1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_BYTE,
+    );
 }
 
 fn string(s: &GucSetting<Option<CString>>) -> Option<String> {
@@ -65,4 +120,24 @@ pub fn allow_private_targets() -> bool {
 
 pub fn naptime() -> std::time::Duration {
     std::time::Duration::from_millis(NAPTIME_MS.get().max(10) as u64)
+}
+
+pub fn max_jobs() -> usize {
+    MAX_JOBS.get().clamp(1, crate::shmem::MAX_SLOTS as i32) as usize
+}
+
+pub fn push_attempts() -> i32 {
+    PUSH_ATTEMPTS.get().max(1)
+}
+
+pub fn retry_delay_ms() -> u64 {
+    RETRY_DELAY_MS.get().max(10) as u64
+}
+
+pub fn network_timeout() -> std::time::Duration {
+    std::time::Duration::from_millis(NETWORK_TIMEOUT_MS.get().max(100) as u64)
+}
+
+pub fn copy_chunk() -> usize {
+    BATCH_BYTES.get().max(8 * 1024) as usize
 }

@@ -1,9 +1,62 @@
-//! Worker state in shared memory: what `poco.worker` shows (pid, heartbeat), and the latch
-//! the worker sleeps on so that committing transactions can wake it.
+//! Worker state in shared memory: what `poco.worker` shows (pid, heartbeat), the job slots
+//! (the live progress of running pushes, and their cancel flags), and the wake-up of the
+//! worker when a transaction that queued work commits.
 
 use pgrx::prelude::*;
 use pgrx::{pg_shmem_init, PGRXSharedMemory, PgLwLock};
 use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Most jobs that can run at once (`poco.max_jobs` is capped at this).
+pub const MAX_SLOTS: usize = 16;
+const TABLE_NAME_LEN: usize = 128;
+
+/// One running job. `job_id == 0` means the slot is free.
+#[derive(Copy, Clone)]
+pub struct JobSlot {
+    pub job_id: i64,
+    pub pid: i32,
+    pub cancel: bool,
+    pub tables_total: i32,
+    pub tables_done: i32,
+    pub rows_done: i64,
+    pub bytes_done: i64,
+    pub started_at: i64,
+    pub updated_at: i64,
+    current_table: [u8; TABLE_NAME_LEN],
+}
+
+impl Default for JobSlot {
+    fn default() -> Self {
+        JobSlot {
+            job_id: 0,
+            pid: 0,
+            cancel: false,
+            tables_total: 0,
+            tables_done: 0,
+            rows_done: 0,
+            bytes_done: 0,
+            started_at: 0,
+            updated_at: 0,
+            current_table: [0; TABLE_NAME_LEN],
+        }
+    }
+}
+
+impl JobSlot {
+    pub fn current_table(&self) -> Option<String> {
+        let end = self.current_table.iter().position(|&b| b == 0).unwrap_or(TABLE_NAME_LEN);
+        (end > 0).then(|| String::from_utf8_lossy(&self.current_table[..end]).into_owned())
+    }
+    pub fn set_current_table(&mut self, name: &str) {
+        self.current_table = [0; TABLE_NAME_LEN];
+        // Cut on a character boundary so the name stays valid UTF-8.
+        let mut n = name.len().min(TABLE_NAME_LEN);
+        while !name.is_char_boundary(n) {
+            n -= 1;
+        }
+        self.current_table[..n].copy_from_slice(&name.as_bytes()[..n]);
+    }
+}
 
 #[derive(Copy, Clone, Default)]
 pub struct WorkerShared {
@@ -13,6 +66,7 @@ pub struct WorkerShared {
     pub passes: u64,
     pub restarts: u32,
     pub state: u8,
+    pub slots: [JobSlot; MAX_SLOTS],
 }
 
 unsafe impl PGRXSharedMemory for WorkerShared {}
@@ -56,4 +110,31 @@ pub fn update(f: impl FnOnce(&mut WorkerShared)) {
 
 pub fn snapshot() -> WorkerShared {
     *WORKER.share()
+}
+
+/// The slot of `job_id`, if it is running.
+pub fn slot_of(job_id: i64) -> Option<(usize, JobSlot)> {
+    let g = WORKER.share();
+    g.slots.iter().enumerate().find(|(_, s)| s.job_id == job_id).map(|(i, s)| (i, *s))
+}
+
+pub fn with_slot<R>(i: usize, f: impl FnOnce(&mut JobSlot) -> R) -> R {
+    let mut g = WORKER.exclusive();
+    f(&mut g.slots[i])
+}
+
+/// Wake the worker (set its latch). Safe in a commit callback: no allocation, no ERROR.
+pub fn wake_worker() {
+    if !preloaded() {
+        return;
+    }
+    let pid = WORKER.share().pid;
+    if pid != 0 {
+        unsafe {
+            let proc_ = pg_sys::BackendPidGetProc(pid);
+            if !proc_.is_null() {
+                pg_sys::SetLatch(&mut (*proc_).procLatch);
+            }
+        }
+    }
 }

@@ -3,6 +3,7 @@
 
 pub mod crypto;
 pub mod error;
+pub mod learner;
 pub mod predicate;
 pub mod scope;
 pub mod target;

@@ -1,0 +1,179 @@
+//! Push jobs from SQL (API §2, §4): `poco_push` queues, `poco_wait` blocks until a job ends,
+//! `poco_cancel` stops one, `poco.job_progress()` shows the live progress from shared memory.
+//! The worker (src/worker.rs) starts queued jobs; each runs in its own process (src/push.rs).
+
+use pgrx::prelude::*;
+
+#[pg_schema]
+pub mod poco {
+    use crate::errors::{raise, OrRaise};
+    use crate::{catalog, gucs, scope, shmem};
+    use pgrx::prelude::*;
+    use pgrx::{register_xact_callback, PgXactCallbackEvent};
+    use poco_core::scope::scope_err;
+    use poco_core::{PocoError, SqlState};
+    use serde_json::json;
+    use std::time::{Duration, Instant};
+
+    fn need_worker_here() {
+        if !shmem::preloaded() {
+            raise(PocoError::NotPreloaded);
+        }
+        let here = Spi::get_one::<String>("SELECT pg_catalog.current_database()::text").ok().flatten().unwrap_or_default();
+        let db = gucs::database();
+        if here != db {
+            raise(scope_err(
+                SqlState::ObjectNotInPrerequisiteState,
+                format!("the poco_sync worker serves database \"{db}\", not \"{here}\": a job queued here would never run"),
+                format!("Set poco.database = '{here}' in postgresql.conf and reload."),
+            ));
+        }
+    }
+
+    /// Queue a push of `parent_id` to each of its targets (or to `target_id` only).
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn push(parent_id: Option<&str>, target_id: Option<i64>) -> SetOfIterator<'static, i64> {
+        let parent = parent_id.unwrap_or_else(|| raise(PocoError::NullArgument("parent_id")));
+        need_worker_here();
+        let sc = scope::require().or_raise();
+        let parent = scope::canonical_with(&sc, parent).or_raise();
+        let targets: Vec<i64> = match target_id {
+            Some(t) => {
+                let row = catalog::load_target(t).or_raise();
+                if row.parent_id != parent {
+                    raise(scope_err(
+                        SqlState::InvalidParameterValue,
+                        format!("target {t} belongs to parent {}, not to parent {parent}", row.parent_id),
+                        "poco_status(parent_id) lists the parent's targets.",
+                    ));
+                }
+                vec![t]
+            }
+            None => catalog::target_ids_of(&parent),
+        };
+        if targets.is_empty() {
+            raise(scope_err(
+                SqlState::UndefinedObject,
+                format!("parent {parent} has no target to push to"),
+                "Add one first: SELECT poco_add_target(parent_id, 'postgresql://user:password@host/db');",
+            ));
+        }
+        let attempts = gucs::push_attempts();
+        let mut ids = Vec::with_capacity(targets.len());
+        for t in targets {
+            let id = Spi::get_one_with_args::<i64>(
+                "INSERT INTO poco.job (parent_id, target_id, max_attempts) VALUES ($1, $2, $3) RETURNING id",
+                &[parent.as_str().into(), t.into(), attempts.into()],
+            )
+            .or_raise()
+            .expect("RETURNING id");
+            catalog::log_job_event("push_queued", id, &format!("push of parent {parent} to target {t} queued as job {id}"), json!({}));
+            ids.push(id);
+        }
+        // The worker learns of the jobs when they commit (a rolled-back caller queued nothing).
+        register_xact_callback(PgXactCallbackEvent::Commit, shmem::wake_worker);
+        SetOfIterator::new(ids)
+    }
+
+    const FINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
+
+    /// Block until the job ends; its final state, or 'timeout'.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn wait(job_id: Option<i64>, timeout_s: Option<f64>) -> String {
+        let job = job_id.unwrap_or_else(|| raise(PocoError::NullArgument("job_id")));
+        let timeout = Duration::from_secs_f64(timeout_s.unwrap_or(300.0).clamp(0.0, 86_400.0 * 365.0));
+        if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
+            raise(scope_err(
+                SqlState::ObjectNotInPrerequisiteState,
+                "poco_wait cannot see the job advance inside a REPEATABLE READ or SERIALIZABLE transaction",
+                "Call poco_wait in a READ COMMITTED transaction (the default).",
+            ));
+        }
+        let start = Instant::now();
+        loop {
+            let (state, mine) = catalog::job_state(job).unwrap_or_else(|| {
+                raise(scope_err(SqlState::UndefinedObject, format!("job {job} does not exist"), "poco.jobs lists the jobs."))
+            });
+            if FINAL.contains(&state.as_str()) {
+                return state;
+            }
+            if mine {
+                raise(scope_err(
+                    SqlState::ObjectNotInPrerequisiteState,
+                    format!("job {job} was queued by this transaction, so no worker can start it before it commits"),
+                    "Commit after poco_push, then call poco_wait.",
+                ));
+            }
+            if start.elapsed() >= timeout {
+                return "timeout".into();
+            }
+            let left = timeout.saturating_sub(start.elapsed()).min(Duration::from_millis(20));
+            unsafe {
+                pg_sys::WaitLatch(
+                    pg_sys::MyLatch,
+                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                    left.as_millis().max(1) as _,
+                    pg_sys::PG_WAIT_EXTENSION,
+                );
+                pg_sys::ResetLatch(pg_sys::MyLatch);
+            }
+            pgrx::check_for_interrupts!();
+        }
+    }
+
+    /// Cancel a queued or running job; true when there was something to cancel.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn cancel(job_id: Option<i64>) -> bool {
+        let job = job_id.unwrap_or_else(|| raise(PocoError::NullArgument("job_id")));
+        let (state, _) = catalog::job_state(job).unwrap_or_else(|| {
+            raise(scope_err(SqlState::UndefinedObject, format!("job {job} does not exist"), "poco.jobs lists the jobs."))
+        });
+        match state.as_str() {
+            "queued" => {
+                let done = catalog::cancel_queued(job);
+                if done {
+                    catalog::log_job_event("push_cancelled", job, &format!("job {job} cancelled before it started"), json!({}));
+                    return true;
+                }
+                // It started meanwhile: cancel it running.
+                cancel_running(job)
+            }
+            "running" => cancel_running(job),
+            _ => false,
+        }
+    }
+
+    fn cancel_running(job: i64) -> bool {
+        if !shmem::preloaded() {
+            return false;
+        }
+        match shmem::slot_of(job) {
+            Some((i, _)) => {
+                shmem::with_slot(i, |s| s.cancel = true);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Live progress of running jobs (shared memory). Empty without the preloaded library.
+    #[pg_extern(volatile, parallel_safe)]
+    fn job_progress() -> TableIterator<
+        'static,
+        (
+            name!(job_id, i64),
+            name!(pid, i32),
+            name!(tables_total, i32),
+            name!(tables_done, i32),
+            name!(rows_done, i64),
+            name!(bytes_done, i64),
+            name!(current_table, Option<String>),
+            name!(cancelling, bool),
+        ),
+    > {
+        let slots = if shmem::preloaded() { shmem::snapshot().slots.to_vec() } else { vec![] };
+        TableIterator::new(slots.into_iter().filter(|s| s.job_id != 0).map(|s| {
+            (s.job_id, s.pid, s.tables_total, s.tables_done, s.rows_done, s.bytes_done, s.current_table(), s.cancel)
+        }))
+    }
+}

@@ -1,0 +1,821 @@
+//! One push job, run in its own dynamic background worker (started by src/worker.rs).
+//!
+//! Platform side: one REPEATABLE READ, READ ONLY transaction, so every table of the account is
+//! read from the same snapshot; each table's scoped query runs as an SPI cursor fetched in
+//! batches, turned into COPY text in a buffer of `poco.copy_chunk` bytes that is handed to the
+//! network and reused: memory stays flat whatever the account's size.
+//!
+//! Learner side: one transaction that drops the previous copies, creates types and tables,
+//! COPYs the rows, builds keys, indexes and foreign keys, sets sequences and writes the
+//! bookkeeping in `poco_sync`. Any failure (or a cancel) drops the connection before COMMIT,
+//! so the learner keeps its previous data.
+//!
+//! Progress goes to this job's shared-memory slot; the main worker publishes it.
+
+use crate::net::{self, JobError};
+use crate::{catalog, gucs, keys, scope, shmem};
+use bytes::Bytes;
+use futures_util::SinkExt;
+use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
+use pgrx::prelude::*;
+use pgrx::PgMemoryContexts;
+use poco_core::learner::{self, copy_escape_into, literal, ConstraintDef, TableDef, TypeDef};
+use poco_core::scope::Scope;
+use serde_json::json;
+use std::cell::Cell;
+use std::collections::BTreeSet;
+use std::ffi::{CStr, CString};
+use std::time::Instant;
+
+pub const JOB_WORKER_TYPE: &str = "poco_sync push";
+
+thread_local! {
+    static SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
+    static TERMINATED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Cancelled by `poco_cancel`, or told to stop (SIGTERM: shutdown, pg_terminate_backend).
+fn cancelled() -> bool {
+    if BackgroundWorker::sigterm_received() {
+        TERMINATED.with(|t| t.set(true)); // the flag clears when read: remember it
+    }
+    let slot = SLOT.with(|s| s.get());
+    TERMINATED.with(|t| t.get()) || (slot != usize::MAX && shmem::with_slot(slot, |s| s.cancel))
+}
+
+fn progress(f: impl FnOnce(&mut shmem::JobSlot)) {
+    let slot = SLOT.with(|s| s.get());
+    if slot != usize::MAX {
+        shmem::with_slot(slot, |s| {
+            f(s);
+            s.updated_at = shmem::now();
+        });
+    }
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn poco_job_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let slot = arg.value();
+    let job_id: i64 = BackgroundWorker::get_extra().parse().unwrap_or(0);
+    BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
+    if slot >= shmem::MAX_SLOTS || shmem::with_slot(slot, |s| s.job_id) != job_id {
+        log!("poco_sync push: slot {slot} does not hold job {job_id}; exiting");
+        return;
+    }
+    SLOT.with(|s| s.set(slot));
+    progress(|s| {
+        s.pid = unsafe { pg_sys::MyProcPid };
+        s.started_at = shmem::now();
+    });
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .on_thread_start(crate::worker::block_all_signals)
+        .build()
+        .expect("poco_sync: could not build the tokio runtime");
+
+    let started = Instant::now();
+    let job = BackgroundWorker::transaction(|| catalog::load_job(job_id));
+    let Some(job) = job.filter(|j| j.state == "running") else {
+        shmem::with_slot(slot, |s| *s = shmem::JobSlot::default());
+        return;
+    };
+    let outcome = run(&job, &runtime);
+    drop(runtime); // closes the learner connection: without COMMIT it rolls back
+    let elapsed_ms = started.elapsed().as_millis() as i64;
+    let p = shmem::with_slot(slot, |s| *s);
+    BackgroundWorker::transaction(|| record(&job, &p, outcome, elapsed_ms));
+    shmem::with_slot(slot, |s| *s = shmem::JobSlot::default());
+    crate::shmem::wake_worker();
+}
+
+fn record(job: &catalog::JobRow, p: &shmem::JobSlot, outcome: Result<Done, JobError>, elapsed_ms: i64) {
+    let base = json!({"duration_ms": elapsed_ms, "tables": p.tables_done, "rows": p.rows_done,
+                      "bytes": p.bytes_done, "attempt": job.attempts});
+    let mut end = catalog::JobEnd {
+        job_id: job.id,
+        state: "succeeded",
+        retry_in_ms: 0,
+        tables_total: p.tables_total,
+        tables_done: p.tables_done,
+        rows: p.rows_done,
+        bytes: p.bytes_done,
+        error: None,
+        sqlstate: None,
+        detail: json!({}),
+    };
+    let (kind, message);
+    let err_text;
+    match &outcome {
+        Ok(done) => {
+            end.detail = json!({"left_out": done.left_out, "duration_ms": elapsed_ms});
+            kind = "push_succeeded";
+            message = format!(
+                "pushed parent {} to target {}: {} tables, {} rows, {} bytes in {} ms",
+                job.parent_id,
+                job.target_id.unwrap_or(0),
+                p.tables_done,
+                p.rows_done,
+                p.bytes_done,
+                elapsed_ms
+            );
+        }
+        Err(e) => {
+            err_text = match &e.hint {
+                Some(h) => format!("{} (hint: {h})", e.message),
+                None => e.message.clone(),
+            };
+            end.error = Some(&err_text);
+            end.sqlstate = Some(&e.sqlstate);
+            if e.is_cancel() {
+                end.state = "cancelled";
+                kind = "push_cancelled";
+                message = format!("job {} cancelled; the learner keeps its previous data", job.id);
+            } else if e.transient && job.attempts < job.max_attempts {
+                end.state = "queued";
+                end.retry_in_ms = learner::backoff_ms(gucs::retry_delay_ms(), job.attempts as u32);
+                kind = "push_retry";
+                message = format!(
+                    "job {} attempt {} of {} failed, retrying in {} ms: {}",
+                    job.id, job.attempts, job.max_attempts, end.retry_in_ms, e.message
+                );
+            } else {
+                end.state = "failed";
+                kind = "push_failed";
+                message = format!("job {} failed after {} attempt(s): {}", job.id, job.attempts, e.message);
+            }
+        }
+    }
+    catalog::finish_job(&end);
+    let mut detail = base;
+    if let Some(e) = end.error {
+        detail["error"] = json!(e);
+        detail["sqlstate"] = json!(end.sqlstate);
+    }
+    catalog::log_job_event(kind, job.id, &message, detail);
+    let payload = json!({
+        "job_id": job.id, "parent_id": job.parent_id, "target_id": job.target_id, "state": end.state,
+        "tables_total": p.tables_total, "tables_done": p.tables_done, "rows_done": p.rows_done,
+        "bytes_done": p.bytes_done, "percent": if end.state == "succeeded" { 100.0 } else { 0.0 },
+        "eta_s": 0, "error": end.error,
+    });
+    Spi::run_with_args("SELECT pg_catalog.pg_notify('poco_progress', $1)", &[payload.to_string().into()])
+        .unwrap_or_default();
+    if end.state == "failed" || end.state == "queued" {
+        log!("poco_sync: {message}");
+    }
+}
+
+struct Done {
+    left_out: Vec<String>,
+}
+
+/// A table as this push handles it.
+struct Plan {
+    scoped: poco_core::scope::ScopedTable,
+    def: TableDef,
+    fks: Vec<ConstraintDef>,
+    /// referenced scoped tables (FK order)
+    depends_on: Vec<u32>,
+    types: Vec<u32>,
+}
+
+/// Run inside a REPEATABLE READ, READ ONLY transaction; committed (nothing to write) or
+/// aborted on error.
+fn in_snapshot<R>(f: impl FnOnce() -> Result<R, JobError>) -> Result<R, JobError> {
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::XactIsoLevel = pg_sys::XACT_REPEATABLE_READ as i32;
+        pg_sys::XactReadOnly = true;
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let r = PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
+        .catch_others(|e| {
+            let (code, msg) = match &e {
+                pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
+                    (unpack_sqlstate(r.sql_error_code() as i32), format!("platform: {}", r.message()))
+                }
+                pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ("XX000".to_string(), format!("platform: {}", ereport.message())),
+            };
+            Err(JobError::new(&code, msg))
+        })
+        .execute();
+    unsafe {
+        if r.is_ok() {
+            pg_sys::PopActiveSnapshot();
+            pg_sys::CommitTransactionCommand();
+        } else {
+            pg_sys::AbortCurrentTransaction();
+        }
+    }
+    r
+}
+
+fn unpack_sqlstate(code: i32) -> String {
+    // PGSIXBIT packing: 6 bits per character, first character lowest.
+    (0..5).map(|i| ((((code >> (6 * i)) & 0x3F) as u8) + b'0') as char).collect()
+}
+
+fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobError> {
+    // Stable text output for COPY: the learner reads back exactly what we write.
+    BackgroundWorker::transaction(|| {
+        Spi::run(
+            "SELECT pg_catalog.set_config('DateStyle', 'ISO, YMD', false), \
+                    pg_catalog.set_config('IntervalStyle', 'postgres', false), \
+                    pg_catalog.set_config('TimeZone', 'UTC', false), \
+                    pg_catalog.set_config('extra_float_digits', '3', false), \
+                    pg_catalog.set_config('bytea_output', 'hex', false)",
+        )
+        .ok();
+    });
+    let target_id = job
+        .target_id
+        .ok_or_else(|| JobError::new("42704", "the job's target was removed before the push ran"))?;
+    let (target, password) = BackgroundWorker::transaction(|| -> Result<_, JobError> {
+        let key = keys::current().map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
+        let t = catalog::load_target(target_id).map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
+        let pw = crate::targets::poco::open_credentials(target_id, &key)
+            .map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
+        Ok((t, pw))
+    })?;
+    let timeout = gucs::network_timeout();
+    let allow_private = gucs::allow_private_targets();
+    let chunk = gucs::copy_chunk();
+    let rows_expected = job.rows_expected;
+    let _ = rows_expected;
+
+    in_snapshot(|| {
+        let sc = scope::require().map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
+        let (sysid, dbname) = platform_identity();
+        let (plans, types, mut left_out) = describe(&sc)?;
+        progress(|s| s.tables_total = plans.len() as i32);
+
+        let cancelled: &dyn Fn() -> bool = &cancelled;
+        let client = rt.block_on(net::step("connect", timeout * 2, cancelled, net::connect(
+            &target.spec,
+            password.as_deref(),
+            allow_private,
+            timeout,
+            "poco_sync push",
+        )))?;
+        // Never write into ourselves: same cluster (system identifier) and same database.
+        let (lsys, ldb) = rt.block_on(net::step("identify", timeout, cancelled, async {
+            let row = client
+                .query_one(
+                    "SELECT (SELECT system_identifier::text FROM pg_catalog.pg_control_system()), \
+                            pg_catalog.current_database()::text",
+                    &[],
+                )
+                .await
+                .map_err(|e| JobError::learner("identifying the server", &e))?;
+            Ok((row.get::<_, Option<String>>(0), row.get::<_, String>(1)))
+        }))?;
+        if lsys.as_deref() == Some(sysid.as_str()) && ldb == dbname {
+            return Err(JobError::new(
+                "42809",
+                format!("target {target_id} is the platform database itself ({dbname}, system {sysid}); refusing to overwrite it"),
+            )
+            .hint("A target must be another database, e.g. the parent's own Neon or Supabase database."));
+        }
+
+        let exec = |what: &str, sql: String| -> Result<(), JobError> {
+            let what = what.to_string();
+            rt.block_on(net::step(&what.clone(), timeout, cancelled, async {
+                client.batch_execute(&sql).await.map_err(|e| JobError::learner(&what, &e))
+            }))
+        };
+        let ms = timeout.as_millis();
+        exec(
+            "starting the transaction",
+            format!(
+                "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL search_path = pg_catalog; \
+                 SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; \
+                 SET LOCAL TimeZone = 'UTC'; SET LOCAL lock_timeout = '{ms}ms'; \
+                 SET LOCAL idle_in_transaction_session_timeout = 0; SET LOCAL statement_timeout = 0"
+            ),
+        )?;
+        for s in learner::BOOKKEEPING_SQL {
+            exec("creating the poco_sync schema", s.to_string())?;
+        }
+        let previous: Vec<String> = rt.block_on(net::step("reading poco_sync.tables", timeout, cancelled, async {
+            let rows = client
+                .query("SELECT table_name FROM poco_sync.tables", &[])
+                .await
+                .map_err(|e| JobError::learner("reading poco_sync.tables", &e))?;
+            Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+        }))?;
+
+        // 1. Drop the previous copies (and tables an earlier scope pushed that it no longer has).
+        let mut drop: BTreeSet<String> = plans.iter().map(|p| p.def.ident.clone()).collect();
+        drop.extend(previous);
+        exec(
+            "dropping the previous copy",
+            format!("DROP TABLE IF EXISTS {}", drop.into_iter().collect::<Vec<_>>().join(", ")),
+        )
+        .map_err(|e| depends_hint(e))?;
+        // 2. Types, dependencies first (drop in reverse).
+        for t in types.iter().rev() {
+            if let Some(d) = t.drop_sql() {
+                exec(&format!("dropping type {}", t.ident), d).map_err(|e| depends_hint(e))?;
+            }
+        }
+        let mut schemas: BTreeSet<&str> = plans.iter().map(|p| p.def.schema.as_str()).collect();
+        schemas.extend(types.iter().map(|t| t.schema.as_str()));
+        for s in schemas {
+            exec("creating schemas", format!("CREATE SCHEMA IF NOT EXISTS {s}"))?;
+        }
+        for t in &types {
+            let sql = t.create_sql().map_err(|m| JobError::new("0A000", m))?;
+            exec(&format!("creating type {}", t.ident), sql)?;
+        }
+        // 3. Tables, columns only.
+        for p in &plans {
+            for s in p.def.create_sql() {
+                exec(&format!("creating {}", p.def.ident), s)?;
+            }
+        }
+        // 4. Rows, table by table in FK order, from the one snapshot.
+        let mut counts: Vec<(String, i64)> = Vec::new();
+        for p in &plans {
+            if cancelled() {
+                return Err(JobError::cancelled());
+            }
+            progress(|s| s.set_current_table(&p.def.ident));
+            let copy_sql = format!("COPY {} ({}) FROM STDIN", p.def.ident, p.def.column_list());
+            let sink = rt.block_on(net::step("starting COPY", timeout, cancelled, async {
+                client.copy_in::<_, Bytes>(&copy_sql).await.map_err(|e| JobError::learner(&format!("COPY {}", p.def.ident), &e))
+            }))?;
+            let mut sink = Box::pin(sink);
+            let ident = p.def.ident.clone();
+            let rows = stream_rows(&p.scoped.select_sql, &job.parent_id, chunk, &mut |buf: Vec<u8>| {
+                let n = buf.len() as i64;
+                rt.block_on(net::step(&format!("COPY {ident}"), timeout, cancelled, async {
+                    sink.as_mut().send(Bytes::from(buf)).await.map_err(|e| JobError::learner(&format!("COPY {ident}"), &e))
+                }))?;
+                progress(|s| s.bytes_done += n);
+                Ok(())
+            })?;
+            let loaded = rt.block_on(net::step(&format!("COPY {}", p.def.ident), timeout, cancelled, async {
+                sink.as_mut().finish().await.map_err(|e| JobError::learner(&format!("COPY {}", p.def.ident), &e))
+            }))?;
+            if loaded as i64 != rows {
+                return Err(JobError::new("XX000", format!("{}: sent {rows} rows but the learner loaded {loaded}", p.def.ident)));
+            }
+            counts.push((p.def.ident.clone(), rows));
+            progress(|s| s.tables_done += 1);
+        }
+        progress(|s| s.set_current_table("(indexes and keys)"));
+        // 5. Keys, checks and indexes over the loaded rows, then foreign keys, then sequences.
+        for p in &plans {
+            for s in p.def.index_sql() {
+                exec(&format!("indexing {}", p.def.ident), s)?;
+            }
+        }
+        for p in &plans {
+            for fk in &p.fks {
+                exec(&format!("foreign key {} of {}", fk.ident, p.def.ident), learner::foreign_key_sql(&p.def.ident, fk))?;
+            }
+            for s in p.def.sequence_sql() {
+                exec(&format!("sequences of {}", p.def.ident), s)?;
+            }
+        }
+        for p in &plans {
+            left_out.extend(p.def.left_out.iter().cloned());
+        }
+        // 6. Bookkeeping, same transaction.
+        let totals = shmem_totals();
+        let mut book = vec![
+            "DELETE FROM poco_sync.tables".to_string(),
+            "DELETE FROM poco_sync.snapshot".to_string(),
+            format!(
+                "INSERT INTO poco_sync.snapshot (target_id, parent_id, job_id, platform, platform_system_identifier, \
+                 pushed_at, tables, rows, bytes) VALUES ({target_id}, {}, {}, {}, {}, pg_catalog.now(), {}, {}, {})",
+                literal(&job.parent_id),
+                job.id,
+                literal(&dbname),
+                literal(&sysid),
+                plans.len(),
+                totals.0,
+                totals.1
+            ),
+        ];
+        for (t, n) in &counts {
+            book.push(format!("INSERT INTO poco_sync.tables VALUES ({}, {n}, pg_catalog.now())", literal(t)));
+        }
+        exec("writing poco_sync bookkeeping", book.join("; "))?;
+        if cancelled() {
+            return Err(JobError::cancelled());
+        }
+        progress(|s| s.set_current_table("(committing)"));
+        exec("committing", "COMMIT".to_string())?;
+        Ok(Done { left_out })
+    })
+}
+
+fn shmem_totals() -> (i64, i64) {
+    let slot = SLOT.with(|s| s.get());
+    if slot == usize::MAX {
+        return (0, 0);
+    }
+    shmem::with_slot(slot, |s| (s.rows_done, s.bytes_done))
+}
+
+fn depends_hint(e: JobError) -> JobError {
+    if e.sqlstate == "2BP01" {
+        e.hint("Objects of the learner's own depend on the pushed tables or types (a view, a foreign key). \
+                Drop them, or point them elsewhere: poco_sync replaces its tables on every push.")
+    } else {
+        e
+    }
+}
+
+fn platform_identity() -> (String, String) {
+    let r = Spi::get_two::<String, String>(
+        "SELECT (SELECT system_identifier::text FROM pg_catalog.pg_control_system()), pg_catalog.current_database()::text",
+    )
+    .unwrap_or((None, None));
+    (r.0.unwrap_or_default(), r.1.unwrap_or_default())
+}
+
+const TABLE_SQL: &str = r#"
+WITH c AS (SELECT c.oid, c.relname, n.nspname FROM pg_catalog.pg_class c
+             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::pg_catalog.int8::pg_catalog.oid),
+     ex AS (SELECT COALESCE(pg_catalog.array_agg(a.attnum), '{}') AS nums FROM pg_catalog.pg_attribute a, c
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND pg_catalog.quote_ident(a.attname) = ANY ($2::pg_catalog.text[])),
+     -- Objects the learner cannot have: functions outside pg_catalog, other tables' sequences,
+     -- operators, operator classes and the like that are not built in.
+     foreign_dep AS (
+       SELECT d.classid, d.objid FROM pg_catalog.pg_depend d, c
+        WHERE d.deptype = 'n' AND (
+              (d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND NOT EXISTS (
+                 SELECT 1 FROM pg_catalog.pg_proc p WHERE p.oid = d.refobjid AND p.pronamespace = 'pg_catalog'::pg_catalog.regnamespace))
+           OR (d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid <> c.oid AND NOT EXISTS (
+                 SELECT 1 FROM pg_catalog.pg_depend o WHERE o.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                    AND o.objid = d.refobjid AND o.refobjid = c.oid AND o.deptype IN ('a', 'i')))
+           OR d.refclassid NOT IN ('pg_catalog.pg_class'::pg_catalog.regclass, 'pg_catalog.pg_proc'::pg_catalog.regclass,
+                                   'pg_catalog.pg_type'::pg_catalog.regclass, 'pg_catalog.pg_collation'::pg_catalog.regclass,
+                                   'pg_catalog.pg_namespace'::pg_catalog.regclass)))
+SELECT pg_catalog.jsonb_build_object(
+  'schema', pg_catalog.quote_ident(c.nspname),
+  'ident', pg_catalog.quote_ident(c.nspname) || '.' || pg_catalog.quote_ident(c.relname),
+  'columns', COALESCE((
+     SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+              'ident', pg_catalog.quote_ident(a.attname),
+              'type', pg_catalog.format_type(a.atttypid, a.atttypmod),
+              'not_null', a.attnotnull,
+              'identity', a.attidentity::text,
+              'collation', CASE WHEN a.attcollation <> 0 AND a.attcollation <> t.typcollation THEN
+                   (SELECT pg_catalog.quote_ident(cn.nspname) || '.' || pg_catalog.quote_ident(co.collname)
+                      FROM pg_catalog.pg_collation co JOIN pg_catalog.pg_namespace cn ON cn.oid = co.collnamespace
+                     WHERE co.oid = a.attcollation) END,
+              'default', CASE WHEN a.attgenerated = '' AND ad.oid IS NOT NULL AND NOT EXISTS (
+                   SELECT 1 FROM foreign_dep f WHERE f.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND f.objid = ad.oid)
+                   THEN pg_catalog.pg_get_expr(ad.adbin, ad.adrelid) END,
+              'default_left_out', a.attgenerated = '' AND ad.oid IS NOT NULL AND EXISTS (
+                   SELECT 1 FROM foreign_dep f WHERE f.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND f.objid = ad.oid))
+            ORDER BY a.attnum)
+       FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+       LEFT JOIN pg_catalog.pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
+      WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attnum <> ALL (ex.nums)), '[]'),
+  'constraints', COALESCE((
+     SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+              'ident', pg_catalog.quote_ident(k.conname), 'kind', k.contype::text,
+              'def', pg_catalog.pg_get_constraintdef(k.oid),
+              'ok', NOT (COALESCE(k.conkey, '{}') && ex.nums) AND (k.contype = 'f' OR NOT EXISTS (
+                      SELECT 1 FROM foreign_dep f WHERE f.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass AND f.objid = k.oid)),
+              'references', k.confrelid::pg_catalog.int8)
+            ORDER BY k.contype, k.conname)
+       FROM pg_catalog.pg_constraint k
+      WHERE k.conrelid = c.oid AND k.contype IN ('p', 'u', 'c', 'x', 'f')), '[]'),
+  'indexes', COALESCE((
+     SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+              'def', pg_catalog.pg_get_indexdef(i.indexrelid),
+              'name', ic.relname,
+              'ok', NOT (i.indkey::pg_catalog.int2[] && ex.nums) AND NOT EXISTS (
+                      SELECT 1 FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                         AND d.objid = i.indexrelid AND d.refobjid = c.oid AND d.refobjsubid = ANY (ex.nums))
+                    AND NOT EXISTS (SELECT 1 FROM foreign_dep f WHERE f.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                                       AND f.objid = i.indexrelid))
+            ORDER BY ic.relname)
+       FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+      WHERE i.indrelid = c.oid AND NOT EXISTS (
+            SELECT 1 FROM pg_catalog.pg_constraint k WHERE k.conrelid = c.oid AND k.conindid = i.indexrelid
+               AND k.contype IN ('p', 'u', 'x'))), '[]'),
+  'sequences', COALESCE((
+     SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object(
+              'ident', pg_catalog.quote_ident(sn.nspname) || '.' || pg_catalog.quote_ident(s.relname),
+              'column', pg_catalog.quote_ident(a.attname),
+              'options', pg_catalog.format('AS %s INCREMENT BY %s MINVALUE %s MAXVALUE %s START WITH %s CACHE %s %s',
+                   pg_catalog.format_type(q.seqtypid, NULL), q.seqincrement, q.seqmin, q.seqmax, q.seqstart, q.seqcache,
+                   CASE WHEN q.seqcycle THEN 'CYCLE' ELSE 'NO CYCLE' END)))
+       FROM pg_catalog.pg_depend d
+       JOIN pg_catalog.pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+       JOIN pg_catalog.pg_namespace sn ON sn.oid = s.relnamespace
+       JOIN pg_catalog.pg_sequence q ON q.seqrelid = s.oid
+       JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum = d.refobjsubid
+      WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+        AND d.refobjid = c.oid AND d.deptype = 'a' AND a.attidentity = '' AND a.attnum <> ALL (ex.nums)), '[]'),
+  'type_oids', COALESCE((
+     SELECT pg_catalog.jsonb_agg(DISTINCT x.oid::pg_catalog.int8) FROM (
+       SELECT a.atttypid AS oid FROM pg_catalog.pg_attribute a
+        WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attnum <> ALL (ex.nums)
+       UNION
+       SELECT d.refobjid FROM pg_catalog.pg_depend d
+        WHERE d.refclassid = 'pg_catalog.pg_type'::pg_catalog.regclass AND d.deptype = 'n'
+          AND ((d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND d.objid IN (SELECT ad.oid FROM pg_catalog.pg_attrdef ad WHERE ad.adrelid = c.oid))
+            OR (d.classid = 'pg_catalog.pg_constraint'::pg_catalog.regclass AND d.objid IN (SELECT k.oid FROM pg_catalog.pg_constraint k WHERE k.conrelid = c.oid)))
+     ) x), '[]'))
+FROM c, ex
+"#;
+
+/// Types to create, dependencies first: user types reached from the columns through arrays,
+/// domains, composites and ranges. Built-in types (pg_catalog, information_schema) are not.
+const TYPES_SQL: &str = r#"
+WITH RECURSIVE deps(oid, depth) AS (
+    SELECT x::pg_catalog.oid, 0 FROM pg_catalog.unnest($1::pg_catalog.int8[]) x
+  UNION
+    SELECT n.dep, d.depth + 1 FROM deps d JOIN pg_catalog.pg_type ty ON ty.oid = d.oid
+    CROSS JOIN LATERAL (
+        SELECT ty.typelem WHERE ty.typelem <> 0 AND ty.typsubscript = 'pg_catalog.array_subscript_handler'::pg_catalog.regproc
+        UNION ALL SELECT ty.typbasetype WHERE ty.typtype = 'd'
+        UNION ALL SELECT a.atttypid FROM pg_catalog.pg_attribute a
+                   WHERE ty.typtype = 'c' AND a.attrelid = ty.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+        UNION ALL SELECT r.rngsubtype FROM pg_catalog.pg_range r WHERE ty.typtype = 'r' AND r.rngtypid = ty.oid
+    ) n(dep)
+    WHERE d.depth < 32
+)
+SELECT pg_catalog.jsonb_build_object(
+  'ident', pg_catalog.format_type(t.oid, NULL),
+  'schema', pg_catalog.quote_ident(n.nspname),
+  'kind', CASE WHEN t.typtype = 'c' AND rc.relkind <> 'c' THEN 'table-row' ELSE t.typtype::text END,
+  'labels', COALESCE((SELECT pg_catalog.jsonb_agg(e.enumlabel ORDER BY e.enumsortorder) FROM pg_catalog.pg_enum e WHERE e.enumtypid = t.oid), '[]'),
+  'base', CASE WHEN t.typtype = 'd' THEN pg_catalog.format_type(t.typbasetype, t.typtypmod)
+               WHEN t.typtype = 'r' THEN (SELECT pg_catalog.format_type(r.rngsubtype, NULL) FROM pg_catalog.pg_range r WHERE r.rngtypid = t.oid) END,
+  'not_null', t.typnotnull,
+  'default', CASE WHEN t.typdefaultbin IS NOT NULL THEN pg_catalog.pg_get_expr(t.typdefaultbin, 0) ELSE t.typdefault END,
+  'checks', COALESCE((SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array(pg_catalog.quote_ident(k.conname), pg_catalog.pg_get_constraintdef(k.oid)) ORDER BY k.conname)
+                        FROM pg_catalog.pg_constraint k WHERE k.contypid = t.oid AND k.contype = 'c'), '[]'),
+  'attributes', COALESCE((SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array(pg_catalog.quote_ident(a.attname), pg_catalog.format_type(a.atttypid, a.atttypmod)) ORDER BY a.attnum)
+                        FROM pg_catalog.pg_attribute a WHERE t.typtype = 'c' AND a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped), '[]'),
+  'extension', (SELECT e.extname FROM pg_catalog.pg_depend d JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid
+                 WHERE d.classid = 'pg_catalog.pg_type'::pg_catalog.regclass AND d.objid = t.oid
+                   AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass AND d.deptype = 'e'))
+FROM (SELECT oid, max(depth) AS depth FROM deps GROUP BY oid) d
+JOIN pg_catalog.pg_type t ON t.oid = d.oid
+JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
+LEFT JOIN pg_catalog.pg_class rc ON rc.oid = t.typrelid
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND NOT (t.typelem <> 0 AND t.typsubscript = 'pg_catalog.array_subscript_handler'::pg_catalog.regproc)
+ORDER BY d.depth DESC, t.oid
+"#;
+
+#[derive(serde::Deserialize)]
+struct RawColumn {
+    #[serde(flatten)]
+    col: learner::ColumnDef,
+    default_left_out: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct RawConstraint {
+    ident: String,
+    kind: String,
+    def: String,
+    ok: bool,
+    references: i64,
+}
+
+#[derive(serde::Deserialize)]
+struct RawIndex {
+    def: String,
+    name: String,
+    ok: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct RawTable {
+    schema: String,
+    ident: String,
+    columns: Vec<RawColumn>,
+    constraints: Vec<RawConstraint>,
+    indexes: Vec<RawIndex>,
+    sequences: Vec<learner::SequenceDef>,
+    type_oids: Vec<i64>,
+}
+
+fn json_query(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> Vec<serde_json::Value> {
+    Spi::connect(|c| {
+        c.select(sql, None, args)
+            .map(|t| t.filter_map(|r| r.get::<pgrx::JsonB>(1).ok().flatten().map(|j| j.0)).collect())
+            .unwrap_or_default()
+    })
+}
+
+/// Describe every scoped table and the types they use, in FK order.
+fn describe(sc: &Scope) -> Result<(Vec<Plan>, Vec<TypeDef>, Vec<String>), JobError> {
+    // Names in the descriptions come out schema-qualified with pg_catalog alone on the path.
+    Spi::run("SET LOCAL search_path = pg_catalog").map_err(|e| JobError::new("XX000", e.to_string()))?;
+    let mut plans = Vec::new();
+    let mut left_out = Vec::new();
+    for st in &sc.tables {
+        let v = json_query(TABLE_SQL, &[(st.oid as i64).into(), st.excluded.clone().into()])
+            .pop()
+            .ok_or_else(|| JobError::new("42P01", format!("table {} vanished", st.ident)))?;
+        let raw: RawTable =
+            serde_json::from_value(v).map_err(|e| JobError::new("XX000", format!("describing {}: {e}", st.ident)))?;
+        let mut def = TableDef {
+            schema: raw.schema,
+            ident: raw.ident,
+            columns: Vec::new(),
+            constraints: Vec::new(),
+            indexes: Vec::new(),
+            sequences: raw.sequences,
+            left_out: Vec::new(),
+        };
+        for c in raw.columns {
+            if c.default_left_out {
+                def.left_out.push(format!("{}.{}: default calls a platform function", def.ident, c.col.ident));
+            }
+            def.columns.push(c.col);
+        }
+        let sent_fks: BTreeSet<&str> = st.fks.iter().filter(|f| f.sent).map(|f| f.name.as_str()).collect();
+        let mut fks = Vec::new();
+        let mut depends_on = Vec::new();
+        for k in raw.constraints {
+            let c = ConstraintDef { ident: k.ident, kind: k.kind, def: k.def };
+            if c.kind == "f" {
+                let name = unquote(&c.ident);
+                if sent_fks.contains(name.as_str()) {
+                    depends_on.push(k.references as u32);
+                    fks.push(c);
+                }
+            } else if k.ok {
+                def.constraints.push(c);
+            } else {
+                def.left_out.push(format!("{}: constraint {} uses an excluded column or a platform function", def.ident, c.ident));
+            }
+        }
+        for i in raw.indexes {
+            if i.ok {
+                def.indexes.push(i.def);
+            } else {
+                def.left_out.push(format!("{}: index {} uses an excluded column or a platform function", def.ident, i.name));
+            }
+        }
+        left_out.extend(def.left_out.drain(..));
+        plans.push(Plan {
+            scoped: st.clone(),
+            def,
+            fks,
+            depends_on,
+            types: raw.type_oids.iter().map(|&o| o as u32).collect(),
+        });
+    }
+    let all_types: BTreeSet<i64> = plans.iter().flat_map(|p| p.types.iter().map(|&o| o as i64)).collect();
+    let mut types = Vec::new();
+    for v in json_query(TYPES_SQL, &[all_types.into_iter().collect::<Vec<i64>>().into()]) {
+        let t: TypeDef = serde_json::from_value(v).map_err(|e| JobError::new("XX000", format!("describing types: {e}")))?;
+        if t.kind == "table-row" {
+            return Err(JobError::new("0A000", format!("a scoped column has the row type of table {}", t.ident))
+                .hint("Use a standalone composite type (CREATE TYPE … AS (…)) or jsonb for that column."));
+        }
+        // Several types of one extension: one CREATE EXTENSION.
+        if t.extension.is_some() && types.iter().any(|x: &TypeDef| x.extension == t.extension) {
+            continue;
+        }
+        types.push(t);
+    }
+    Spi::run("SET LOCAL search_path TO DEFAULT").map_err(|e| JobError::new("XX000", e.to_string()))?;
+    Ok((fk_order(plans), types, left_out))
+}
+
+fn unquote(ident: &str) -> String {
+    if ident.starts_with('"') && ident.ends_with('"') && ident.len() >= 2 {
+        ident[1..ident.len() - 1].replace("\"\"", "\"")
+    } else {
+        ident.to_string()
+    }
+}
+
+/// Referenced tables before the tables that reference them (cycles: declaration order).
+fn fk_order(plans: Vec<Plan>) -> Vec<Plan> {
+    let oids: BTreeSet<u32> = plans.iter().map(|p| p.scoped.oid).collect();
+    let mut done: BTreeSet<u32> = BTreeSet::new();
+    let mut pending: Vec<Plan> = plans;
+    let mut out = Vec::new();
+    while !pending.is_empty() {
+        let ready = pending.iter().position(|p| {
+            p.depends_on.iter().all(|d| *d == p.scoped.oid || done.contains(d) || !oids.contains(d))
+        });
+        let i = ready.unwrap_or(0); // a cycle: take the first, its keys are added after all rows
+        let p = pending.remove(i);
+        done.insert(p.scoped.oid);
+        out.push(p);
+    }
+    out
+}
+
+/// Run the scoped query as a cursor and hand COPY text to `emit` in chunks of about `chunk`
+/// bytes. Returns the number of rows.
+fn stream_rows(
+    sql: &str,
+    parent: &str,
+    chunk: usize,
+    emit: &mut dyn FnMut(Vec<u8>) -> Result<(), JobError>,
+) -> Result<i64, JobError> {
+    const FETCH: i64 = 1000;
+    let csql = CString::new(sql).map_err(|_| JobError::new("XX000", "query contains NUL"))?;
+    let mut rows: i64 = 0;
+    let mut buf: Vec<u8> = Vec::with_capacity(chunk + 64 * 1024);
+    let mut row_ctx = PgMemoryContexts::new("poco_sync copy rows");
+    let mut pending_err: Option<JobError> = None;
+    unsafe {
+        if pg_sys::SPI_connect() < 0 {
+            return Err(JobError::new("XX000", "SPI_connect failed"));
+        }
+        let mut argtypes = [pg_sys::TEXTOID];
+        let ptext = CString::new(parent).unwrap_or_default();
+        let mut values = [pg_sys::Datum::from(pg_sys::cstring_to_text(ptext.as_ptr()))];
+        let nulls = [b' ' as std::os::raw::c_char];
+        let portal = pg_sys::SPI_cursor_open_with_args(
+            std::ptr::null(),
+            csql.as_ptr(),
+            1,
+            argtypes.as_mut_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_ptr(),
+            true,
+            0,
+        );
+        let mut out_funcs: Vec<pg_sys::FmgrInfo> = Vec::new();
+        let mut values_buf: Vec<pg_sys::Datum> = Vec::new();
+        let mut nulls_buf: Vec<bool> = Vec::new();
+        'fetch: loop {
+            pg_sys::SPI_cursor_fetch(portal, true, FETCH);
+            let n = pg_sys::SPI_processed as usize;
+            let tt = pg_sys::SPI_tuptable;
+            if n == 0 || tt.is_null() {
+                break;
+            }
+            let tupdesc = (*tt).tupdesc;
+            let natts = (*tupdesc).natts as usize;
+            if out_funcs.is_empty() && natts > 0 {
+                for i in 0..natts {
+                    let att = (*tupdesc).attrs.as_ptr().add(i);
+                    let mut func = pg_sys::InvalidOid;
+                    let mut varlena = false;
+                    pg_sys::getTypeOutputInfo((*att).atttypid, &mut func, &mut varlena);
+                    let mut finfo: pg_sys::FmgrInfo = std::mem::zeroed();
+                    pg_sys::fmgr_info(func, &mut finfo);
+                    out_funcs.push(finfo);
+                }
+                values_buf = vec![pg_sys::Datum::from(0usize); natts];
+                nulls_buf = vec![false; natts];
+            }
+            let tuples = std::slice::from_raw_parts((*tt).vals, n);
+            row_ctx.switch_to(|_| {
+                for &tup in tuples {
+                    pg_sys::heap_deform_tuple(tup, tupdesc, values_buf.as_mut_ptr(), nulls_buf.as_mut_ptr());
+                    for i in 0..natts {
+                        if i > 0 {
+                            buf.push(b'\t');
+                        }
+                        if nulls_buf[i] {
+                            buf.extend_from_slice(b"\\N");
+                        } else {
+                            let cs = pg_sys::OutputFunctionCall(&mut out_funcs[i], values_buf[i]);
+                            copy_escape_into(&mut buf, CStr::from_ptr(cs).to_bytes());
+                        }
+                    }
+                    buf.push(b'\n');
+                }
+            });
+            row_ctx.reset();
+            pg_sys::SPI_freetuptable(tt);
+            rows += n as i64;
+            progress(|s| s.rows_done += n as i64);
+            if buf.len() >= chunk {
+                let full = std::mem::replace(&mut buf, Vec::with_capacity(chunk + 64 * 1024));
+                if let Err(e) = emit(full) {
+                    pending_err = Some(e);
+                    break 'fetch;
+                }
+            }
+            if cancelled() {
+                pending_err = Some(JobError::cancelled());
+                break;
+            }
+        }
+        pg_sys::SPI_cursor_close(portal);
+        pg_sys::SPI_finish();
+    }
+    if let Some(e) = pending_err {
+        return Err(e);
+    }
+    if !buf.is_empty() {
+        emit(buf)?;
+    }
+    Ok(rows)
+}
