@@ -56,7 +56,7 @@ impl JobError {
             je
         } else {
             // I/O, closed connection, TLS or protocol trouble: a retry may succeed.
-            JobError::transient("08006", format!("learner: {doing}: {e}"))
+            JobError::transient("08006", format!("learner: {doing}: {}", with_sources(e)))
         }
     }
 }
@@ -323,7 +323,7 @@ fn connect_error(spec: &TargetSpec, e: &tokio_postgres::Error) -> JobError {
         }
         return je;
     }
-    let text = e.to_string();
+    let text = with_sources(e);
     let lower = text.to_lowercase();
     if lower.contains("server does not support tls") || lower.contains("server does not support ssl") {
         return JobError::new("08001", format!("learner {wher} does not offer TLS, and sslmode={} requires it", spec.sslmode.as_str()))
@@ -334,4 +334,19 @@ fn connect_error(spec: &TargetSpec, e: &tokio_postgres::Error) -> JobError {
             .hint("verify-full checks the certificate chain and the host name; verify-ca only the chain; require only encrypts.");
     }
     JobError::transient("08001", format!("cannot connect to learner {wher}: {text}"))
+}
+
+/// An error and its causes ("error performing TLS handshake: server does not support TLS").
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
 }

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 pub use tokio_postgres::error::DbError;
 pub use tokio_postgres::Row;
 
+mod proxy;
+pub use proxy::FaultProxy;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// The OS user that runs the servers when the tests run as root.

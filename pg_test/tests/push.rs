@@ -262,3 +262,138 @@ fn every_type_round_trips_and_odd_names_cycles_and_self_references_load() {
     assert_eq!(res[0].1, "succeeded", "{}", job_error(&db, res[0].0));
     assert_learner_equals_scope(&db, &ldb, "1");
 }
+
+/// A digest of everything the learner holds in the pushed tables.
+fn learner_digest(ldb: &Db) -> String {
+    ldb.value(
+        "SELECT md5(string_agg(x, '|' ORDER BY x)) FROM ( \
+           SELECT 'u' || u::text AS x FROM elearning.users u UNION ALL \
+           SELECT 'a' || a::text FROM elearning.audit_log a UNION ALL \
+           SELECT 'e' || e::text FROM elearning.enrollments e UNION ALL \
+           SELECT 'q' || q::text FROM elearning.quizzes q) s",
+    )
+    .unwrap()
+}
+
+fn set_conf(platform: &Server, db: &Db, settings: &[(&str, &str)]) {
+    for (k, v) in settings {
+        db.execute(&format!("ALTER SYSTEM SET {k} = '{v}'"));
+    }
+    platform.reload();
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+fn the_learner_keeps_its_copy_when_a_push_fails_midway_or_is_cancelled() {
+    let (platform, db) = sample_platform("push_fault", 20);
+    set_conf(&platform, &db, &[("poco.push_attempts", "2"), ("poco.retry_delay", "200ms"), ("poco.copy_chunk", "16kB")]);
+    // A family big enough that its COPY takes many chunks.
+    db.execute(
+        "INSERT INTO elearning.audit_log (user_id, action, detail) \
+         SELECT 21, 'page_view', jsonb_build_object('page', g, 'pad', repeat('x', 200)) FROM generate_series(1, 4000) g",
+    );
+    let l = learner("push_fault_learner", "family");
+    let proxy = poco_e2e::FaultProxy::start(l.port);
+    let url = format!("postgresql://postgres:pw@127.0.0.1:{}/family?sslmode=disable", proxy.port);
+    db.execute(&format!("SELECT poco_add_target(21, '{url}')"));
+    let res = push_and_wait(&db, "21");
+    assert_eq!(res[0].1, "succeeded", "{}", job_error(&db, res[0].0));
+    let ldb = l.connect("family");
+    let before = learner_digest(&ldb);
+    let bytes: i64 = db.query(&format!("SELECT bytes_done FROM poco.jobs WHERE job_id = {}", res[0].0))[0].get(0);
+    assert!(bytes > 600_000, "the family's COPY data is large ({bytes} bytes)");
+    // The platform changes: a push that got through would change the learner.
+    db.execute("UPDATE elearning.users SET display_name = display_name || ' v2' WHERE id = 21 OR parent_id = 21");
+
+    // 1. The connection dies in the middle of the COPY, on every attempt: retried, then failed.
+    proxy.cut_after(bytes as u64 / 2);
+    let res = push_and_wait(&db, "21");
+    let job = res[0].0;
+    assert_eq!(res[0].1, "failed", "{}", job_error(&db, job));
+    assert_eq!(db.value(&format!("SELECT attempts FROM poco.jobs WHERE job_id = {job}")).as_deref(), Some("2"));
+    assert_eq!(
+        db.value(&format!("SELECT count(*) FROM poco.events WHERE job_id = {job} AND kind = 'push_retry'")).as_deref(),
+        Some("1")
+    );
+    assert!(proxy.cuts() >= 2, "both attempts were cut ({})", proxy.cuts());
+    assert_eq!(learner_digest(&ldb), before, "the learner kept its copy");
+    proxy.cut_after(0);
+
+    // 2. A failure late in the learner transaction (all rows in, building keys): not transient,
+    //    so no retry; the learner is unchanged.
+    ldb.execute(
+        "CREATE FUNCTION public.fail_late() RETURNS event_trigger LANGUAGE plpgsql AS $$ \
+         BEGIN IF EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() WHERE object_identity = 'elearning.quizzes') \
+         THEN RAISE EXCEPTION 'late failure injected'; END IF; END $$; \
+         CREATE EVENT TRIGGER fail_late ON ddl_command_end WHEN TAG IN ('ALTER TABLE') EXECUTE FUNCTION public.fail_late();",
+    );
+    let res = push_and_wait(&db, "21");
+    let job = res[0].0;
+    assert_eq!(res[0].1, "failed");
+    let err = job_error(&db, job);
+    assert!(err.contains("late failure injected"), "{err}");
+    assert_eq!(db.value(&format!("SELECT attempts || ' ' || error_sqlstate FROM poco.jobs WHERE job_id = {job}")).as_deref(), Some("1 P0001"));
+    let done: i64 = db.query(&format!("SELECT tables_done::bigint FROM poco.jobs WHERE job_id = {job}"))[0].get(0);
+    assert_eq!(done, 8, "every table's rows had been sent");
+    assert_eq!(learner_digest(&ldb), before);
+    ldb.execute("DROP EVENT TRIGGER fail_late");
+
+    // 3. Cancelled while the rows stream (the proxy slows them down).
+    proxy.delay_per_8k(40);
+    let job: i64 = db.query("SELECT poco_push(21)")[0].get(0);
+    let running = wait_for(Duration::from_secs(30), || {
+        db.value(&format!("SELECT 1 FROM poco.jobs WHERE job_id = {job} AND state = 'running' AND bytes_done > 0"))
+    });
+    assert!(running.is_some(), "the job started streaming");
+    assert_eq!(db.value(&format!("SELECT poco_cancel({job})")).as_deref(), Some("t"));
+    assert_eq!(db.value(&format!("SELECT poco_wait({job}, '30 s')")).as_deref(), Some("cancelled"));
+    assert_eq!(db.value(&format!("SELECT poco_cancel({job})")).as_deref(), Some("f"), "nothing left to cancel");
+    assert_eq!(learner_digest(&ldb), before);
+    proxy.delay_per_8k(0);
+
+    // 4. With the network healthy again the push goes through, with the platform's new data.
+    let res = push_and_wait(&db, "21");
+    assert_eq!(res[0].1, "succeeded", "{}", job_error(&db, res[0].0));
+    assert_ne!(learner_digest(&ldb), before);
+    assert_learner_equals_scope(&db, &ldb, "21");
+}
+
+#[test]
+fn a_job_whose_process_is_killed_ends_failed_and_the_next_push_works() {
+    let (platform, db) = sample_platform("push_crash", 10);
+    db.execute(
+        "INSERT INTO elearning.audit_log (user_id, action, detail) \
+         SELECT 3, 'page_view', jsonb_build_object('pad', repeat('y', 300)) FROM generate_series(1, 3000) g",
+    );
+    let l = learner("push_crash_learner", "family");
+    let proxy = poco_e2e::FaultProxy::start(l.port);
+    proxy.delay_per_8k(50);
+    let url = format!("postgresql://postgres:pw@127.0.0.1:{}/family?sslmode=disable", proxy.port);
+    db.execute(&format!("SELECT poco_add_target(3, '{url}')"));
+    let job: i64 = db.query("SELECT poco_push(3)")[0].get(0);
+    let pid = wait_for(Duration::from_secs(30), || {
+        db.value(&format!("SELECT pid FROM poco.jobs WHERE job_id = {job} AND bytes_done > 0"))
+    })
+    .expect("the job is streaming");
+    // SIGKILL of a server process: the postmaster restarts the whole server.
+    unsafe { libc::kill(pid.parse().unwrap(), libc::SIGKILL) };
+    drop(db);
+    let db = wait_for(Duration::from_secs(60), || {
+        let d = platform.try_connect("platform")?;
+        d.try_value("SELECT 1").ok()?;
+        Some(d)
+    })
+    .expect("the platform came back");
+    let state = wait_for(Duration::from_secs(30), || {
+        db.value(&format!("SELECT state || ': ' || coalesce(error, '') FROM poco.jobs WHERE job_id = {job} AND state <> 'running'"))
+    });
+    let state = state.expect("the job ended");
+    assert!(state.starts_with("failed: ") && state.contains("interrupted"), "{state}");
+    let ldb = l.connect("family");
+    assert_eq!(ldb.value("SELECT to_regclass('poco_sync.snapshot') IS NULL").as_deref(), Some("t"), "nothing committed");
+
+    proxy.delay_per_8k(0);
+    let res = push_and_wait(&db, "3");
+    assert_eq!(res[0].1, "succeeded", "{}", job_error(&db, res[0].0));
+    assert_learner_equals_scope(&db, &ldb, "3");
+}
