@@ -397,3 +397,123 @@ fn a_job_whose_process_is_killed_ends_failed_and_the_next_push_works() {
     assert_eq!(res[0].1, "succeeded", "{}", job_error(&db, res[0].0));
     assert_learner_equals_scope(&db, &ldb, "3");
 }
+
+/// Collect `NOTIFY poco_progress` payloads in the background.
+struct Listener {
+    _rt: tokio::runtime::Runtime,
+    _client: tokio_postgres::Client,
+    rx: std::sync::mpsc::Receiver<String>,
+}
+
+fn listen(platform: &Server) -> Listener {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let client = rt.block_on(async {
+        let (client, mut conn) = tokio_postgres::connect(&platform.conninfo("platform"), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                    let _ = tx.send(n.payload().to_string());
+                }
+            }
+        });
+        client.batch_execute("LISTEN poco_progress").await.unwrap();
+        client
+    });
+    Listener { _rt: rt, _client: client, rx }
+}
+
+#[test]
+fn progress_advances_while_a_push_runs_and_is_announced() {
+    let (platform, db) = sample_platform("push_progress", 10);
+    db.execute(
+        "INSERT INTO elearning.audit_log (user_id, action, detail) \
+         SELECT 3, 'page_view', jsonb_build_object('pad', repeat('z', 300)) FROM generate_series(1, 3000) g",
+    );
+    let l = learner("push_progress_learner", "family");
+    let proxy = poco_e2e::FaultProxy::start(l.port);
+    let url = format!("postgresql://postgres:pw@127.0.0.1:{}/family?sslmode=disable", proxy.port);
+    db.execute(&format!("SELECT poco_add_target(3, '{url}')"));
+    // A first push gives the estimate (rows of the last push) for the second.
+    let res = push_and_wait(&db, "3");
+    assert_eq!(res[0].1, "succeeded", "{}", job_error(&db, res[0].0));
+    let total: i64 = db.query(&format!("SELECT rows_done FROM poco.jobs WHERE job_id = {}", res[0].0))[0].get(0);
+
+    let listener = listen(&platform);
+    proxy.delay_per_8k(30);
+    let job: i64 = db.query("SELECT poco_push(3)")[0].get(0);
+    // poco.jobs shows the rows and bytes advance while it runs.
+    let mut seen: Vec<(i64, i64)> = Vec::new();
+    for _ in 0..200 {
+        let r = db.query(&format!("SELECT state, rows_done, bytes_done, current_table FROM poco.jobs WHERE job_id = {job}"));
+        let state: String = r[0].get(0);
+        if state == "running" {
+            let rb = (r[0].get::<_, i64>(1), r[0].get::<_, i64>(2));
+            if rb.1 > 0 && seen.last() != Some(&rb) {
+                assert!(r[0].get::<_, Option<String>>(3).is_some(), "a current table while streaming");
+                seen.push(rb);
+            }
+        } else if state != "queued" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(seen.len() >= 2, "progress advanced in poco.jobs: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1), "{seen:?}");
+    assert_eq!(db.value(&format!("SELECT poco_wait({job}, '1 min')")).as_deref(), Some("succeeded"));
+
+    std::thread::sleep(Duration::from_millis(300));
+    let notes: Vec<serde_json::Value> = listener
+        .rx
+        .try_iter()
+        .map(|p| serde_json::from_str::<serde_json::Value>(&p).expect("JSON payload"))
+        .filter(|v| v["job_id"] == job)
+        .collect();
+    let running: Vec<&serde_json::Value> = notes.iter().filter(|v| v["state"] == "running").collect();
+    assert!(running.len() >= 2, "several progress notifications: {notes:?}");
+    for v in &running {
+        for k in ["tables_total", "tables_done", "rows_done", "bytes_done", "percent", "elapsed_s"] {
+            assert!(v.get(k).is_some_and(|x| !x.is_null()), "{k} in {v}");
+        }
+        assert_eq!(v["rows_expected"], total);
+        assert!(v["percent"].as_f64().unwrap() < 100.0);
+    }
+    assert!(running.iter().any(|v| v["eta_s"].is_number()), "an estimate of time left: {running:?}");
+    let last = notes.last().unwrap();
+    assert_eq!(last["state"], "succeeded", "{last}");
+    assert_eq!(last["percent"], 100.0);
+    assert_eq!(last["rows_done"], total);
+}
+
+#[test]
+fn transient_failures_are_retried_with_backoff_and_addresses_are_checked_when_connecting() {
+    let (platform, db) = sample_platform("push_retry", 5);
+    set_conf(&platform, &db, &[("poco.push_attempts", "3"), ("poco.retry_delay", "300ms")]);
+    // A closed loopback port: connection refused, three attempts 300 ms then 600 ms apart.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    db.execute(&format!("SELECT poco_add_target(2, 'postgresql://u:p@127.0.0.1:{closed}/x?sslmode=disable')"));
+    let t0 = std::time::Instant::now();
+    let res = push_and_wait(&db, "2");
+    let took = t0.elapsed();
+    let job = res[0].0;
+    assert_eq!(res[0].1, "failed");
+    assert_eq!(db.value(&format!("SELECT attempts || ' ' || error_sqlstate FROM poco.jobs WHERE job_id = {job}")).as_deref(), Some("3 08001"));
+    let delays = db.value(&format!(
+        "SELECT string_agg((detail->>'attempt') || ':' || (message ~ 'retrying in (300|600) ms')::text, ',' ORDER BY id) \
+           FROM poco.events WHERE job_id = {job} AND kind = 'push_retry'"
+    ));
+    assert_eq!(delays.as_deref(), Some("1:true,2:true"), "exponential backoff");
+    assert!(took >= Duration::from_millis(900), "the backoff was waited ({took:?})");
+    db.execute("DELETE FROM poco.target");
+
+    // Stored while private targets were allowed, pushed after they no longer are: the
+    // resolved address is checked when connecting, and the job fails at once.
+    let l = learner("push_retry_learner", "family");
+    db.execute(&format!("SELECT poco_add_target(2, 'postgresql://postgres:p@localhost:{}/family?sslmode=require')", l.port));
+    set_conf(&platform, &db, &[("poco.allow_private_targets", "off")]);
+    let res = push_and_wait(&db, "2");
+    assert_eq!(res[0].1, "failed");
+    let err = job_error(&db, res[0].0);
+    assert!(err.contains("resolves to") && err.contains("loopback"), "{err}");
+    assert_eq!(db.value(&format!("SELECT attempts FROM poco.jobs WHERE job_id = {}", res[0].0)).as_deref(), Some("1"));
+}
