@@ -21,6 +21,7 @@ CREATE TABLE poco.target (
     secret        bytea,           -- 'P1' | key id | nonce | AES-256-GCM(password)
     key_id        text NOT NULL,   -- fingerprint of the key that sealed secret (not the key)
     continuous    boolean NOT NULL DEFAULT false,
+    backups       integer NOT NULL DEFAULT 0 CHECK (backups BETWEEN 0 AND 100),  -- previous copies kept on the learner
     created_at    timestamptz NOT NULL DEFAULT now(),
     created_by    name NOT NULL DEFAULT session_user,
     updated_at    timestamptz NOT NULL DEFAULT now()
@@ -86,7 +87,7 @@ SELECT pg_catalog.pg_extension_config_dump('poco.events_id_seq', '');
 CREATE VIEW poco.targets AS
 SELECT t.id AS target_id, t.parent_id, t.label, t.url_redacted, t.host, t.port, t.dbname,
        t.username, t.sslmode, t.params, t.secret IS NOT NULL AS has_password, t.key_id,
-       t.continuous, t.created_at, t.created_by, t.updated_at
+       t.continuous, t.backups, t.created_at, t.created_by, t.updated_at
   FROM poco.target t;
 COMMENT ON VIEW poco.targets IS 'One row per learner target; credentials are never shown';
 
@@ -96,7 +97,7 @@ COMMENT ON VIEW poco.targets IS 'One row per learner target; credentials are nev
 CREATE SEQUENCE poco.job_id_seq;
 CREATE TABLE poco.job (
     id               bigint PRIMARY KEY DEFAULT nextval('poco.job_id_seq'),
-    kind             text NOT NULL DEFAULT 'push' CHECK (kind IN ('push')),
+    kind             text NOT NULL DEFAULT 'push' CHECK (kind IN ('push', 'restore')),
     parent_id        text NOT NULL,
     target_id        bigint REFERENCES poco.target (id) ON DELETE SET NULL,
     state            text NOT NULL DEFAULT 'queued'

@@ -90,6 +90,29 @@ CREATE FUNCTION pg_catalog.poco_cancel(job_id bigint)
 RETURNS boolean LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$ SELECT poco.cancel($1) $$;
 
+-- Backups on the learner: before each push, keep the previous copy in a schema
+-- poco_backup_<time>_<job> there (the last `keep`); poco_restore brings one back.
+CREATE FUNCTION pg_catalog.poco_set_backups(target_id bigint, keep integer)
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF keep IS NULL OR keep < 0 OR keep > 100 THEN
+    RAISE EXCEPTION 'keep must be between 0 and 100, not %', coalesce(keep::text, 'NULL')
+      USING ERRCODE = '22023', HINT = '0 keeps no backup; N keeps the last N copies on the learner.';
+  END IF;
+  UPDATE poco.target t SET backups = keep, updated_at = now() WHERE t.id = target_id;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'target % does not exist', target_id USING ERRCODE = '42704', HINT = 'poco.targets lists the targets.';
+  END IF;
+  INSERT INTO poco.events (kind, parent_id, target_id, message, detail)
+  SELECT 'target_updated', t.parent_id, t.id, format('target %s keeps %s backup(s)', t.id, keep), jsonb_build_object('backups', keep)
+    FROM poco.target t WHERE t.id = target_id;
+END $$;
+
+CREATE FUNCTION pg_catalog.poco_restore(target_id bigint, backup text DEFAULT NULL)
+RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.restore($1, $2) $$;
+
 CREATE VIEW poco.jobs AS
 SELECT j.id AS job_id, j.kind, j.parent_id, j.target_id, j.state,
        COALESCE(p.tables_total, j.tables_total) AS tables_total,
@@ -99,7 +122,7 @@ SELECT j.id AS job_id, j.kind, j.parent_id, j.target_id, j.state,
        COALESCE(p.current_table, j.current_table) AS current_table,
        j.started_at, j.finished_at, j.error, j.error_sqlstate, j.attempts, j.max_attempts,
        j.next_attempt_at, j.requested_by, j.requested_at, p.pid, COALESCE(p.cancelling, false) AS cancelling,
-       j.detail
+       j.backup_schema, j.detail
   FROM poco.job j LEFT JOIN poco.job_progress() p ON p.job_id = j.id;
 COMMENT ON VIEW poco.jobs IS 'One row per push job, with the live progress of running ones';
 

@@ -227,6 +227,12 @@ pub struct JobRow {
     pub max_attempts: i32,
     /// rows of the last successful push to the same target (for the progress estimate)
     pub rows_expected: Option<i64>,
+    /// 'push' or 'restore'
+    pub kind: String,
+    /// previous copies the target keeps on the learner
+    pub backups: i32,
+    /// restore: the backup schema asked for (None: the latest)
+    pub backup_name: Option<String>,
 }
 
 pub fn load_job(job_id: i64) -> Option<JobRow> {
@@ -234,9 +240,10 @@ pub fn load_job(job_id: i64) -> Option<JobRow> {
         let mut t = client
             .select(
                 "SELECT j.id, j.parent_id, j.target_id, j.state, j.attempts, j.max_attempts, \
-                        (SELECT p.rows_done FROM poco.job p WHERE p.target_id = j.target_id \
-                          AND p.state = 'succeeded' ORDER BY p.id DESC LIMIT 1) \
-                   FROM poco.job j WHERE j.id = $1",
+                        (SELECT p.rows_done FROM poco.job p WHERE p.target_id = j.target_id AND p.kind = 'push' \
+                          AND p.state = 'succeeded' ORDER BY p.id DESC LIMIT 1), \
+                        j.kind, COALESCE(t.backups, 0), j.detail->>'backup' \
+                   FROM poco.job j LEFT JOIN poco.target t ON t.id = j.target_id WHERE j.id = $1",
                 Some(1),
                 &[job_id.into()],
             )
@@ -249,6 +256,9 @@ pub fn load_job(job_id: i64) -> Option<JobRow> {
             attempts: r.get::<i32>(5).ok().flatten().unwrap_or(0),
             max_attempts: r.get::<i32>(6).ok().flatten().unwrap_or(1),
             rows_expected: r.get::<i64>(7).ok().flatten(),
+            kind: r.get::<String>(8).ok().flatten().unwrap_or_else(|| "push".into()),
+            backups: r.get::<i32>(9).ok().flatten().unwrap_or(0),
+            backup_name: r.get::<String>(10).ok().flatten(),
         })
     })
 }
@@ -338,11 +348,12 @@ pub struct JobEnd<'a> {
     pub error: Option<&'a str>,
     pub sqlstate: Option<&'a str>,
     pub detail: serde_json::Value,
+    pub backup_schema: Option<&'a str>,
 }
 
 pub fn finish_job(e: &JobEnd) {
     Spi::run_with_args(
-        "UPDATE poco.job SET state = $2, \
+        "UPDATE poco.job SET state = $2, backup_schema = COALESCE($11, backup_schema), \
                 finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE now() END, \
                 next_attempt_at = now() + $3 * interval '1 millisecond', \
                 tables_total = $4, tables_done = $5, rows_done = $6, bytes_done = $7, \
@@ -359,6 +370,7 @@ pub fn finish_job(e: &JobEnd) {
             e.error.into(),
             e.sqlstate.into(),
             JsonB(e.detail.clone()).into(),
+            e.backup_schema.into(),
         ],
     )
     .or_raise();

@@ -75,6 +75,38 @@ pub mod poco {
         SetOfIterator::new(ids)
     }
 
+    /// Queue a restore of a backup (None: the latest) on the target's learner.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn restore(target_id: Option<i64>, backup: Option<&str>) -> i64 {
+        let t = target_id.unwrap_or_else(|| raise(PocoError::NullArgument("target_id")));
+        need_worker_here();
+        let row = catalog::load_target(t).or_raise();
+        if let Some(b) = backup {
+            if !b.starts_with("poco_backup_") || !b.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+                raise(scope_err(
+                    SqlState::InvalidParameterValue,
+                    format!("\"{b}\" is not a poco_sync backup name"),
+                    "Backups are schemas named poco_backup_<time>_<job> on the learner; poco.jobs.backup_schema names them.",
+                ));
+            }
+        }
+        let id = Spi::get_one_with_args::<i64>(
+            "INSERT INTO poco.job (kind, parent_id, target_id, max_attempts, detail) \
+             VALUES ('restore', $1, $2, $3, jsonb_strip_nulls(jsonb_build_object('backup', $4::text))) RETURNING id",
+            &[row.parent_id.as_str().into(), t.into(), gucs::push_attempts().into(), backup.into()],
+        )
+        .or_raise()
+        .expect("RETURNING id");
+        catalog::log_job_event(
+            "restore_queued",
+            id,
+            &format!("restore of {} on target {t} queued as job {id}", backup.unwrap_or("the latest backup")),
+            json!({}),
+        );
+        register_xact_callback(PgXactCallbackEvent::Commit, shmem::wake_worker);
+        id
+    }
+
     const FINAL: [&str; 3] = ["succeeded", "failed", "cancelled"];
 
     /// Block until the job ends; its final state, or 'timeout'.

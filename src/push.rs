@@ -104,12 +104,24 @@ fn record(job: &catalog::JobRow, p: &shmem::JobSlot, outcome: Result<Done, JobEr
         error: None,
         sqlstate: None,
         detail: json!({}),
+        backup_schema: None,
     };
     let (kind, message);
     let err_text;
+    let restore = job.kind == "restore";
     match &outcome {
+        Ok(done) if restore => {
+            end.backup_schema = done.backup_schema.as_deref();
+            kind = "restore_succeeded";
+            message = format!(
+                "restored {} on target {}",
+                done.backup_schema.as_deref().unwrap_or("?"),
+                job.target_id.unwrap_or(0)
+            );
+        }
         Ok(done) => {
             end.detail = json!({"left_out": done.left_out, "duration_ms": elapsed_ms});
+            end.backup_schema = done.backup_schema.as_deref();
             kind = "push_succeeded";
             message = format!(
                 "pushed parent {} to target {}: {} tables, {} rows, {} bytes in {} ms",
@@ -142,7 +154,7 @@ fn record(job: &catalog::JobRow, p: &shmem::JobSlot, outcome: Result<Done, JobEr
                 );
             } else {
                 end.state = "failed";
-                kind = "push_failed";
+                kind = if restore { "restore_failed" } else { "push_failed" };
                 message = format!("job {} failed after {} attempt(s): {}", job.id, job.attempts, e.message);
             }
         }
@@ -169,6 +181,9 @@ fn record(job: &catalog::JobRow, p: &shmem::JobSlot, outcome: Result<Done, JobEr
 
 struct Done {
     left_out: Vec<String>,
+    /// The learner schema the previous copy was kept in (push with backups), or the one
+    /// restored (restore).
+    backup_schema: Option<String>,
 }
 
 /// A table as this push handles it.
@@ -241,10 +256,13 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
         Ok((t, pw))
     })?;
     let timeout = gucs::network_timeout();
-    let allow_private = gucs::allow_private_targets();
     let chunk = gucs::copy_chunk();
-    let rows_expected = job.rows_expected;
-    let _ = rows_expected;
+
+    if job.kind == "restore" {
+        let (sysid, dbname) = BackgroundWorker::transaction(platform_identity);
+        let client = open_learner(rt, &target, password.as_deref(), target_id, &sysid, &dbname)?;
+        return restore(rt, &client, job.backup_name.as_deref());
+    }
 
     in_snapshot(|| {
         let sc = scope::require().map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
@@ -253,52 +271,8 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
         progress(|s| s.tables_total = plans.len() as i32);
 
         let cancelled: &dyn Fn() -> bool = &cancelled;
-        let client = rt.block_on(net::step("connect", timeout * 2, cancelled, net::connect(
-            &target.spec,
-            password.as_deref(),
-            allow_private,
-            timeout,
-            "poco_sync push",
-        )))?;
-        // Never write into ourselves: same cluster (system identifier) and same database.
-        let (lsys, ldb) = rt.block_on(net::step("identify", timeout, cancelled, async {
-            let row = client
-                .query_one(
-                    "SELECT (SELECT system_identifier::text FROM pg_catalog.pg_control_system()), \
-                            pg_catalog.current_database()::text",
-                    &[],
-                )
-                .await
-                .map_err(|e| JobError::learner("identifying the server", &e))?;
-            Ok((row.get::<_, Option<String>>(0), row.get::<_, String>(1)))
-        }))?;
-        if lsys.as_deref() == Some(sysid.as_str()) && ldb == dbname {
-            return Err(JobError::new(
-                "42809",
-                format!("target {target_id} is the platform database itself ({dbname}, system {sysid}); refusing to overwrite it"),
-            )
-            .hint("A target must be another database, e.g. the parent's own Neon or Supabase database."));
-        }
-
-        let exec = |what: &str, sql: String| -> Result<(), JobError> {
-            let what = what.to_string();
-            rt.block_on(net::step(&what.clone(), timeout, cancelled, async {
-                client.batch_execute(&sql).await.map_err(|e| JobError::learner(&what, &e))
-            }))
-        };
-        let ms = timeout.as_millis();
-        exec(
-            "starting the transaction",
-            format!(
-                "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL search_path = pg_catalog; \
-                 SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; \
-                 SET LOCAL TimeZone = 'UTC'; SET LOCAL lock_timeout = '{ms}ms'; \
-                 SET LOCAL idle_in_transaction_session_timeout = 0; SET LOCAL statement_timeout = 0"
-            ),
-        )?;
-        for s in learner::BOOKKEEPING_SQL {
-            exec("creating the poco_sync schema", s.to_string())?;
-        }
+        let client = open_learner(rt, &target, password.as_deref(), target_id, &sysid, &dbname)?;
+        let exec = |what: &str, sql: String| -> Result<(), JobError> { exec_on(rt, &client, what, sql) };
         let previous: Vec<String> = rt.block_on(net::step("reading poco_sync.tables", timeout, cancelled, async {
             let rows = client
                 .query("SELECT table_name FROM poco_sync.tables", &[])
@@ -307,6 +281,12 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
             Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
         }))?;
 
+        // 0. Keep the previous copy in a backup schema, if the target asks for it.
+        let backup_schema = if job.backups > 0 {
+            backup(rt, &client, job, &plans, &types, &previous)?
+        } else {
+            None
+        };
         // 1. Drop the previous copies (and tables an earlier scope pushed that it no longer has).
         let mut drop: BTreeSet<String> = plans.iter().map(|p| p.def.ident.clone()).collect();
         drop.extend(previous);
@@ -409,9 +389,198 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
             return Err(JobError::cancelled());
         }
         progress(|s| s.set_current_table("(committing)"));
+        if let Some(b) = &backup_schema {
+            exec("recording the backup", format!("UPDATE poco_sync.snapshot SET backup_schema = {}", literal(b)))?;
+        }
         exec("committing", "COMMIT".to_string())?;
-        Ok(Done { left_out })
+        Ok(Done { left_out, backup_schema })
     })
+}
+
+fn exec_on(rt: &tokio::runtime::Runtime, client: &tokio_postgres::Client, what: &str, sql: String) -> Result<(), JobError> {
+    let what = what.to_string();
+    rt.block_on(net::step(&what.clone(), gucs::network_timeout(), &cancelled, async {
+        client.batch_execute(&sql).await.map_err(|e| JobError::learner(&what, &e))
+    }))
+}
+
+fn query_on(
+    rt: &tokio::runtime::Runtime,
+    client: &tokio_postgres::Client,
+    what: &str,
+    sql: &str,
+) -> Result<Vec<tokio_postgres::Row>, JobError> {
+    rt.block_on(net::step(what, gucs::network_timeout(), &cancelled, async {
+        client.query(sql, &[]).await.map_err(|e| JobError::learner(what, &e))
+    }))
+}
+
+/// Connect, refuse the platform itself, begin the learner transaction with stable settings
+/// and make sure the bookkeeping schema exists.
+fn open_learner(
+    rt: &tokio::runtime::Runtime,
+    target: &catalog::TargetRow,
+    password: Option<&str>,
+    target_id: i64,
+    sysid: &str,
+    dbname: &str,
+) -> Result<tokio_postgres::Client, JobError> {
+    let timeout = gucs::network_timeout();
+    let client = rt.block_on(net::step(
+        "connect",
+        timeout * 2,
+        &cancelled,
+        net::connect(&target.spec, password, gucs::allow_private_targets(), timeout, "poco_sync push"),
+    ))?;
+    // Never write into ourselves: same cluster (system identifier) and same database.
+    let row = query_on(
+        rt,
+        &client,
+        "identifying the server",
+        "SELECT (SELECT system_identifier::text FROM pg_catalog.pg_control_system()), pg_catalog.current_database()::text",
+    )?;
+    let (lsys, ldb) = (row[0].get::<_, Option<String>>(0), row[0].get::<_, String>(1));
+    if lsys.as_deref() == Some(sysid) && ldb == dbname {
+        return Err(JobError::new(
+            "42809",
+            format!("target {target_id} is the platform database itself ({dbname}, system {sysid}); refusing to overwrite it"),
+        )
+        .hint("A target must be another database, e.g. the parent's own Neon or Supabase database."));
+    }
+    let ms = timeout.as_millis();
+    exec_on(
+        rt,
+        &client,
+        "starting the transaction",
+        format!(
+            "BEGIN ISOLATION LEVEL READ COMMITTED; SET LOCAL search_path = pg_catalog; \
+             SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; \
+             SET LOCAL TimeZone = 'UTC'; SET LOCAL lock_timeout = '{ms}ms'; \
+             SET LOCAL idle_in_transaction_session_timeout = 0; SET LOCAL statement_timeout = 0"
+        ),
+    )?;
+    for s in learner::BOOKKEEPING_SQL {
+        exec_on(rt, &client, "creating the poco_sync schema", s.to_string())?;
+    }
+    Ok(client)
+}
+
+/// Move the learner's current copy (tables and the types they use) into a new schema
+/// `poco_backup_<UTC time>_<job>`, with a map of what came from where; keep the last
+/// `job.backups` such schemas. Nothing to keep (first push): no schema.
+fn backup(
+    rt: &tokio::runtime::Runtime,
+    client: &tokio_postgres::Client,
+    job: &catalog::JobRow,
+    plans: &[Plan],
+    types: &[TypeDef],
+    previous: &[String],
+) -> Result<Option<String>, JobError> {
+    let mut tables: BTreeSet<String> = plans.iter().map(|p| p.def.ident.clone()).collect();
+    tables.extend(previous.iter().cloned());
+    // (kind, original schema, original name) of what exists now.
+    let mut objects: Vec<(&str, String, String)> = Vec::new();
+    for t in &tables {
+        let r = query_on(rt, client, "looking for the previous copy", &format!(
+            "SELECT pg_catalog.quote_ident(n.nspname), pg_catalog.quote_ident(c.relname) FROM pg_catalog.pg_class c \
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = pg_catalog.to_regclass({})",
+            literal(t)
+        ))?;
+        if let Some(row) = r.first() {
+            objects.push(("table", row.get(0), row.get(1)));
+        }
+    }
+    if objects.is_empty() {
+        return Ok(None);
+    }
+    for t in types.iter().filter(|t| t.extension.is_none()) {
+        let r = query_on(rt, client, "looking for the previous types", &format!(
+            "SELECT pg_catalog.quote_ident(n.nspname), pg_catalog.quote_ident(t.typname), t.typtype::text FROM pg_catalog.pg_type t \
+               JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace WHERE t.oid = pg_catalog.to_regtype({})",
+            literal(&t.ident)
+        ))?;
+        if let Some(row) = r.first() {
+            let kind = if row.get::<_, String>(2) == "d" { "domain" } else { "type" };
+            objects.push((kind, row.get(0), row.get(1)));
+        }
+    }
+    let stamp: String = query_on(rt, client, "naming the backup", "SELECT pg_catalog.to_char(pg_catalog.clock_timestamp() AT TIME ZONE 'UTC', 'YYYYMMDD\"t\"HH24MISS')")?[0].get(0);
+    let schema = format!("poco_backup_{stamp}_{}", job.id);
+    let mut sql = vec![
+        format!("CREATE SCHEMA {schema}"),
+        format!("COMMENT ON SCHEMA {schema} IS 'poco_sync: the copy replaced by push job {}; restore with poco_restore()'", job.id),
+        format!("CREATE TABLE {schema}.poco_objects (kind text NOT NULL, orig_schema text NOT NULL, orig_name text NOT NULL, name text NOT NULL)"),
+        format!("CREATE TABLE {schema}.poco_snapshot AS SELECT * FROM poco_sync.snapshot"),
+        format!("CREATE TABLE {schema}.poco_tables AS SELECT * FROM poco_sync.tables"),
+    ];
+    for (i, (kind, sch, name)) in objects.iter().enumerate() {
+        let kw = match *kind { "table" => "TABLE", "domain" => "DOMAIN", _ => "TYPE" };
+        let tmp = format!("poco_bk_{}_{i}", job.id);
+        sql.push(format!("ALTER {kw} {sch}.{name} RENAME TO {tmp}"));
+        sql.push(format!("ALTER {kw} {sch}.{tmp} SET SCHEMA {schema}"));
+        sql.push(format!(
+            "INSERT INTO {schema}.poco_objects VALUES ({}, {}, {}, {})",
+            literal(kind), literal(sch), literal(name), literal(&tmp)
+        ));
+    }
+    exec_on(rt, client, "keeping the previous copy", sql.join("; ")).map_err(depends_hint)?;
+    // Keep the newest `backups` schemas (this one included).
+    let old = query_on(rt, client, "listing backups", &format!(
+        "SELECT pg_catalog.quote_ident(nspname) FROM pg_catalog.pg_namespace WHERE nspname ~ '^poco_backup_[0-9]{{8}}t[0-9]{{6}}_[0-9]+$' \
+          ORDER BY nspname DESC OFFSET {}",
+        job.backups.max(1)
+    ))?;
+    for r in old {
+        exec_on(rt, client, "dropping an old backup", format!("DROP SCHEMA {} CASCADE", r.get::<_, String>(0)))?;
+    }
+    Ok(Some(schema))
+}
+
+/// Bring a backup back (the latest when none is named): the current copy is dropped, the
+/// kept tables and types return to their names, the bookkeeping to what it was; one
+/// transaction, then the backup schema is gone.
+fn restore(rt: &tokio::runtime::Runtime, client: &tokio_postgres::Client, name: Option<&str>) -> Result<Done, JobError> {
+    let pick = match name {
+        Some(n) => format!("SELECT nspname::text FROM pg_catalog.pg_namespace WHERE nspname = {}", literal(n)),
+        None => "SELECT nspname::text FROM pg_catalog.pg_namespace WHERE nspname ~ '^poco_backup_[0-9]{8}t[0-9]{6}_[0-9]+$' \
+                 ORDER BY nspname DESC LIMIT 1".to_string(),
+    };
+    let schema: String = match query_on(rt, client, "finding the backup", &pick)?.first() {
+        Some(r) => r.get(0),
+        None => {
+            return Err(JobError::new("42704", format!("the learner has no backup {}", name.unwrap_or("at all")))
+                .hint("Backups are kept when the target asks for them: SELECT poco_set_backups(target_id, 3); then push."))
+        }
+    };
+    let objs = query_on(rt, client, "reading the backup", &format!(
+        "SELECT kind, orig_schema, orig_name, name FROM {schema}.poco_objects ORDER BY (kind = 'table') DESC, name"
+    ))?;
+    let current = query_on(rt, client, "reading poco_sync.tables", "SELECT table_name FROM poco_sync.tables")?;
+    let mut sql = Vec::new();
+    let drop: Vec<String> = current.iter().map(|r| r.get::<_, String>(0)).collect();
+    if !drop.is_empty() {
+        sql.push(format!("DROP TABLE IF EXISTS {}", drop.join(", ")));
+    }
+    for r in objs.iter().filter(|r| r.get::<_, String>(0) != "table") {
+        let kw = if r.get::<_, String>(0) == "domain" { "DOMAIN" } else { "TYPE" };
+        sql.push(format!("DROP {kw} IF EXISTS {}.{}", r.get::<_, String>(1), r.get::<_, String>(2)));
+    }
+    // Types first (the tables use them), then tables.
+    for r in objs.iter().rev() {
+        let (kind, sch, orig, tmp): (String, String, String, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        let kw = match kind.as_str() { "table" => "TABLE", "domain" => "DOMAIN", _ => "TYPE" };
+        sql.push(format!("CREATE SCHEMA IF NOT EXISTS {sch}"));
+        sql.push(format!("ALTER {kw} {schema}.{tmp} SET SCHEMA {sch}"));
+        sql.push(format!("ALTER {kw} {sch}.{tmp} RENAME TO {orig}"));
+    }
+    sql.push("DELETE FROM poco_sync.snapshot".into());
+    sql.push(format!("INSERT INTO poco_sync.snapshot SELECT * FROM {schema}.poco_snapshot"));
+    sql.push("DELETE FROM poco_sync.tables".into());
+    sql.push(format!("INSERT INTO poco_sync.tables SELECT * FROM {schema}.poco_tables"));
+    sql.push(format!("DROP SCHEMA {schema} CASCADE"));
+    sql.push("COMMIT".into());
+    exec_on(rt, client, &format!("restoring {schema}"), sql.join("; ")).map_err(depends_hint)?;
+    Ok(Done { left_out: vec![], backup_schema: Some(schema) })
 }
 
 fn shmem_totals() -> (i64, i64) {

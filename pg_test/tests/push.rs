@@ -517,3 +517,57 @@ fn transient_failures_are_retried_with_backoff_and_addresses_are_checked_when_co
     assert!(err.contains("resolves to") && err.contains("loopback"), "{err}");
     assert_eq!(db.value(&format!("SELECT attempts FROM poco.jobs WHERE job_id = {}", res[0].0)).as_deref(), Some("1"));
 }
+
+#[test]
+fn backups_keep_the_previous_copies_and_one_call_restores_one() {
+    let (_platform, db) = sample_platform("push_backup", 10);
+    let l = learner("push_backup_learner", "family");
+    let t: i64 = db.query(&format!("SELECT poco_add_target(3, '{}')", l.target_url("family", "postgres", "pw")))[0].get(0);
+    db.execute(&format!("SELECT poco_set_backups({t}, 2)"));
+    let e = db.error(&format!("SELECT poco_set_backups({t}, -1)"));
+    assert_eq!(e.code().code(), "22023");
+    let ldb = l.connect("family");
+    let mut digests = Vec::new();
+    let mut backups = Vec::new();
+    for round in 1..=4 {
+        db.execute(&format!("UPDATE elearning.users SET display_name = 'round {round}' WHERE id = 3"));
+        let res = push_and_wait(&db, "3");
+        assert_eq!(res[0].1, "succeeded", "{}", job_error(&db, res[0].0));
+        backups.push(db.value(&format!("SELECT backup_schema FROM poco.jobs WHERE job_id = {}", res[0].0)));
+        digests.push(learner_digest(&ldb));
+    }
+    assert_eq!(backups[0], None, "nothing to keep before the first push");
+    assert!(backups[1..].iter().all(|b| b.as_deref().is_some_and(|s| s.starts_with("poco_backup_"))), "{backups:?}");
+    // The last two kept; each holds the copy its push replaced.
+    let kept: Vec<String> = ldb
+        .query("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'poco_backup_%' ORDER BY 1")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(kept, [backups[2].clone().unwrap(), backups[3].clone().unwrap()]);
+    assert_eq!(ldb.value(&format!("SELECT count(*) FROM {}.poco_objects WHERE kind = 'type'", kept[1])).as_deref(), Some("1"), "the enum was kept too");
+    assert_eq!(ldb.value("SELECT display_name FROM elearning.users WHERE id = 3").as_deref(), Some("round 4"));
+
+    // Restore the latest: the copy of round 3 is back, in one transaction, and its backup is gone.
+    let job: i64 = db.query(&format!("SELECT poco_restore({t})"))[0].get(0);
+    assert_eq!(db.value(&format!("SELECT poco_wait({job})")).as_deref(), Some("succeeded"), "{}", job_error(&db, job));
+    assert_eq!(learner_digest(&ldb), digests[2]);
+    assert_eq!(ldb.value("SELECT display_name FROM elearning.users WHERE id = 3").as_deref(), Some("round 3"));
+    assert_eq!(ldb.value("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'poco_backup_%'").as_deref(), Some("1"));
+    assert!(ldb.value("SELECT 1 FROM pg_type WHERE typname = 'user_role'").is_some(), "the enum type is back");
+    // Restore a named one: round 2's copy.
+    let job: i64 = db.query(&format!("SELECT poco_restore({t}, '{}')", kept[0]))[0].get(0);
+    assert_eq!(db.value(&format!("SELECT poco_wait({job})")).as_deref(), Some("succeeded"), "{}", job_error(&db, job));
+    assert_eq!(learner_digest(&ldb), digests[1]);
+    // A push after restores works as usual.
+    let res = push_and_wait(&db, "3");
+    assert_eq!(res[0].1, "succeeded", "{}", job_error(&db, res[0].0));
+    assert_learner_equals_scope(&db, &ldb, "3");
+
+    // Errors: a name that is not a backup; no such backup.
+    let e = db.error(&format!("SELECT poco_restore({t}, 'public; DROP TABLE x')"));
+    assert_eq!(e.code().code(), "22023");
+    let job: i64 = db.query(&format!("SELECT poco_restore({t}, 'poco_backup_20000101t000000_1')"))[0].get(0);
+    assert_eq!(db.value(&format!("SELECT poco_wait({job})")).as_deref(), Some("failed"));
+    assert!(job_error(&db, job).contains("no backup"), "{}", job_error(&db, job));
+}
