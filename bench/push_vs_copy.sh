@@ -45,7 +45,11 @@ server learner 55442 ""
 
 have=$(qp -qAt -c "SELECT coalesce((SELECT (detail->>'size_mb')::int FROM poco.events WHERE kind = 'bench_loaded' ORDER BY id DESC LIMIT 1), 0)" 2>/dev/null || echo 0)
 if [ "$have" != "$SIZE_MB" ]; then
-  "$BIN/psql" -X -q $P -d postgres -c "DROP DATABASE IF EXISTS platform WITH (FORCE)" -c "CREATE DATABASE platform"
+  # The worker holds a connection to poco.database: point it elsewhere while we recreate it.
+  "$BIN/psql" -X -q $P -d postgres -c "ALTER SYSTEM SET poco.database = 'postgres'" -c "SELECT pg_reload_conf()" >/dev/null
+  sleep 2
+  "$BIN/psql" -X -q $P -d postgres -c "DROP DATABASE IF EXISTS platform WITH (FORCE)" -c "CREATE DATABASE platform" \
+    -c "ALTER SYSTEM RESET poco.database" -c "SELECT pg_reload_conf()" >/dev/null
   qp -qc "CREATE EXTENSION poco_sync" -f sample/schema.sql
   qp -q -v parents=20 -f sample/data.sql
   qp -q -o /dev/null -f sample/scope.sql
