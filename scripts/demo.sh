@@ -2,7 +2,7 @@
 # The demo: build and install poco_sync, start a platform and a learner server of its own
 # (as the non-root user, on loopback ports 55432 and 55433, data under /var/tmp/poco_sync-demo),
 # load the sample e-learning platform and its scope, store the learner as a target of one
-# parent, preview what that parent's push would send, and show the result.
+# parent, preview what that parent's push would send, push it, and show what arrived.
 # Idempotent: run it again and it reuses what is there. Stop it with: scripts/demo.sh stop
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,12 +60,20 @@ psql_ $LEARNER_PORT postgres -qc "DO \$\$ BEGIN CREATE ROLE family_owner LOGIN P
 psql_ $LEARNER_PORT postgres -qc "ALTER DATABASE family OWNER TO family_owner"
 
 echo "==> the sample e-learning platform (sample/) and its account scope"
+# The version stays 0.1.0 while we develop: when the installed script changed since the last
+# run, recreate the extension (its scope and targets go with it and are declared again below).
+ext_sum=$(md5sum "$("$PG_CONFIG" --sharedir)/extension/poco_sync--0.1.0.sql" | cut -d' ' -f1)
+if [ "$(cat "$BASE/extension.md5" 2>/dev/null)" != "$ext_sum" ]; then
+  psql_ $PLATFORM_PORT platform -qc "DROP EXTENSION IF EXISTS poco_sync CASCADE" 2>/dev/null
+fi
 psql_ $PLATFORM_PORT platform -qc "CREATE EXTENSION IF NOT EXISTS poco_sync"
+echo "$ext_sum" > "$BASE/extension.md5"
 if [ "$(psql_ $PLATFORM_PORT platform -qAtc "SELECT count(*) FROM pg_namespace WHERE nspname = 'elearning'")" = 0 ]; then
   psql_ $PLATFORM_PORT platform -q -f sample/schema.sql
   psql_ $PLATFORM_PORT platform -q -v parents=${DEMO_PARENTS:-20} -f sample/data.sql
-  psql_ $PLATFORM_PORT platform -q -o /dev/null -f sample/scope.sql
 fi
+[ "$(psql_ $PLATFORM_PORT platform -qAtc "SELECT count(*) FROM poco.scope")" != 0 ] \
+  || psql_ $PLATFORM_PORT platform -q -o /dev/null -f sample/scope.sql
 echo "==> a target for parent 21"
 psql_ $PLATFORM_PORT platform -qAt -o /dev/null -c \
   "SELECT poco_add_target(21, 'postgresql://family_owner:demo-Pa55@127.0.0.1:$LEARNER_PORT/family?sslmode=disable', 'Parent 21''s laptop')"
@@ -87,6 +95,15 @@ for _ in $(seq 1 50); do
 done
 echo "==> SELECT pid, state, heartbeat_at FROM poco.worker;"
 psql_ $PLATFORM_PORT platform -c "SELECT pid, state, heartbeat_at FROM poco.worker"
+echo "==> SELECT poco_push(21);  then  SELECT poco_wait(job_id);   -- a full push of parent 21's family"
+job=$(psql_ $PLATFORM_PORT platform -qAtc "SELECT poco_push(21)")
+state=$(psql_ $PLATFORM_PORT platform -qAtc "SELECT poco_wait($job, '5 min')")
+psql_ $PLATFORM_PORT platform -c "SELECT job_id, state, tables_done, rows_done, pg_size_pretty(bytes_done) AS bytes, finished_at - started_at AS took, error FROM poco.jobs WHERE job_id = $job"
+[ "$state" = succeeded ] || { echo "the push did not succeed: $state" >&2; exit 1; }
+echo "==> on the learner: what arrived (only parent 21's family and the content it uses)"
+psql_ $LEARNER_PORT family -c "SELECT table_name, rows FROM poco_sync.tables ORDER BY table_name"
+psql_ $LEARNER_PORT family -c "SELECT id, role, parent_id, display_name FROM elearning.users ORDER BY id"
+psql_ $LEARNER_PORT family -c "SELECT parent_id, job_id, platform, pushed_at, tables, rows, pg_size_pretty(bytes) AS bytes FROM poco_sync.snapshot"
 echo "==> the audit log, poco.events"
 psql_ $PLATFORM_PORT platform -c "SELECT at, kind, actor, message FROM poco.events ORDER BY id DESC LIMIT 5"
 cat <<EOF2
@@ -94,5 +111,5 @@ cat <<EOF2
 The platform is at  psql -h 127.0.0.1 -p $PLATFORM_PORT -U postgres platform
 the learner at      psql -h 127.0.0.1 -p $LEARNER_PORT -U postgres family
 Stop both with:     bash scripts/demo.sh stop
-(Push and continuous sync are not implemented yet: see README, "Status".)
+(Continuous sync is not implemented yet: see README, "Status".)
 EOF2

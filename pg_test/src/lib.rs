@@ -388,6 +388,25 @@ impl Db {
     }
 }
 
+/// A path inside the repository.
+pub fn repo(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path).to_string_lossy().into_owned()
+}
+
+/// A platform server with the sample schema, `parents` families and the sample scope (sample/).
+pub fn sample_platform(name: &str, parents: u32) -> (Server, Db) {
+    let platform = Server::start(name, &Options::platform());
+    for f in ["sample/schema.sql", "sample/data.sql", "sample/scope.sql"] {
+        let out = platform.tool(
+            "psql",
+            &["-X", "-q", "-v", "ON_ERROR_STOP=1", "-v", &format!("parents={parents}"), "-d", "platform", "-f", &repo(f)],
+        );
+        assert!(!out.contains("ERROR"), "{f}: {out}");
+    }
+    let db = platform.connect("platform");
+    (platform, db)
+}
+
 /// Poll `f` every 100 ms until it returns Some, for at most `limit`.
 pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let t = Instant::now();

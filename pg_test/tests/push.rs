@@ -2,26 +2,9 @@
 //! by row equal to what the scope selects; a second parent replaces the first; jobs are
 //! transactional; the platform never pushes into itself.
 
-use poco_e2e::{wait_for, Db, Options, Server};
-use std::path::Path;
+use poco_e2e::{sample_platform, wait_for, Db, Options, Server};
 use std::time::Duration;
 
-fn repo(path: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path).to_string_lossy().into_owned()
-}
-
-fn sample_platform(name: &str, parents: u32) -> (Server, Db) {
-    let platform = Server::start(name, &Options::platform());
-    for f in ["sample/schema.sql", "sample/data.sql", "sample/scope.sql"] {
-        let out = platform.tool(
-            "psql",
-            &["-X", "-q", "-v", "ON_ERROR_STOP=1", "-v", &format!("parents={parents}"), "-d", "platform", "-f", &repo(f)],
-        );
-        assert!(!out.contains("ERROR"), "{f}: {out}");
-    }
-    let db = platform.connect("platform");
-    (platform, db)
-}
 
 fn learner(name: &str, dbname: &str) -> Server {
     let s = Server::start(name, &Options::learner());

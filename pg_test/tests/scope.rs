@@ -1,26 +1,8 @@
 //! The account scope on the sample e-learning platform (sample/), its errors, its life cycle
 //! (change, remove, pg_dump and restore) and who may call what.
 
-use poco_e2e::{Db, Options, Server};
-use std::path::Path;
+use poco_e2e::{sample_platform, Db, Options, Server};
 
-fn repo(path: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path).to_string_lossy().into_owned()
-}
-
-/// A platform server with the sample schema, `parents` families and the sample scope.
-fn sample_platform(name: &str, parents: u32) -> (Server, Db) {
-    let platform = Server::start(name, &Options::platform());
-    for f in ["sample/schema.sql", "sample/data.sql", "sample/scope.sql"] {
-        let out = platform.tool(
-            "psql",
-            &["-X", "-q", "-v", "ON_ERROR_STOP=1", "-v", &format!("parents={parents}"), "-d", "platform", "-f", &repo(f)],
-        );
-        assert!(!out.contains("ERROR"), "{f}: {out}");
-    }
-    let db = platform.connect("platform");
-    (platform, db)
-}
 
 fn count(db: &Db, sql: &str) -> i64 {
     db.query(sql)[0].get(0)
