@@ -81,7 +81,15 @@ pub extern "C-unwind" fn poco_job_main(arg: pg_sys::Datum) {
         shmem::with_slot(slot, |s| *s = shmem::JobSlot::default());
         return;
     };
-    let outcome = run(&job, &runtime);
+    let mut outcome = run(&job, &runtime);
+    // Stopped by a server shutdown (SIGTERM), not by poco_cancel: a transient failure, so the
+    // job runs again after the restart instead of ending as cancelled.
+    if matches!(&outcome, Err(e) if e.is_cancel())
+        && TERMINATED.with(|t| t.get())
+        && !shmem::with_slot(slot, |s| s.cancel)
+    {
+        outcome = Err(JobError::transient("57P01", "the server shut down while the push ran"));
+    }
     drop(runtime); // closes the learner connection: without COMMIT it rolls back
     let elapsed_ms = started.elapsed().as_millis() as i64;
     let p = shmem::with_slot(slot, |s| *s);

@@ -103,6 +103,8 @@ struct Jobs {
     handles: HashMap<usize, DynamicBackgroundWorker>,
     /// (tables_done, rows_done, bytes_done) last published per job
     published: HashMap<i64, (i32, i64, i64)>,
+    /// A running job's row as read once (parent, target, the estimate), not on every publish.
+    rows: HashMap<i64, catalog::JobRow>,
     last_publish: Option<Instant>,
 }
 
@@ -218,13 +220,18 @@ fn publish(jobs: &mut Jobs) {
     let now = shmem::now();
     let running: Vec<shmem::JobSlot> = shmem::snapshot().slots.iter().filter(|s| s.job_id != 0 && s.pid != 0).copied().collect();
     jobs.published.retain(|id, _| running.iter().any(|s| s.job_id == *id));
+    jobs.rows.retain(|id, _| running.iter().any(|s| s.job_id == *id));
     for s in running {
         let key = (s.tables_done, s.rows_done, s.bytes_done);
         if jobs.published.get(&s.job_id) == Some(&key) {
             continue;
         }
         jobs.published.insert(s.job_id, key);
-        let Some(job) = catalog::load_job(s.job_id) else { continue };
+        if !jobs.rows.contains_key(&s.job_id) {
+            let Some(row) = catalog::load_job(s.job_id) else { continue };
+            jobs.rows.insert(s.job_id, row);
+        }
+        let job = &jobs.rows[&s.job_id];
         let elapsed_s = ((now - s.started_at).max(0) as f64) / 1e6;
         // Progress by rows against the last push of this target when there was one, else by tables.
         let fraction = match job.rows_expected {
