@@ -7,8 +7,10 @@
 #   (c) pg_dump --inserts of that schema | psql -1 (what row-by-row tools do).
 # Starts its own platform (127.0.0.1:55441) and learner (127.0.0.1:55442) servers as the
 # non-root user under /var/tmp/poco_sync-bench-push; needs the extension installed
-# (scripts/demo.sh or scripts/test.sh). While the push runs, the job process's memory is
-# sampled from /proc every 50 ms (VmHWM: peak resident; RssAnon: private memory).
+# (a release build: `cargo pgrx install --release --pg-config /usr/bin/pg_config`). Each method
+# runs ROUNDS times (default 3), interleaved, each after a CHECKPOINT of both servers and a
+# sync; the medians are compared. While a push runs, the job process's memory is sampled
+# from /proc every 50 ms (VmHWM: peak resident; RssAnon: private memory).
 # Output: bench/out/push_vs_copy_<SIZE_MB>MB.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -67,71 +69,101 @@ if [ "$have" != "$SIZE_MB" ]; then
 fi
 
 fresh() { ql postgres -qc "DROP DATABASE IF EXISTS $1" -c "CREATE DATABASE $1"; }
+# Every measured run starts from the same state: both servers checkpointed (so WAL segments are
+# recycled, not zero-filled, and no checkpoint from an earlier run overlaps) and dirty pages
+# written out. Without it, whichever method runs first pays for the others' WAL.
+settle() {
+  qp -qc "CHECKPOINT" >/dev/null; ql postgres -qc "CHECKPOINT" >/dev/null; sync
+}
+median() { tr ' ' '\n' | grep . | sort -g | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; printf "%.2f", m }'; }
+runs() { local name=$1; shift; echo "$(median <<< "$*") s (median of $#: $*)"; }
 
-# poco_push into a fresh database, with memory sampling of the job process.
+# poco_push, with memory sampling of the job process.
 fresh poco
 TARGET=$(qp -qAt -c "SELECT poco_add_target($PARENT, 'postgresql://postgres:x@127.0.0.1:55442/poco?sslmode=disable')")
 run_push() {
-  local job pid peak_hwm=0 peak_anon=0 line t0 t1
+  local job pid=0 peak_hwm=0 peak_anon=0 k v t0 t1 i
   t0=$(now)
   job=$(qp -qAt -c "SELECT poco_push($PARENT, $TARGET)")
-  while :; do
-    pid=$(qp -qAt -c "SELECT coalesce(pid, 0) || ' ' || state FROM poco.jobs WHERE job_id = $job")
-    case "$pid" in *running) pid=${pid%% *};; *) break;; esac
-    if [ "$pid" != 0 ] && [ -r /proc/$pid/status ]; then
-      line=$(awk '/^VmHWM|^RssAnon/ { printf "%s ", $2 }' /proc/$pid/status)
-      set -- $line
-      [ "${1:-0}" -gt "$peak_hwm" ] && peak_hwm=$1
-      [ "${2:-0}" -gt "$peak_anon" ] && peak_anon=$2
-    fi
+  # Find the job's process once, then sample its /proc status with shell builtins only, so
+  # the sampling itself (no psql, no awk) takes next to no CPU from the push.
+  for i in $(seq 500); do
+    pid=$(qp -qAt -c "SELECT coalesce(pid, 0) FROM poco.jobs WHERE job_id = $job AND state = 'running'")
+    [ -n "$pid" ] && [ "$pid" != 0 ] && break
+    sleep 0.01
+  done
+  while [ -n "$pid" ] && [ "$pid" != 0 ] && [ -r "/proc/$pid/status" ]; do
+    while read -r k v _; do
+      case $k in
+        VmHWM:) [ "$v" -gt "$peak_hwm" ] && peak_hwm=$v ;;
+        RssAnon:) [ "$v" -gt "$peak_anon" ] && peak_anon=$v ;;
+      esac
+    done < "/proc/$pid/status" 2>/dev/null || true
     sleep 0.05
   done
   state=$(qp -qAt -c "SELECT poco_wait($job, '30 min')")
   t1=$(now)
   [ "$state" = succeeded ] || { qp -c "SELECT error FROM poco.jobs WHERE job_id = $job"; exit 1; }
   PUSH=$(secs "$t0" "$t1")
-  JOBINFO=$(qp -qAt -c "SELECT rows_done || ' rows, ' || pg_size_pretty(bytes_done) || ' COPY text, job ' || round(extract(epoch FROM finished_at - started_at)::numeric, 2) || ' s' FROM poco.jobs WHERE job_id = $job")
-  HWM=$peak_hwm; ANON=$peak_anon
+  JOBINFO=$(qp -qAt -c "SELECT rows_done || ' rows, ' || pg_size_pretty(bytes_done) || ' COPY data' FROM poco.jobs WHERE job_id = $job")
+  [ $((peak_hwm / 1024)) -gt "$HWM" ] && HWM=$((peak_hwm / 1024))
+  [ $((peak_anon / 1024)) -gt "$ANON" ] && ANON=$((peak_anon / 1024))
+  return 0
 }
-run_push
-FIRST="$PUSH s ($JOBINFO; peak VmHWM $((HWM / 1024)) MB, RssAnon $((ANON / 1024)) MB)"
-run_push   # over an existing copy: drops and reloads
-SECOND="$PUSH s ($JOBINFO; peak VmHWM $((HWM / 1024)) MB, RssAnon $((ANON / 1024)) MB)"
 
 # (a) binary COPY pipes of the scoped queries, then the same index/key/FK builds.
-fresh copy_a
-# The learner's schema as poco_sync made it (sent columns only; the keys, indexes and
-# foreign keys it builds): the same table shapes and the same builds for (a).
-"$BIN/pg_dump" $L -d poco -s --section=pre-data -n elearning | ql copy_a -q >/dev/null
-ta=$(now)
-while IFS='|' read -r name sql; do
-  cols=$(sed -E 's/^SELECT (.*) FROM .*/\1/; s/\bt\.//g' <<< "$sql" | sed -E 's/ FROM .*//')
-  q=${sql//\$1/\'$PARENT\'}
-  "$BIN/psql" -X -q $P -d platform -c "\\copy ($q) TO STDOUT (FORMAT binary)" \
-    | ql copy_a -q -c "\\copy $name ($cols) FROM STDIN (FORMAT binary)"
-done < <(qp -qAt -F'|' -c "SELECT table_name, select_sql FROM poco.scope_tables")
-"$BIN/pg_dump" $L -d poco -s --section=post-data -n elearning | ql copy_a -q >/dev/null
-tb=$(now); A=$(secs "$ta" "$tb")
-A_BYTES=$(ql copy_a -qAt -c "SELECT pg_database_size('copy_a')")
+run_a() {
+  fresh copy_a
+  # The learner's schema as poco_sync made it (sent columns only; the keys, indexes and
+  # foreign keys it builds): the same table shapes and the same builds for (a).
+  "$BIN/pg_dump" $L -d poco -s --section=pre-data -n elearning | ql copy_a -q >/dev/null
+  settle
+  local ta=$(now) name sql cols q
+  while IFS='|' read -r name sql; do
+    cols=$(sed -E 's/^SELECT (.*) FROM .*/\1/; s/\bt\.//g' <<< "$sql" | sed -E 's/ FROM .*//')
+    q=${sql//\$1/\'$PARENT\'}
+    "$BIN/psql" -X -q $P -d platform -c "\\copy ($q) TO STDOUT (FORMAT binary)" \
+      | ql copy_a -q -c "\\copy $name ($cols) FROM STDIN (FORMAT binary)"
+  done < <(qp -qAt -F'|' -c "SELECT table_name, select_sql FROM poco.scope_tables")
+  "$BIN/pg_dump" $L -d poco -s --section=post-data -n elearning | ql copy_a -q >/dev/null
+  A_RUNS+="$(secs "$ta" "$(now)") "
+  A_BYTES=$(ql copy_a -qAt -c "SELECT pg_database_size('copy_a')")
+}
 
 # (b) pg_dump | psql, same tables, one transaction.
-fresh copy_b
-ta=$(now)
-"$BIN/pg_dump" $P -d platform -n elearning | ql copy_b -q -1 >/dev/null
-B=$(secs "$ta" "$(now)")
+run_b() {
+  fresh copy_b; settle
+  local ta=$(now)
+  "$BIN/pg_dump" $P -d platform -n elearning | ql copy_b -q -1 >/dev/null
+  B_RUNS+="$(secs "$ta" "$(now)") "
+}
 
-# (c) pg_dump --inserts | psql, one transaction.
-fresh copy_c
+ROUNDS=${ROUNDS:-3}
+HWM=0; ANON=0; FIRST_RUNS=; SECOND_RUNS=; A_RUNS=; B_RUNS=
+for r in $(seq "$ROUNDS"); do
+  echo "round $r of $ROUNDS..."
+  fresh poco; settle; run_push; FIRST_RUNS+="$PUSH "
+  settle; run_push; SECOND_RUNS+="$PUSH "   # over the existing copy: drops and reloads
+  run_a
+  run_b
+done
+
+# (c) pg_dump --inserts | psql, one transaction (once: it is an order of magnitude slower).
+fresh copy_c; settle
 ta=$(now)
 "$BIN/pg_dump" $P -d platform --inserts -n elearning | ql copy_c -q -1 >/dev/null
 C=$(secs "$ta" "$(now)")
+A=$(median <<< "$A_RUNS"); B=$(median <<< "$B_RUNS"); FIRST=$(median <<< "$FIRST_RUNS")
 
 {
 echo "# push_vs_copy: SIZE_MB=$SIZE_MB parent=$PARENT, $(nproc) cores, PostgreSQL $("$BIN/postgres" --version | awk '{print $3}'), $(date -u +%F)"
-echo "account on the learner after (a): $(( A_BYTES / 1024 / 1024 )) MB (database size)"
-echo "(a) binary COPY pipes + index builds : $A s"
-echo "(b) pg_dump | psql -1                : $B s"
-echo "(c) pg_dump --inserts | psql -1      : $C s"
-echo "poco_push into an empty database     : $FIRST"
-echo "poco_push over the previous copy     : $SECOND"
+echo "each run starts after CHECKPOINT on both servers and sync; times are medians of $ROUNDS rounds"
+echo "account on the learner after (a): $(( A_BYTES / 1024 / 1024 )) MB (database size); $JOBINFO"
+echo "(a) binary COPY pipes + index builds : $(runs a $A_RUNS)"
+echo "(b) pg_dump | psql -1                : $(runs b $B_RUNS)"
+echo "(c) pg_dump --inserts | psql -1      : $C s (one run)"
+echo "poco_push into an empty database     : $(runs p $FIRST_RUNS)"
+echo "poco_push over the previous copy     : $(runs p $SECOND_RUNS)"
+echo "push / (a): $(awk -v p="$FIRST" -v a="$A" 'BEGIN { printf "%+.0f%%", (p / a - 1) * 100 }'); push / (b): $(awk -v p="$FIRST" -v b="$B" 'BEGIN { printf "%+.0f%%", (p / b - 1) * 100 }')"
+echo "job process peak over all pushes: VmHWM $HWM MB (includes shared buffers it touched), RssAnon $ANON MB (private memory)"
 } | tee "$OUT/push_vs_copy_${SIZE_MB}MB.txt"

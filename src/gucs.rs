@@ -13,6 +13,7 @@ static PUSH_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(4);
 static RETRY_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static NETWORK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 static BATCH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024);
+static BINARY_COPY: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -100,6 +101,16 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_BYTE,
     );
+    GucRegistry::define_bool_guc(
+        c"poco.binary_copy",
+        c"Push tables whose column types are all built in (or enums) with binary COPY.",
+        c"Binary COPY is used only when the learner's major version is at least the platform's; \
+          tables with arrays of user types, composites or extension types always go as text. \
+          Turn off to send everything as text.",
+        &BINARY_COPY,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
 }
 
 fn string(s: &GucSetting<Option<CString>>) -> Option<String> {
@@ -140,4 +151,8 @@ pub fn network_timeout() -> std::time::Duration {
 
 pub fn copy_chunk() -> usize {
     BATCH_BYTES.get().max(8 * 1024) as usize
+}
+
+pub fn binary_copy() -> bool {
+    BINARY_COPY.get()
 }

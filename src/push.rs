@@ -69,11 +69,19 @@ pub extern "C-unwind" fn poco_job_main(arg: pg_sys::Datum) {
         s.pid = unsafe { pg_sys::MyProcPid };
         s.started_at = shmem::now();
     });
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .on_thread_start(crate::worker::block_all_signals)
-        .build()
-        .expect("poco_sync: could not build the tokio runtime");
+    // One I/O thread drives the learner connection (it never touches Postgres), so rows are
+    // written to the socket while this thread reads and converts the next ones. Only this
+    // (main) thread calls into Postgres: it blocks on the futures it needs. The I/O thread is
+    // created with every signal blocked, so Postgres' signal handlers only run here.
+    let runtime = crate::worker::with_signals_blocked(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(2)
+            .enable_all()
+            .on_thread_start(crate::worker::block_all_signals)
+            .build()
+    })
+    .expect("poco_sync: could not build the tokio runtime");
 
     let started = Instant::now();
     let job = BackgroundWorker::transaction(|| catalog::load_job(job_id));
@@ -128,7 +136,8 @@ fn record(job: &catalog::JobRow, p: &shmem::JobSlot, outcome: Result<Done, JobEr
             );
         }
         Ok(done) => {
-            end.detail = json!({"left_out": done.left_out, "duration_ms": elapsed_ms});
+            end.detail = json!({"left_out": done.left_out, "duration_ms": elapsed_ms,
+                                "binary_copy": done.binary_tables, "text_copy": done.text_tables});
             end.backup_schema = done.backup_schema.as_deref();
             kind = "push_succeeded";
             message = format!(
@@ -189,6 +198,9 @@ fn record(job: &catalog::JobRow, p: &shmem::JobSlot, outcome: Result<Done, JobEr
 
 struct Done {
     left_out: Vec<String>,
+    /// tables sent with binary COPY, and as text
+    binary_tables: Vec<String>,
+    text_tables: Vec<String>,
     /// The learner schema the previous copy was kept in (push with backups), or the one
     /// restored (restore).
     backup_schema: Option<String>,
@@ -201,6 +213,8 @@ struct Plan {
     fks: Vec<ConstraintDef>,
     /// referenced scoped tables (FK order)
     depends_on: Vec<u32>,
+    /// every column's binary form is portable (see TABLE_SQL)
+    binary: bool,
     types: Vec<u32>,
 }
 
@@ -268,7 +282,7 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
 
     if job.kind == "restore" {
         let (sysid, dbname) = BackgroundWorker::transaction(platform_identity);
-        let client = open_learner(rt, &target, password.as_deref(), target_id, &sysid, &dbname)?;
+        let (client, _) = open_learner(rt, &target, password.as_deref(), target_id, &sysid, &dbname)?;
         return restore(rt, &client, job.backup_name.as_deref());
     }
 
@@ -279,7 +293,10 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
         progress(|s| s.tables_total = plans.len() as i32);
 
         let cancelled: &dyn Fn() -> bool = &cancelled;
-        let client = open_learner(rt, &target, password.as_deref(), target_id, &sysid, &dbname)?;
+        let (client, learner_version) = open_learner(rt, &target, password.as_deref(), target_id, &sysid, &dbname)?;
+        // Binary COPY where the types allow it and the learner is not older than the platform
+        // (binary forms only ever gain cases, such as numeric infinity in 14).
+        let binary_ok = gucs::binary_copy() && learner_version / 10000 >= pg_sys::PG_VERSION_NUM as i32 / 10000;
         let exec = |what: &str, sql: String| -> Result<(), JobError> { exec_on(rt, &client, what, sql) };
         let previous: Vec<String> = rt.block_on(net::step("reading poco_sync.tables", timeout, cancelled, async {
             let rows = client
@@ -331,13 +348,19 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
                 return Err(JobError::cancelled());
             }
             progress(|s| s.set_current_table(&p.def.ident));
-            let copy_sql = format!("COPY {} ({}) FROM STDIN", p.def.ident, p.def.column_list());
+            let binary = binary_ok && p.binary;
+            let copy_sql = format!(
+                "COPY {} ({}) FROM STDIN{}",
+                p.def.ident,
+                p.def.column_list(),
+                if binary { " (FORMAT binary)" } else { "" }
+            );
             let sink = rt.block_on(net::step("starting COPY", timeout, cancelled, async {
                 client.copy_in::<_, Bytes>(&copy_sql).await.map_err(|e| JobError::learner(&format!("COPY {}", p.def.ident), &e))
             }))?;
             let mut sink = Box::pin(sink);
             let ident = p.def.ident.clone();
-            let rows = stream_rows(&p.scoped.select_sql, &job.parent_id, chunk, &mut |buf: Vec<u8>| {
+            let rows = stream_rows(&p.scoped.select_sql, &job.parent_id, chunk, binary, &mut |buf: Vec<u8>| {
                 let n = buf.len() as i64;
                 rt.block_on(net::step(&format!("COPY {ident}"), timeout, cancelled, async {
                     sink.as_mut().send(Bytes::from(buf)).await.map_err(|e| JobError::learner(&format!("COPY {ident}"), &e))
@@ -401,7 +424,13 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
             exec("recording the backup", format!("UPDATE poco_sync.snapshot SET backup_schema = {}", literal(b)))?;
         }
         exec("committing", "COMMIT".to_string())?;
-        Ok(Done { left_out, backup_schema })
+        let (bin, txt): (Vec<_>, Vec<_>) = plans.iter().partition(|p| binary_ok && p.binary);
+        Ok(Done {
+            left_out,
+            backup_schema,
+            binary_tables: bin.iter().map(|p| p.def.ident.clone()).collect(),
+            text_tables: txt.iter().map(|p| p.def.ident.clone()).collect(),
+        })
     })
 }
 
@@ -432,7 +461,7 @@ fn open_learner(
     target_id: i64,
     sysid: &str,
     dbname: &str,
-) -> Result<tokio_postgres::Client, JobError> {
+) -> Result<(tokio_postgres::Client, i32), JobError> {
     let timeout = gucs::network_timeout();
     let client = rt.block_on(net::step(
         "connect",
@@ -445,9 +474,11 @@ fn open_learner(
         rt,
         &client,
         "identifying the server",
-        "SELECT (SELECT system_identifier::text FROM pg_catalog.pg_control_system()), pg_catalog.current_database()::text",
+        "SELECT (SELECT system_identifier::text FROM pg_catalog.pg_control_system()), pg_catalog.current_database()::text, \
+                pg_catalog.current_setting('server_version_num')::int4",
     )?;
     let (lsys, ldb) = (row[0].get::<_, Option<String>>(0), row[0].get::<_, String>(1));
+    let version: i32 = row[0].get(2);
     if lsys.as_deref() == Some(sysid) && ldb == dbname {
         return Err(JobError::new(
             "42809",
@@ -470,7 +501,7 @@ fn open_learner(
     for s in learner::BOOKKEEPING_SQL {
         exec_on(rt, &client, "creating the poco_sync schema", s.to_string())?;
     }
-    Ok(client)
+    Ok((client, version))
 }
 
 /// Move the learner's current copy (tables and the types they use) into a new schema
@@ -588,7 +619,7 @@ fn restore(rt: &tokio::runtime::Runtime, client: &tokio_postgres::Client, name: 
     sql.push(format!("DROP SCHEMA {schema} CASCADE"));
     sql.push("COMMIT".into());
     exec_on(rt, client, &format!("restoring {schema}"), sql.join("; ")).map_err(depends_hint)?;
-    Ok(Done { left_out: vec![], backup_schema: Some(schema) })
+    Ok(Done { left_out: vec![], backup_schema: Some(schema), binary_tables: vec![], text_tables: vec![] })
 }
 
 fn shmem_totals() -> (i64, i64) {
@@ -651,7 +682,20 @@ SELECT pg_catalog.jsonb_build_object(
                    SELECT 1 FROM foreign_dep f WHERE f.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND f.objid = ad.oid)
                    THEN pg_catalog.pg_get_expr(ad.adbin, ad.adrelid) END,
               'default_left_out', a.attgenerated = '' AND ad.oid IS NOT NULL AND EXISTS (
-                   SELECT 1 FROM foreign_dep f WHERE f.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND f.objid = ad.oid))
+                   SELECT 1 FROM foreign_dep f WHERE f.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND f.objid = ad.oid),
+              -- Binary COPY is portable when the binary form names no OID the learner would not
+              -- share: through domains down to the base type, an enum (sent as its label) or a
+              -- type fixed in every catalog (OID below 10000), arrays only of such types, and
+              -- no reg* type (sent as an OID).
+              'binary', (WITH RECURSIVE b(oid, depth) AS (
+                     SELECT a.atttypid, 0
+                   UNION ALL
+                     SELECT bt.typbasetype, b.depth + 1 FROM b JOIN pg_catalog.pg_type bt ON bt.oid = b.oid
+                      WHERE bt.typtype = 'd' AND b.depth < 32)
+                 SELECT bt.typtype = 'e' OR (bt.typsend <> 0 AND NOT EXISTS (
+                          SELECT 1 FROM pg_catalog.pg_type x WHERE x.oid IN (bt.oid, bt.typelem)
+                             AND (x.oid >= 10000 OR x.typsend = 0 OR x.typname LIKE 'reg%')))
+                   FROM b JOIN pg_catalog.pg_type bt ON bt.oid = b.oid ORDER BY b.depth DESC LIMIT 1))
             ORDER BY a.attnum)
        FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
        LEFT JOIN pg_catalog.pg_attrdef ad ON ad.adrelid = a.attrelid AND ad.adnum = a.attnum
@@ -753,6 +797,8 @@ struct RawColumn {
     #[serde(flatten)]
     col: learner::ColumnDef,
     default_left_out: bool,
+    #[serde(default)]
+    binary: bool,
 }
 
 #[derive(serde::Deserialize)]
@@ -811,6 +857,7 @@ fn describe(sc: &Scope) -> Result<(Vec<Plan>, Vec<TypeDef>, Vec<String>), JobErr
             sequences: raw.sequences,
             left_out: Vec::new(),
         };
+        let binary = raw.columns.iter().all(|c| c.binary);
         for c in raw.columns {
             if c.default_left_out {
                 def.left_out.push(format!("{}.{}: default calls a platform function", def.ident, c.col.ident));
@@ -847,6 +894,7 @@ fn describe(sc: &Scope) -> Result<(Vec<Plan>, Vec<TypeDef>, Vec<String>), JobErr
             def,
             fks,
             depends_on,
+            binary,
             types: raw.type_oids.iter().map(|&o| o as u32).collect(),
         });
     }
@@ -894,18 +942,25 @@ fn fk_order(plans: Vec<Plan>) -> Vec<Plan> {
     out
 }
 
-/// Run the scoped query as a cursor and hand COPY text to `emit` in chunks of about `chunk`
-/// bytes. Returns the number of rows.
+/// Run the scoped query as a cursor and hand COPY data (text, or binary with the types' send
+/// functions) to `emit` in chunks of about `chunk` bytes. Returns the number of rows.
 fn stream_rows(
     sql: &str,
     parent: &str,
     chunk: usize,
+    binary: bool,
     emit: &mut dyn FnMut(Vec<u8>) -> Result<(), JobError>,
 ) -> Result<i64, JobError> {
     const FETCH: i64 = 1000;
     let csql = CString::new(sql).map_err(|_| JobError::new("XX000", "query contains NUL"))?;
     let mut rows: i64 = 0;
     let mut buf: Vec<u8> = Vec::with_capacity(chunk + 64 * 1024);
+    if binary {
+        // Signature, flags (no OIDs), header extension length.
+        buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        buf.extend_from_slice(&0u32.to_be_bytes());
+        buf.extend_from_slice(&0u32.to_be_bytes());
+    }
     let mut row_ctx = PgMemoryContexts::new("poco_sync copy rows");
     let mut pending_err: Option<JobError> = None;
     unsafe {
@@ -943,7 +998,11 @@ fn stream_rows(
                     let att = (*tupdesc).attrs.as_ptr().add(i);
                     let mut func = pg_sys::InvalidOid;
                     let mut varlena = false;
-                    pg_sys::getTypeOutputInfo((*att).atttypid, &mut func, &mut varlena);
+                    if binary {
+                        pg_sys::getTypeBinaryOutputInfo((*att).atttypid, &mut func, &mut varlena);
+                    } else {
+                        pg_sys::getTypeOutputInfo((*att).atttypid, &mut func, &mut varlena);
+                    }
                     let mut finfo: pg_sys::FmgrInfo = std::mem::zeroed();
                     pg_sys::fmgr_info(func, &mut finfo);
                     out_funcs.push(finfo);
@@ -955,6 +1014,21 @@ fn stream_rows(
             row_ctx.switch_to(|_| {
                 for &tup in tuples {
                     pg_sys::heap_deform_tuple(tup, tupdesc, values_buf.as_mut_ptr(), nulls_buf.as_mut_ptr());
+                    if binary {
+                        buf.extend_from_slice(&(natts as i16).to_be_bytes());
+                        for i in 0..natts {
+                            if nulls_buf[i] {
+                                buf.extend_from_slice(&(-1i32).to_be_bytes());
+                            } else {
+                                let b = pg_sys::SendFunctionCall(&mut out_funcs[i], values_buf[i]);
+                                let len = pgrx::varlena::varsize_any_exhdr(b);
+                                let data = pgrx::varlena::vardata_any(b) as *const u8;
+                                buf.extend_from_slice(&(len as i32).to_be_bytes());
+                                buf.extend_from_slice(std::slice::from_raw_parts(data, len));
+                            }
+                        }
+                        continue;
+                    }
                     for i in 0..natts {
                         if i > 0 {
                             buf.push(b'\t');
@@ -990,6 +1064,9 @@ fn stream_rows(
     }
     if let Some(e) = pending_err {
         return Err(e);
+    }
+    if binary {
+        buf.extend_from_slice(&(-1i16).to_be_bytes()); // trailer
     }
     if !buf.is_empty() {
         emit(buf)?;

@@ -27,6 +27,20 @@ pub fn register() {
         .load();
 }
 
+/// Run `f` (which starts threads) with every signal blocked on this thread, so the threads it
+/// starts inherit a fully blocked mask from their first instruction; restore the mask after.
+pub fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
+    }
+}
+
 pub fn block_all_signals() {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();

@@ -174,6 +174,15 @@ INSERT INTO things (fam, j, n, arr, moods, m, b, ts, tsn, iv, u, f8, f4, t, p, d
   '::1', 'empty', false, NULL, '', -1, NULL, NULL, '{}', NULL, 0),
  (1, '[]', '-0.000001', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, -0.0, 'NaN', '', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL),
  (2, '{"other": "family"}', 1, NULL, NULL, 'happy', NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'second family', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+-- The same values in a table of built-in types, enums and domains only: sent as binary COPY
+-- (things, with an array of enums and a composite, goes as text).
+CREATE TABLE flat (id integer PRIMARY KEY, fam bigint NOT NULL REFERENCES "Famille Ö"(id),
+  j jsonb, n numeric, arr integer[], m mood, b bytea, ts timestamptz, tsn timestamp, iv interval, u uuid,
+  f8 float8, f4 real, t text, d posint, dt date, tm time, tz timetz, ip inet, r tstzrange, ok boolean,
+  ch char(3), vc varchar(10), big int8, pt point, "Ключ" text, xs text[], bits bit varying(8), money_ money,
+  js json, tv tsvector, nums numeric[]);
+INSERT INTO flat SELECT id, fam, j, n, arr, m, b, ts, tsn, iv, u, f8, f4, t, d, dt, tm, tz, ip, r, ok, ch, vc, big,
+  pt, "Ключ", xs, bits, money_, j::json, to_tsvector('simple', t), ARRAY[n, 'NaN', NULL, '-Infinity'] FROM things;
 INSERT INTO nodes VALUES (1, 1, NULL), (2, 1, 1), (3, 1, 2), (4, 2, NULL), (5, 2, 4);
 BEGIN;
 INSERT INTO a VALUES (1, 1, 10), (2, 2, 20);
@@ -183,6 +192,7 @@ RESET search_path;
 SELECT poco_scope_root('"Ünï Sch"."Famille Ö"', 'id = $1');
 SELECT poco_scope_table('"Ünï Sch".things');
 SELECT poco_scope_table('"Ünï Sch".nodes');
+SELECT poco_scope_table('"Ünï Sch".flat');
 SELECT poco_scope_table('"Ünï Sch".a', via => 'fam');
 SELECT poco_scope_table('"Ünï Sch".b');
 "#;
@@ -198,18 +208,20 @@ fn every_type_round_trips_and_odd_names_cycles_and_self_references_load() {
     assert_eq!(res[0].1, "succeeded", "{}", job_error(&db, res[0].0));
     let ldb = l.connect("family");
     let rows = assert_learner_equals_scope(&db, &ldb, "1");
-    assert_eq!(rows, 1 + 3 + 3 + 1 + 1);
-
-    // Column by column the values are equal as values too (not only as row text).
-    let cols: Vec<String> = db
-        .query("SELECT quote_ident(attname) FROM pg_attribute WHERE attrelid = '\"Ünï Sch\".things'::regclass AND attnum > 0 ORDER BY attnum")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    for c in &cols {
-        let q = format!("SELECT string_agg(coalesce({c}::text, '<NULL>'), '|' ORDER BY id) FROM \"Ünï Sch\".things WHERE fam = 1");
-        assert_eq!(ldb.value(&q), db.value(&q), "column {c}");
-    }
+    assert_eq!(rows, 1 + 3 + 3 + 3 + 1 + 1);
+    // Tables of built-in types, enums and domains went as binary COPY; things (an array of
+    // enums, a composite: their binary forms carry the platform's type OIDs) as text.
+    let formats = format!(
+        "SELECT (SELECT string_agg(x, ',' ORDER BY x) FROM jsonb_array_elements_text(detail->'binary_copy') x) || ' / ' || \
+                (SELECT string_agg(x, ',' ORDER BY x) FROM jsonb_array_elements_text(detail->'text_copy') x) \
+           FROM poco.jobs WHERE job_id = {}",
+        res[0].0
+    );
+    assert_eq!(
+        db.value(&formats).as_deref(),
+        Some("\"Ünï Sch\".\"Famille Ö\",\"Ünï Sch\".a,\"Ünï Sch\".b,\"Ünï Sch\".flat,\"Ünï Sch\".nodes / \"Ünï Sch\".things")
+    );
+    assert_columns_equal(&db, &ldb);
     // The same column types, NULL versus the text \N kept apart.
     let types = "SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod) || ' ' || attnotnull, ', ' ORDER BY attnum) \
                  FROM pg_attribute WHERE attrelid = '\"Ünï Sch\".things'::regclass AND attnum > 0 AND NOT attisdropped";
@@ -240,10 +252,34 @@ fn every_type_round_trips_and_odd_names_cycles_and_self_references_load() {
     assert_eq!(ldb.value("SELECT label FROM \"Ünï Sch\".b").as_deref(), Some("cycle one"));
     assert_eq!(ldb.value("SELECT count(*) FROM \"Ünï Sch\".things WHERE fam = 2").as_deref(), Some("0"));
 
-    // A second push over the first works the same (types and tables replaced).
+    // A second push over the first works the same (types and tables replaced), here with
+    // binary COPY turned off: every table as text, the same values.
+    set_conf(&platform, &db, &[("poco.binary_copy", "off")]);
     let res = push_and_wait(&db, "1");
     assert_eq!(res[0].1, "succeeded", "{}", job_error(&db, res[0].0));
+    let formats = format!("SELECT jsonb_array_length(detail->'binary_copy') || ' ' || jsonb_array_length(detail->'text_copy') FROM poco.jobs WHERE job_id = {}", res[0].0);
+    assert_eq!(db.value(&formats).as_deref(), Some("0 6"));
     assert_learner_equals_scope(&db, &ldb, "1");
+    assert_columns_equal(&db, &ldb);
+}
+
+/// Column by column, the family's values in things and flat are equal on both sides as
+/// values too (not only as row text).
+fn assert_columns_equal(db: &Db, ldb: &Db) {
+    for table in ["things", "flat"] {
+        let cols: Vec<String> = db
+            .query(&format!(
+                "SELECT quote_ident(attname) FROM pg_attribute WHERE attrelid = '\"Ünï Sch\".{table}'::regclass AND attnum > 0 ORDER BY attnum"
+            ))
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert!(cols.len() > 25);
+        for c in &cols {
+            let q = format!("SELECT string_agg(coalesce({c}::text, '<NULL>'), '|' ORDER BY id) FROM \"Ünï Sch\".{table} WHERE fam = 1");
+            assert_eq!(ldb.value(&q), db.value(&q), "{table}.{c}");
+        }
+    }
 }
 
 /// A digest of everything the learner holds in the pushed tables.
