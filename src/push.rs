@@ -349,11 +349,15 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
             }
             progress(|s| s.set_current_table(&p.def.ident));
             let binary = binary_ok && p.binary;
+            // FREEZE: the table was created in this transaction, so its rows can be written
+            // frozen and its pages all-visible. The learner's autovacuum then has nothing to
+            // rewrite after a push (it would otherwise visit the whole copy to set hint bits
+            // and the visibility map, and a later push's DROP would wait on it).
             let copy_sql = format!(
-                "COPY {} ({}) FROM STDIN{}",
+                "COPY {} ({}) FROM STDIN ({}FREEZE)",
                 p.def.ident,
                 p.def.column_list(),
-                if binary { " (FORMAT binary)" } else { "" }
+                if binary { "FORMAT binary, " } else { "" }
             );
             let sink = rt.block_on(net::step("starting COPY", timeout, cancelled, async {
                 client.copy_in::<_, Bytes>(&copy_sql).await.map_err(|e| JobError::learner(&format!("COPY {}", p.def.ident), &e))

@@ -82,6 +82,17 @@ fn a_push_copies_exactly_the_scope_and_a_second_parent_replaces_the_first() {
     let fks: i64 = ldb.query("SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND connamespace = 'elearning'::regnamespace")[0].get(0);
     assert!(fks >= 5, "scoped foreign keys recreated ({fks})");
     assert_eq!(ldb.value("SELECT count(*) FROM pg_constraint WHERE contype = 'p' AND connamespace = 'elearning'::regnamespace").as_deref(), Some("8"));
+    // Loaded with COPY FREEZE: every page of every pushed table is all-visible and all-frozen
+    // at once, so the learner's autovacuum has no copy to rewrite after a push.
+    ldb.execute("CREATE EXTENSION pg_visibility");
+    let unfrozen = ldb.value(
+        "SELECT string_agg(c.oid::regclass::text, ',') FROM pg_class c, pg_visibility_map_summary(c.oid) v \
+          WHERE c.relnamespace = 'elearning'::regnamespace AND c.relkind = 'r' \
+            AND (v.all_visible, v.all_frozen) <> (pg_relation_size(c.oid) / 8192, pg_relation_size(c.oid) / 8192)",
+    );
+    assert_eq!(unfrozen, None, "tables with pages not all-visible and all-frozen");
+    let pages: i64 = ldb.query("SELECT sum(pg_relation_size(c.oid) / 8192)::int8 FROM pg_class c WHERE c.relnamespace = 'elearning'::regnamespace AND c.relkind = 'r'")[0].get(0);
+    assert!(pages >= 8, "the family's tables have pages ({pages})");
 
     // The second family overwrites: nothing of the first stays.
     let res = push_and_wait(&db, "22");
