@@ -1,11 +1,12 @@
 //! A TCP fault proxy on 127.0.0.1 for push tests: forwards to a learner server and, on
 //! command, cuts every connection after a number of client→server bytes, or slows that
-//! direction down. Loopback only; threads end when their sockets close.
+//! direction down. It keeps the first bytes each connection sent upstream (to read the TLS
+//! ClientHello's SNI). Loopback only; threads end when their sockets close.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -22,6 +23,8 @@ struct State {
     delay_ms: AtomicU64,
     /// Connections cut so far.
     cuts: AtomicU64,
+    /// The first bytes sent upstream by the most recent connection.
+    first: Mutex<Vec<u8>>,
     stop: AtomicBool,
 }
 
@@ -59,6 +62,61 @@ impl FaultProxy {
     pub fn cuts(&self) -> u64 {
         self.state.cuts.load(Ordering::SeqCst)
     }
+
+    /// The server name the most recent connection's TLS ClientHello carried (SNI), if it
+    /// started TLS with one. The client first sends PostgreSQL's 8-byte SSLRequest.
+    pub fn last_sni(&self) -> Option<String> {
+        let first = self.state.first.lock().unwrap().clone();
+        let hello = first.strip_prefix(&[0, 0, 0, 8, 4, 210, 22, 47][..])?;
+        client_hello_sni(hello)
+    }
+}
+
+/// The host_name of the server_name extension of a TLS ClientHello record (RFC 8446 4.1.2,
+/// RFC 6066 3), or None if it has none or the bytes are not a whole ClientHello.
+pub fn client_hello_sni(rec: &[u8]) -> Option<String> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        if b.len() < n {
+            return None;
+        }
+        let (h, t) = b.split_at(n);
+        *b = t;
+        Some(h)
+    }
+    fn len(b: &mut &[u8], n: usize) -> Option<usize> {
+        Some(take(b, n)?.iter().fold(0usize, |a, &x| a << 8 | x as usize))
+    }
+    let mut b = rec;
+    if take(&mut b, 1)? != [22] {
+        return None; // not a handshake record
+    }
+    take(&mut b, 4)?; // version, record length
+    if take(&mut b, 1)? != [1] {
+        return None; // not a ClientHello
+    }
+    take(&mut b, 3 + 2 + 32)?; // length, legacy version, random
+    let n = len(&mut b, 1)?;
+    take(&mut b, n)?; // session id
+    let n = len(&mut b, 2)?;
+    take(&mut b, n)?; // cipher suites
+    let n = len(&mut b, 1)?;
+    take(&mut b, n)?; // compression methods
+    let n = len(&mut b, 2)?;
+    let mut ext = take(&mut b, n)?;
+    while !ext.is_empty() {
+        let kind = len(&mut ext, 2)?;
+        let n = len(&mut ext, 2)?;
+        let mut body = take(&mut ext, n)?;
+        if kind == 0 {
+            len(&mut body, 2)?; // server name list length
+            if take(&mut body, 1)? != [0] {
+                return None; // not a host_name
+            }
+            let n = len(&mut body, 2)?;
+            return String::from_utf8(take(&mut body, n)?.to_vec()).ok();
+        }
+    }
+    None
 }
 
 impl Drop for FaultProxy {
@@ -71,6 +129,7 @@ impl Drop for FaultProxy {
 fn pump_up(mut from: TcpStream, mut to: TcpStream, st: Arc<State>) {
     let mut buf = [0u8; 8192];
     let mut sent: u64 = 0;
+    st.first.lock().unwrap().clear();
     loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -84,6 +143,11 @@ fn pump_up(mut from: TcpStream, mut to: TcpStream, st: Arc<State>) {
         let d = st.delay_ms.load(Ordering::SeqCst);
         if d > 0 {
             thread::sleep(Duration::from_millis(d));
+        }
+        {
+            let mut first = st.first.lock().unwrap();
+            let room = 4096usize.saturating_sub(first.len()).min(n);
+            first.extend_from_slice(&buf[..room]);
         }
         if to.write_all(&buf[..n]).is_err() {
             break;

@@ -1,6 +1,6 @@
 //! TLS to learners: a learner with `ssl = on` and a certificate the platform cannot verify
 //! is accepted by `require` (encrypt, do not verify, as libpq); `verify-ca` checks the chain
-//! only; `verify-full` also checks the host name (and sends it as SNI); a plaintext-only
+//! only; `verify-full` also checks the host name; host names go out as SNI; a plaintext-only
 //! learner is refused by `require`.
 
 use poco_e2e::{Db, Options, Server};
@@ -94,6 +94,20 @@ fn sslmodes_behave_as_in_libpq() {
     let (state, err) = push(&db, &format!("postgresql://{host_name}?sslmode=verify-ca"));
     assert_eq!(state, "failed");
     assert!(err.contains("TLS verification failed"), "{err}");
+
+    // SNI, seen on the wire (a loopback proxy reads the ClientHello): the host name goes out
+    // (Neon routes by it), not when sslsni=0, and never for an IP address.
+    let proxy = poco_e2e::FaultProxy::start(tls.port);
+    let via = format!("learner:Learner-pw-1@localhost:{}/family", proxy.port);
+    let (state, err) = push(&db, &format!("postgresql://{via}?sslmode=require"));
+    assert_eq!(state, "succeeded", "{err}");
+    assert_eq!(proxy.last_sni().as_deref(), Some("localhost"));
+    let (state, err) = push(&db, &format!("postgresql://{via}?sslmode=verify-full&sslrootcert={root}&sslsni=0"));
+    assert_eq!(state, "succeeded", "{err}");
+    assert_eq!(proxy.last_sni(), None, "sslsni=0");
+    let (state, err) = push(&db, &format!("postgresql://learner:Learner-pw-1@127.0.0.1:{}/family?sslmode=require", proxy.port));
+    assert_eq!(state, "succeeded", "{err}");
+    assert_eq!(proxy.last_sni(), None, "no SNI for an IP address");
 
     // A learner without TLS: require is refused with a clear error, and no retry helps.
     let plain = Server::start("tls_plain", &Options::learner());
