@@ -21,6 +21,14 @@ CREATE TABLE poco.target (
     secret        bytea,           -- 'P1' | key id | nonce | AES-256-GCM(password)
     key_id        text NOT NULL,   -- fingerprint of the key that sealed secret (not the key)
     continuous    boolean NOT NULL DEFAULT false,
+    -- Continuous sync (docs/sync-design.md): off | snapshot | streaming | resnapshot | error
+    sync_state    text NOT NULL DEFAULT 'off'
+                  CHECK (sync_state IN ('off', 'snapshot', 'streaming', 'resnapshot', 'error')),
+    sync_position pg_snapshot,     -- the platform snapshot the learner holds the state of
+    last_snapshot_at timestamptz,  -- last full push that succeeded
+    last_applied_at  timestamptz,  -- last change batch applied
+    sync_lag      bigint NOT NULL DEFAULT 0,  -- captured changes after sync_position
+    last_sync_error text,
     backups       integer NOT NULL DEFAULT 0 CHECK (backups BETWEEN 0 AND 100),  -- previous copies kept on the learner
     created_at    timestamptz NOT NULL DEFAULT now(),
     created_by    name NOT NULL DEFAULT session_user,
@@ -126,3 +134,18 @@ CREATE INDEX job_target_idx ON poco.job (target_id, id);
 COMMENT ON TABLE poco.job IS 'Push jobs (internal; read poco.jobs instead)';
 SELECT pg_catalog.pg_extension_config_dump('poco.job', '');
 SELECT pg_catalog.pg_extension_config_dump('poco.job_id_seq', '');
+
+-- Change capture for continuous sync (docs/sync-design.md). One row per row change of a scoped
+-- table while any target syncs: the writing transaction, the table, the operation, the row
+-- before (update, delete) and after (insert, update). Read by snapshot visibility of txid,
+-- never by id order alone (ids are taken before commit).
+CREATE TABLE poco.change (
+    id    bigint GENERATED ALWAYS AS IDENTITY,
+    txid  xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    rel   oid NOT NULL,
+    op    "char" NOT NULL CHECK (op IN ('I', 'U', 'D', 'T')),
+    old   jsonb,
+    new   jsonb
+);
+CREATE INDEX change_txid_idx ON poco.change (txid);
+COMMENT ON TABLE poco.change IS 'Captured row changes of scoped tables, pending delivery to continuous targets';

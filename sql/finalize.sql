@@ -45,8 +45,9 @@ RETURNS TABLE(target_id bigint, label text, url_redacted text, continuous boolea
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
   SELECT t.id, t.label, t.url_redacted, t.continuous,
-         CASE WHEN t.continuous THEN 'sync' ELSE 'idle' END,
-         NULL::timestamptz, NULL::timestamptz, 0::bigint, NULL::text
+         CASE WHEN t.continuous THEN t.sync_state ELSE 'idle' END,
+         t.last_snapshot_at, t.last_applied_at,
+         CASE WHEN t.continuous THEN t.sync_lag ELSE 0 END::bigint, t.last_sync_error
     FROM poco.target t WHERE t.parent_id = (SELECT poco.canonical_parent($1)) ORDER BY t.id
 $$;
 
@@ -203,6 +204,132 @@ CREATE EVENT TRIGGER poco_forget_dropped_tables ON sql_drop
 CREATE VIEW poco.scope_tables AS SELECT * FROM poco.scope_queries();
 COMMENT ON VIEW poco.scope_tables IS 'The compiled account scope: path and queries of each scoped table';
 
+-- ---- Continuous sync (API §2; docs/sync-design.md) ----
+
+-- The capture trigger: one poco.change row per row change (SECURITY DEFINER: the roles that
+-- write the platform's tables need no right on poco).
+CREATE FUNCTION poco.capture() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    INSERT INTO poco.change (rel, op, new) VALUES (TG_RELID, 'I', pg_catalog.to_jsonb(NEW));
+  ELSIF TG_OP = 'UPDATE' THEN
+    INSERT INTO poco.change (rel, op, old, new) VALUES (TG_RELID, 'U', pg_catalog.to_jsonb(OLD), pg_catalog.to_jsonb(NEW));
+  ELSIF TG_OP = 'DELETE' THEN
+    INSERT INTO poco.change (rel, op, old) VALUES (TG_RELID, 'D', pg_catalog.to_jsonb(OLD));
+  ELSE
+    INSERT INTO poco.change (rel, op) VALUES (TG_RELID, 'T');
+  END IF;
+  RETURN NULL;
+END $$;
+REVOKE ALL ON FUNCTION poco.capture() FROM PUBLIC;
+
+-- Capture triggers on exactly the scoped tables while any target syncs, on none otherwise.
+-- Returns the number of tables captured.
+CREATE FUNCTION poco.refresh_capture() RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  want regclass[] := '{}';
+  r record;
+BEGIN
+  IF EXISTS (SELECT 1 FROM poco.target WHERE continuous) THEN
+    SELECT coalesce(array_agg(rel), '{}') INTO want FROM poco.scope;
+  END IF;
+  FOR r IN SELECT DISTINCT tg.tgrelid::regclass AS rel FROM pg_trigger tg
+            WHERE tg.tgfoid = 'poco.capture()'::regprocedure AND NOT tg.tgrelid::regclass = ANY (want) LOOP
+    EXECUTE format('DROP TRIGGER IF EXISTS poco_capture ON %s', r.rel);
+    EXECUTE format('DROP TRIGGER IF EXISTS poco_capture_truncate ON %s', r.rel);
+  END LOOP;
+  FOR r IN SELECT w AS rel FROM unnest(want) w
+            WHERE NOT EXISTS (SELECT 1 FROM pg_trigger tg WHERE tg.tgrelid = w AND tg.tgname = 'poco_capture') LOOP
+    EXECUTE format('CREATE TRIGGER poco_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
+                   'FOR EACH ROW EXECUTE FUNCTION poco.capture()', r.rel);
+    EXECUTE format('CREATE TRIGGER poco_capture_truncate AFTER TRUNCATE ON %s '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION poco.capture()', r.rel);
+  END LOOP;
+  IF cardinality(want) = 0 THEN
+    TRUNCATE poco.change;   -- nobody left to deliver to
+  END IF;
+  RETURN cardinality(want);
+END $$;
+
+-- Does position `pos` include every transaction that snapshot `s` sees?
+CREATE FUNCTION poco.snapshot_covers(pos pg_snapshot, s pg_snapshot) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT pos IS NOT NULL AND pg_snapshot_xmax(pos) >= pg_snapshot_xmax(s)
+     AND NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(pos) x
+                      WHERE x < pg_snapshot_xmax(s) AND pg_visible_in_snapshot(x, s))
+$$;
+
+CREATE FUNCTION poco.enable_sync(parent_id text, target_id bigint) RETURNS bigint
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  t poco.target;
+BEGIN
+  SELECT * INTO t FROM poco.target WHERE id = target_id FOR UPDATE;
+  IF t.continuous AND t.sync_state IN ('snapshot', 'streaming') THEN
+    RETURN t.id;   -- already on: nothing to start again
+  END IF;
+  UPDATE poco.target SET continuous = true, sync_state = 'snapshot', sync_position = NULL,
+         sync_lag = 0, last_sync_error = NULL, updated_at = now()
+   WHERE id = t.id;
+  -- Triggers first, then the snapshot job: the job's snapshot is taken after this commits, so
+  -- every change after it is captured.
+  PERFORM poco.refresh_capture();
+  PERFORM poco_push(parent_id, t.id);
+  INSERT INTO poco.events (kind, parent_id, target_id, message)
+  VALUES ('sync_enabled', t.parent_id, t.id, format('continuous sync enabled for target %s', t.id));
+  RETURN t.id;
+END $$;
+
+CREATE FUNCTION pg_catalog.poco_enable_sync(parent_id anyelement, url text)
+RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.enable_sync(poco.canonical_parent($1::text), poco_add_target($1::text, $2)) $$;
+CREATE FUNCTION pg_catalog.poco_enable_sync(parent_id text, url text)
+RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.enable_sync(poco.canonical_parent($1), poco_add_target($1, $2)) $$;
+CREATE FUNCTION pg_catalog.poco_enable_sync(parent_id anyelement, url jsonb)
+RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.enable_sync(poco.canonical_parent($1::text), poco_add_target($1::text, $2)) $$;
+CREATE FUNCTION pg_catalog.poco_enable_sync(parent_id text, url jsonb)
+RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.enable_sync(poco.canonical_parent($1), poco_add_target($1, $2)) $$;
+
+CREATE FUNCTION poco.disable_sync(parent_id text) RETURNS integer
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  n integer;
+BEGIN
+  WITH d AS (
+    UPDATE poco.target SET continuous = false, sync_state = 'off', sync_position = NULL,
+           sync_lag = 0, updated_at = now()
+     WHERE poco.target.parent_id = disable_sync.parent_id AND continuous RETURNING id)
+  SELECT count(*) INTO n FROM d;
+  IF n > 0 THEN
+    PERFORM poco.refresh_capture();
+    INSERT INTO poco.events (kind, parent_id, message)
+    VALUES ('sync_disabled', disable_sync.parent_id, format('continuous sync disabled (%s targets)', n));
+  END IF;
+  RETURN n;
+END $$;
+
+CREATE FUNCTION pg_catalog.poco_disable_sync(parent_id anyelement)
+RETURNS void LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.disable_sync(poco.canonical_parent($1::text)); $$;
+CREATE FUNCTION pg_catalog.poco_disable_sync(parent_id text)
+RETURNS void LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.disable_sync(poco.canonical_parent($1)); $$;
+
+CREATE FUNCTION pg_catalog.poco_sync_wait(target_id bigint, timeout interval DEFAULT '1 min')
+RETURNS boolean LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco.sync_wait($1, pg_catalog.pg_current_snapshot()::text, extract(epoch FROM $2)::float8) $$;
+
+
 -- Grant what an application (the parent-facing page) needs to one role.
 CREATE FUNCTION pg_catalog.poco_grant_usage(role_name name)
 RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
@@ -231,3 +358,4 @@ BEGIN
     EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
   END LOOP;
 END $$;
+

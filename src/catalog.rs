@@ -375,3 +375,23 @@ pub fn finish_job(e: &JobEnd) {
     )
     .or_raise();
 }
+
+/// A push succeeded: a continuous target now streams from the push's snapshot.
+pub fn sync_snapshot_done(target_id: i64, position: Option<&str>) {
+    Spi::run_with_args(
+        "UPDATE poco.target SET sync_position = $2::pg_catalog.pg_snapshot, last_snapshot_at = pg_catalog.now(), \
+                sync_state = CASE WHEN continuous THEN 'streaming' ELSE 'off' END, sync_lag = 0, last_sync_error = NULL \
+          WHERE id = $1 AND $2 IS NOT NULL",
+        &[target_id.into(), position.into()],
+    )
+    .or_raise();
+}
+
+/// A push failed for good: a continuous target shows the error (the worker tries again later).
+pub fn sync_snapshot_failed(target_id: i64, error: &str) {
+    Spi::run_with_args(
+        "UPDATE poco.target SET sync_state = 'error', last_sync_error = $2 WHERE id = $1 AND continuous",
+        &[target_id.into(), error.into()],
+    )
+    .or_raise();
+}

@@ -177,6 +177,12 @@ fn record(job: &catalog::JobRow, p: &shmem::JobSlot, outcome: Result<Done, JobEr
         }
     }
     catalog::finish_job(&end);
+    // A continuous target follows the platform from the snapshot this push sent.
+    if let (Ok(done), false) = (&outcome, restore) {
+        catalog::sync_snapshot_done(job.target_id.unwrap_or(0), done.position.as_deref());
+    } else if end.state == "failed" {
+        catalog::sync_snapshot_failed(job.target_id.unwrap_or(0), end.error.unwrap_or(""));
+    }
     let mut detail = base;
     if let Some(e) = end.error {
         detail["error"] = json!(e);
@@ -198,6 +204,8 @@ fn record(job: &catalog::JobRow, p: &shmem::JobSlot, outcome: Result<Done, JobEr
 
 struct Done {
     left_out: Vec<String>,
+    /// the platform snapshot the rows were read in (pg_current_snapshot() text)
+    position: Option<String>,
     /// tables sent with binary COPY, and as text
     binary_tables: Vec<String>,
     text_tables: Vec<String>,
@@ -289,6 +297,9 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
     in_snapshot(|| {
         let sc = scope::require().map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
         let (sysid, dbname) = platform_identity();
+        let position = Spi::get_one::<String>("SELECT pg_catalog.pg_current_snapshot()::text")
+            .map_err(|e| JobError::new("XX000", e.to_string()))?
+            .unwrap_or_default();
         let (plans, types, mut left_out) = describe(&sc)?;
         progress(|s| s.tables_total = plans.len() as i32);
 
@@ -419,6 +430,8 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
         for (t, n) in &counts {
             book.push(format!("INSERT INTO poco_sync.tables VALUES ({}, {n}, pg_catalog.now())", literal(t)));
         }
+        book.push("DELETE FROM poco_sync.position".to_string());
+        book.push(format!("INSERT INTO poco_sync.position (position, updated_at) VALUES ({}, pg_catalog.now())", literal(&position)));
         exec("writing poco_sync bookkeeping", book.join("; "))?;
         if cancelled() {
             return Err(JobError::cancelled());
@@ -431,6 +444,7 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
         let (bin, txt): (Vec<_>, Vec<_>) = plans.iter().partition(|p| binary_ok && p.binary);
         Ok(Done {
             left_out,
+            position: Some(position),
             backup_schema,
             binary_tables: bin.iter().map(|p| p.def.ident.clone()).collect(),
             text_tables: txt.iter().map(|p| p.def.ident.clone()).collect(),
@@ -623,7 +637,7 @@ fn restore(rt: &tokio::runtime::Runtime, client: &tokio_postgres::Client, name: 
     sql.push(format!("DROP SCHEMA {schema} CASCADE"));
     sql.push("COMMIT".into());
     exec_on(rt, client, &format!("restoring {schema}"), sql.join("; ")).map_err(depends_hint)?;
-    Ok(Done { left_out: vec![], backup_schema: Some(schema), binary_tables: vec![], text_tables: vec![] })
+    Ok(Done { left_out: vec![], position: None, backup_schema: Some(schema), binary_tables: vec![], text_tables: vec![] })
 }
 
 fn shmem_totals() -> (i64, i64) {

@@ -283,6 +283,9 @@ pub const BOOKKEEPING_SQL: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS poco_sync.tables (\
         table_name text PRIMARY KEY, rows bigint NOT NULL, pushed_at timestamptz NOT NULL)",
     "COMMENT ON TABLE poco_sync.tables IS 'Written by poco_sync: the tables the last push created here'",
+    "CREATE TABLE IF NOT EXISTS poco_sync.position (\
+        position text NOT NULL, updated_at timestamptz NOT NULL, batches bigint NOT NULL DEFAULT 0)",
+    "COMMENT ON TABLE poco_sync.position IS 'Written by poco_sync: the platform snapshot whose state this database holds (one row)'",
 ];
 
 /// Delay before retry `attempt` (1-based) of a transient failure: base · 2^(attempt-1),

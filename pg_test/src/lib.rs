@@ -431,3 +431,28 @@ mod tests {
         assert!(r.contains("postgresql://u:***@127.0.0.1:5/d") && r.contains(r#""PGPASSWORD": "***""#), "{r}");
     }
 }
+
+/// Every scoped table on the learner holds exactly the rows the scope selects for `parent`
+/// on the platform (compared as sorted row texts), and the learner has no other table of
+/// the platform's.
+pub fn assert_learner_equals_scope(platform: &Db, learner: &Db, parent: &str) -> usize {
+    let tables = platform.query("SELECT table_name, select_sql FROM poco.scope_tables ORDER BY table_name");
+    let mut total = 0;
+    for t in &tables {
+        let name: String = t.get(0);
+        let sql: String = t.get(1);
+        let mut want: Vec<String> = platform
+            .query_with(&format!("SELECT s::text FROM ({sql}) s"), &[&parent])
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect();
+        let mut got: Vec<String> =
+            learner.query(&format!("SELECT s::text FROM {name} s")).iter().map(|r| r.get::<_, String>(0)).collect();
+        want.sort();
+        got.sort();
+        assert_eq!(got.len(), want.len(), "{name}: row count for parent {parent}");
+        assert!(got == want, "{name}: rows differ for parent {parent}");
+        total += got.len();
+    }
+    total
+}

@@ -2,7 +2,7 @@
 //! by row equal to what the scope selects; a second parent replaces the first; jobs are
 //! transactional; the platform never pushes into itself.
 
-use poco_e2e::{sample_platform, wait_for, Db, Options, Server};
+use poco_e2e::{assert_learner_equals_scope, sample_platform, wait_for, Db, Options, Server};
 use std::time::Duration;
 
 
@@ -26,31 +26,6 @@ fn push_and_wait(db: &Db, parent: &str) -> Vec<(i64, String)> {
 
 fn job_error(db: &Db, id: i64) -> String {
     db.value(&format!("SELECT coalesce(error, '') FROM poco.jobs WHERE job_id = {id}")).unwrap_or_default()
-}
-
-/// Every scoped table on the learner holds exactly the rows the scope selects for `parent`
-/// on the platform (compared as sorted row texts), and the learner has no other table of
-/// the platform's.
-fn assert_learner_equals_scope(platform: &Db, learner: &Db, parent: &str) -> usize {
-    let tables = platform.query("SELECT table_name, select_sql FROM poco.scope_tables ORDER BY table_name");
-    let mut total = 0;
-    for t in &tables {
-        let name: String = t.get(0);
-        let sql: String = t.get(1);
-        let mut want: Vec<String> = platform
-            .query_with(&format!("SELECT s::text FROM ({sql}) s"), &[&parent])
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect();
-        let mut got: Vec<String> =
-            learner.query(&format!("SELECT s::text FROM {name} s")).iter().map(|r| r.get::<_, String>(0)).collect();
-        want.sort();
-        got.sort();
-        assert_eq!(got.len(), want.len(), "{name}: row count for parent {parent}");
-        assert!(got == want, "{name}: rows differ for parent {parent}");
-        total += got.len();
-    }
-    total
 }
 
 #[test]
