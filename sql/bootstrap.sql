@@ -24,7 +24,8 @@ CREATE TABLE poco.target (
     -- Continuous sync (docs/sync-design.md): off | snapshot | streaming | resnapshot | error
     sync_state    text NOT NULL DEFAULT 'off'
                   CHECK (sync_state IN ('off', 'snapshot', 'streaming', 'resnapshot', 'error')),
-    sync_position pg_snapshot,     -- the platform snapshot the learner holds the state of
+    sync_position pg_snapshot,     -- every change visible in it is on the learner
+    learner_position pg_snapshot,  -- the position last written to the learner's poco_sync.position
     last_snapshot_at timestamptz,  -- last full push that succeeded
     last_applied_at  timestamptz,  -- last change batch applied
     sync_lag      bigint NOT NULL DEFAULT 0,  -- captured changes after sync_position

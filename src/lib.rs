@@ -13,6 +13,7 @@ mod push;
 mod scope;
 mod shmem;
 mod status;
+mod stream;
 mod sync;
 mod targets;
 mod worker;

@@ -228,7 +228,7 @@ struct Plan {
 
 /// Run inside a REPEATABLE READ, READ ONLY transaction; committed (nothing to write) or
 /// aborted on error.
-fn in_snapshot<R>(f: impl FnOnce() -> Result<R, JobError>) -> Result<R, JobError> {
+pub(crate) fn in_snapshot<R>(f: impl FnOnce() -> Result<R, JobError>) -> Result<R, JobError> {
     unsafe {
         pg_sys::SetCurrentStatementStartTimestamp();
         pg_sys::StartTransactionCommand();

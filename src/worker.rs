@@ -115,6 +115,8 @@ struct Jobs {
     /// Orphaned 'running' jobs are failed once, on the first pass with the extension.
     recovered: bool,
     handles: HashMap<usize, DynamicBackgroundWorker>,
+    /// The sync stream process, while any target syncs continuously.
+    stream: Option<DynamicBackgroundWorker>,
     /// (tables_done, rows_done, bytes_done) last published per job
     published: HashMap<i64, (i32, i64, i64)>,
     /// A running job's row as read once (parent, target, the estimate), not on every publish.
@@ -173,6 +175,22 @@ fn one_pass(_runtime: &tokio::runtime::Runtime, jobs: &mut Jobs) -> Duration {
                 });
             }
         }
+    }
+    // The sync stream runs while any target syncs (it exits by itself when none does).
+    let want_stream = BackgroundWorker::transaction(|| {
+        Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM poco.target WHERE continuous)").ok().flatten().unwrap_or(false)
+    });
+    if want_stream && !jobs.stream.as_ref().is_some_and(|h| !matches!(h.pid(), Err(BackgroundWorkerStatus::Stopped))) {
+        jobs.stream = BackgroundWorkerBuilder::new("poco_sync stream")
+            .set_type(crate::stream::STREAM_WORKER_TYPE)
+            .set_library("poco_sync")
+            .set_function("poco_stream_main")
+            .enable_spi_access()
+            .set_start_time(BgWorkerStartTime::RecoveryFinished)
+            .set_restart_time(None)
+            .set_notify_pid(unsafe { pg_sys::MyProcPid })
+            .load_dynamic()
+            .ok();
     }
     let busy = shmem::snapshot().slots.iter().any(|s| s.job_id != 0);
     if busy {

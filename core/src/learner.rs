@@ -249,8 +249,15 @@ impl TableDef {
 }
 
 /// The learner's foreign keys, added once every table is loaded.
+/// The learner's foreign keys are at least DEFERRABLE (initially immediate, as on the platform
+/// unless it says otherwise), so a sync batch can apply its rows in any order with the keys
+/// checked at its commit.
 pub fn foreign_key_sql(table: &str, fk: &ConstraintDef) -> String {
-    format!("ALTER TABLE {table} ADD CONSTRAINT {} {}", fk.ident, fk.def)
+    if fk.def.contains(" DEFERRABLE") {
+        format!("ALTER TABLE {table} ADD CONSTRAINT {} {}", fk.ident, fk.def)
+    } else {
+        format!("ALTER TABLE {table} ADD CONSTRAINT {} {} DEFERRABLE", fk.ident, fk.def)
+    }
 }
 
 /// Append one value in COPY text format: backslash, tab, newline and carriage return escaped.

@@ -69,3 +69,73 @@ fn enabling_sync_snapshots_and_captures_and_disabling_stops_the_capture() {
     assert_eq!(e.code().code(), "55000");
     assert!(e.message().contains("does not sync"), "{}", e.message());
 }
+
+fn enable(db: &Db, parent: &str, l: &Server) -> i64 {
+    let url = l.target_url("family", "postgres", "pw");
+    let t: i64 = db.query(&format!("SELECT poco_enable_sync({parent}, '{url}')"))[0].get(0);
+    let job: i64 = db.query(&format!("SELECT max(id) FROM poco.job WHERE target_id = {t}"))[0].get(0);
+    assert_eq!(db.value(&format!("SELECT poco_wait({job}, '1 min')")).as_deref(), Some("succeeded"));
+    t
+}
+
+#[test]
+fn committed_changes_reach_their_family_and_only_it() {
+    let (platform, db) = sample_platform("sync_stream", 20);
+    let (la, lb) = (learner("sync_stream_a"), learner("sync_stream_b"));
+    let (ta, tb) = (enable(&db, "21", &la), enable(&db, "22", &lb));
+    let (a, b) = (la.connect("family"), lb.connect("family"));
+
+    // Inserts, updates and deletes (with an ON DELETE CASCADE below them) of both families.
+    db.execute(
+        "INSERT INTO elearning.audit_log (user_id, action, detail) \
+         SELECT id, 'sync_test', '{\"k\": [1, \"two\"]}' FROM elearning.users WHERE parent_id IN (21, 22)",
+    );
+    db.execute("UPDATE elearning.users SET display_name = display_name || ' (renamed)' WHERE id = 21 OR parent_id = 22");
+    db.execute(
+        "DELETE FROM elearning.enrollments WHERE id = (SELECT min(e.id) FROM elearning.enrollments e \
+           JOIN elearning.users u ON u.id = e.learner_id WHERE u.parent_id = 21)",
+    );
+    // A course the family did not use yet arrives with the enrollment that references it; a
+    // title change reaches every family that uses the course.
+    db.execute(
+        "INSERT INTO elearning.enrollments (learner_id, course_id) \
+         SELECT (SELECT min(id) FROM elearning.users WHERE parent_id = 21), c.id FROM elearning.courses c \
+          WHERE c.id NOT IN (SELECT e.course_id FROM elearning.enrollments e JOIN elearning.users u ON u.id = e.learner_id \
+                              WHERE u.parent_id = 21) ORDER BY c.id LIMIT 1",
+    );
+    db.execute("UPDATE elearning.courses SET title = title || ' v2'");
+    // Changes of another family (parent 23 has no target) cost the targets nothing visible.
+    db.execute("UPDATE elearning.users SET display_name = 'other' WHERE parent_id = 23");
+
+    // A transaction that takes its change (and its number) first and commits last: the batches
+    // that pass meanwhile must not skip it. poco_sync_wait does not wait for it while it is open.
+    let late = platform.connect("platform");
+    late.execute("BEGIN; INSERT INTO elearning.audit_log (user_id, action) VALUES (21, 'committed late')");
+    db.execute("INSERT INTO elearning.audit_log (user_id, action) VALUES (21, 'committed early')");
+    assert_eq!(db.value(&format!("SELECT poco_sync_wait({ta}, '30 s')")).as_deref(), Some("t"));
+    assert_eq!(a.value("SELECT string_agg(action, ',') FROM elearning.audit_log WHERE action LIKE 'committed %'").as_deref(), Some("committed early"));
+    late.execute("COMMIT");
+
+    for t in [ta, tb] {
+        assert_eq!(db.value(&format!("SELECT poco_sync_wait({t}, '30 s')")).as_deref(), Some("t"), "target {t} caught up");
+    }
+    assert_learner_equals_scope(&db, &a, "21");
+    assert_learner_equals_scope(&db, &b, "22");
+    assert_eq!(a.value("SELECT count(*) FROM elearning.audit_log WHERE action = 'sync_test'").as_deref().map(|n| n != "0"), Some(true));
+    assert_eq!(a.value("SELECT count(*) FROM elearning.users WHERE display_name = 'other'").as_deref(), Some("0"));
+    assert_eq!(
+        a.value("SELECT string_agg(action, ',' ORDER BY action) FROM elearning.audit_log WHERE action LIKE 'committed %'").as_deref(),
+        Some("committed early,committed late")
+    );
+    let st = db.value(&format!(
+        "SELECT state || ' ' || (last_applied_at IS NOT NULL) || ' ' || lag_changes || ' ' || coalesce(last_error, '-') FROM poco_status(21)"
+    ));
+    assert_eq!(st.as_deref(), Some("streaming true 0 -"));
+    // The learner's position is the platform's record of it.
+    assert_eq!(a.value("SELECT position FROM poco_sync.position"), db.value(&format!("SELECT learner_position::text FROM poco.target WHERE id = {ta}")));
+    // Delivered changes are pruned.
+    let left = poco_e2e::wait_for(std::time::Duration::from_secs(10), || {
+        db.value("SELECT count(*) FROM poco.change").filter(|n| n == "0")
+    });
+    assert!(left.is_some(), "the change log is pruned once every target has the changes");
+}
