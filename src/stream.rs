@@ -227,17 +227,26 @@ fn sync_target(
     }
     // Keys touched, per table.
     let mut touched: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
-    for (rel, _, old, new) in &changes {
+    // Keys of rows that existed before the batch and were updated (not inserted in it): if one
+    // changed family, what it owns changed family with it.
+    let mut updated: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+    let mut inserted: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+    for (rel, op, old, new) in &changes {
         let Some(pk) = pks.get(rel) else { continue };
         if pk.is_empty() {
             return Outcome::Failed { error: format!("table {rel} has no primary key: it cannot be synced"), changes: n };
         }
         for img in [old, new].into_iter().flatten() {
-            let key: serde_json::Map<String, Value> =
-                pk.iter().map(|c| (c.clone(), img.get(c).cloned().unwrap_or(Value::Null))).collect();
-            touched.entry(*rel).or_default().insert(Value::Object(key).to_string());
+            let k = key_of(pk, img);
+            match op.as_str() {
+                "U" => updated.entry(*rel).or_default().insert(k.clone()),
+                "I" => inserted.entry(*rel).or_default().insert(k.clone()),
+                _ => false,
+            };
+            touched.entry(*rel).or_default().insert(k);
         }
     }
+    let mut membership: Vec<MembershipCheck> = Vec::new();
     // The learner's statements: deletes of touched keys, upserts of the rows in scope at S.
     let mut stmts: Vec<String> = Vec::new();
     for table in &sc.tables {
@@ -270,6 +279,28 @@ fn sync_target(
             Err(e) => return Outcome::Failed { error: format!("reading {}: {e}", table.ident), changes: n },
         };
         let rows_lit = literal(&rows.to_string());
+        if let (false, Some(upd)) = (reference, updated.get(&table.oid)) {
+            let upd: BTreeSet<String> =
+                upd.difference(inserted.get(&table.oid).unwrap_or(&BTreeSet::new())).cloned().collect();
+            if !upd.is_empty() {
+                let in_now: BTreeSet<String> =
+                    rows.as_array().map(|a| a.iter().map(|r| key_of(pk, r)).collect()).unwrap_or_default();
+                membership.push(MembershipCheck {
+                    sql: format!(
+                        "SELECT pg_catalog.jsonb_build_object({})::text FROM {} t \
+                          JOIN pg_catalog.jsonb_populate_recordset(NULL::{}, {}::pg_catalog.jsonb) k ON ({t_list}) = ({k_list})",
+                        pk.iter().map(|c| format!("{}, t.{}", literal(c), quote_ident(c))).collect::<Vec<_>>().join(", "),
+                        table.ident,
+                        table.ident,
+                        literal(&format!("[{}]", upd.iter().cloned().collect::<Vec<_>>().join(",")))
+                    ),
+                    table: table.ident.clone(),
+                    pk: pk.clone(),
+                    updated: upd,
+                    in_now,
+                });
+            }
+        }
         if reference {
             stmts.push(format!(
                 "DELETE FROM {} t WHERE ({t_list}) NOT IN (SELECT {k_list} FROM pg_catalog.jsonb_populate_recordset(NULL::{}, {rows_lit}::pg_catalog.jsonb) k)",
@@ -299,7 +330,7 @@ fn sync_target(
             ));
         }
     }
-    match apply(rt, st, t, s, &stmts) {
+    match apply(rt, st, t, s, &stmts, &membership) {
         Ok(o) => o,
         Err(e) => {
             st.conns.remove(&t.id);
@@ -318,8 +349,31 @@ impl Outcome {
     }
 }
 
+/// The key of a row (or row image) as canonical JSON text: the primary key columns only.
+fn key_of(pk: &[String], row: &Value) -> String {
+    let key: serde_json::Map<String, Value> = pk.iter().map(|c| (c.clone(), row.get(c).cloned().unwrap_or(Value::Null))).collect();
+    Value::Object(key).to_string()
+}
+
+/// Updated rows of one table: which of them the learner holds (`sql`, run there) against
+/// which are in the parent's scope now.
+struct MembershipCheck {
+    table: String,
+    pk: Vec<String>,
+    sql: String,
+    updated: BTreeSet<String>,
+    in_now: BTreeSet<String>,
+}
+
 /// One learner transaction: check the position, run the statements, move the position.
-fn apply(rt: &tokio::runtime::Runtime, st: &mut State, t: &Target, s: &str, stmts: &[String]) -> Result<Outcome, JobError> {
+fn apply(
+    rt: &tokio::runtime::Runtime,
+    st: &mut State,
+    t: &Target,
+    s: &str,
+    stmts: &[String],
+    membership: &[MembershipCheck],
+) -> Result<Outcome, JobError> {
     let timeout = gucs::network_timeout();
     if !st.conns.contains_key(&t.id) || st.conns[&t.id].is_closed() {
         let (target, password) = (|| -> Result<_, JobError> {
@@ -371,6 +425,28 @@ fn apply(rt: &tokio::runtime::Runtime, st: &mut State, t: &Target, s: &str, stmt
             "the learner's poco_sync.position is not the one last written ({})",
             if at.is_some() { "another snapshot" } else { "missing" }
         )));
+    }
+    // An updated row that changed family (it is here and out of scope now, or in scope now and
+    // not here) moved what it owns with it: first version, a new snapshot of this target.
+    for m in membership {
+        let rows = rt.block_on(net::step("checking moved rows", timeout, &stopping, async {
+            client.query(m.sql.as_str(), &[]).await.map_err(|e| JobError::learner("checking moved rows", &e))
+        }))?;
+        let here: BTreeSet<String> = rows
+            .iter()
+            .filter_map(|r| serde_json::from_str::<Value>(&r.get::<_, String>(0)).ok())
+            .map(|v| key_of(&m.pk, &v))
+            .collect();
+        let moved_out = here.iter().any(|k| !m.in_now.contains(k));
+        let moved_in = m.updated.iter().any(|k| m.in_now.contains(k) && !here.contains(k));
+        if moved_out || moved_in {
+            let _ = run("ending a batch", "ROLLBACK".into());
+            return Ok(Outcome::Resnapshot(format!(
+                "a row of {} moved {} this family, with what it owns",
+                m.table,
+                if moved_out { "out of" } else { "into" }
+            )));
+        }
     }
     let mut all = stmts.to_vec();
     all.push(format!(

@@ -139,3 +139,50 @@ fn committed_changes_reach_their_family_and_only_it() {
     });
     assert!(left.is_some(), "the change log is pruned once every target has the changes");
 }
+
+#[test]
+fn a_row_that_changes_family_leaves_with_what_it_owns_and_arrives_with_it() {
+    let (_platform, db) = sample_platform("sync_moves", 20);
+    let (la, lb) = (learner("sync_moves_a"), learner("sync_moves_b"));
+    let (ta, tb) = (enable(&db, "21", &la), enable(&db, "22", &lb));
+    let (a, b) = (la.connect("family"), lb.connect("family"));
+    let wait_both = || {
+        for t in [ta, tb] {
+            assert_eq!(db.value(&format!("SELECT poco_sync_wait({t}, '1 min')")).as_deref(), Some("t"), "target {t} caught up");
+        }
+    };
+
+    // 1. A learner of family 21 moves to family 22: only their users row is touched, yet their
+    //    enrollments, progress, attempts and log go with them.
+    let moved: i64 = db.query(
+        "SELECT u.id FROM elearning.users u WHERE u.parent_id = 21 \
+          AND EXISTS (SELECT 1 FROM elearning.enrollments e WHERE e.learner_id = u.id) ORDER BY u.id LIMIT 1",
+    )[0]
+    .get(0);
+    let owned = format!(
+        "SELECT (SELECT count(*) FROM elearning.enrollments WHERE learner_id = {moved}) + \
+                (SELECT count(*) FROM elearning.audit_log WHERE user_id = {moved})"
+    );
+    assert_ne!(a.value(&owned).as_deref(), Some("0"), "the learner owns rows on family 21's copy");
+    db.execute(&format!("UPDATE elearning.users SET parent_id = 22 WHERE id = {moved}"));
+    wait_both();
+    assert_learner_equals_scope(&db, &a, "21");
+    assert_learner_equals_scope(&db, &b, "22");
+    assert_eq!(a.value(&owned).as_deref(), Some("0"), "nothing of the moved learner stays with family 21");
+    assert_ne!(b.value(&owned).as_deref(), Some("0"), "family 22 has what the learner owns");
+
+    // 2. An enrollment moves from a learner of 22 to a learner of 21: its progress rows follow.
+    db.execute(
+        "UPDATE elearning.enrollments e SET learner_id = (SELECT min(id) FROM elearning.users WHERE parent_id = 21) \
+          WHERE e.id = (SELECT min(e2.id) FROM elearning.enrollments e2 JOIN elearning.users u ON u.id = e2.learner_id \
+                         WHERE u.parent_id = 22 AND e2.course_id NOT IN ( \
+                           SELECT course_id FROM elearning.enrollments WHERE learner_id = (SELECT min(id) FROM elearning.users WHERE parent_id = 21)) \
+                           AND EXISTS (SELECT 1 FROM elearning.lesson_progress p WHERE p.enrollment_id = e2.id))",
+    );
+    wait_both();
+    assert_learner_equals_scope(&db, &a, "21");
+    assert_learner_equals_scope(&db, &b, "22");
+    // The moves were handled by new snapshots of both targets, and recorded.
+    let resnaps: i64 = db.query("SELECT count(*) FROM poco.events WHERE kind = 'sync_resnapshot'")[0].get(0);
+    assert!(resnaps >= 2, "{resnaps}");
+}
