@@ -334,7 +334,14 @@ fn sync_target(
         Ok(o) => o,
         Err(e) => {
             st.conns.remove(&t.id);
-            Outcome::Failed { error: e.message, changes: n }
+            // The learner refused the batch itself (a key or constraint its copy no longer
+            // agrees with, a table or column changed there): retrying the same batch cannot
+            // help, a new snapshot can.
+            if e.sqlstate.starts_with("23") || (e.sqlstate.starts_with("42") && e.sqlstate != "42501") {
+                Outcome::Resnapshot(format!("the learner refused a batch ({}): {}", e.sqlstate, e.message))
+            } else {
+                Outcome::Failed { error: e.message, changes: n }
+            }
         }
     }
     .with_changes(n)

@@ -182,6 +182,12 @@ fn a_row_that_changes_family_leaves_with_what_it_owns_and_arrives_with_it() {
     wait_both();
     assert_learner_equals_scope(&db, &a, "21");
     assert_learner_equals_scope(&db, &b, "22");
+    // 3. The learner's copy was changed by hand (a column dropped): the batch it refuses is
+    //    replaced by a new snapshot, which puts the copy right.
+    a.execute("ALTER TABLE elearning.audit_log DROP COLUMN detail");
+    db.execute("INSERT INTO elearning.audit_log (user_id, action) VALUES (21, 'after the learner changed')");
+    wait_both();
+    assert_learner_equals_scope(&db, &a, "21");
     // The moves were handled by new snapshots of both targets, and recorded.
     let resnaps: i64 = db.query("SELECT count(*) FROM poco.events WHERE kind = 'sync_resnapshot'")[0].get(0);
     assert!(resnaps >= 2, "{resnaps}");
