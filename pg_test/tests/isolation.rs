@@ -12,29 +12,8 @@
 //! POCO_ISOLATION_DATASETS (default 200) sets how many datasets; POCO_ISOLATION_SEED the first
 //! seed. A failure names the seed, table and parent so that it can be replayed.
 
-use poco_e2e::{Db, Options, Server};
+use poco_e2e::{Db, Options, Rng, Server};
 use std::collections::{BTreeMap, BTreeSet};
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        // splitmix64
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + self.below(hi - lo + 1)
-    }
-    fn chance(&mut self, pct: u64) -> bool {
-        self.next() % 100 < pct
-    }
-}
 
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum V {
