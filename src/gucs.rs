@@ -14,6 +14,7 @@ static RETRY_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static NETWORK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 static BATCH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024);
 static BINARY_COPY: GucSetting<bool> = GucSetting::<bool>::new(true);
+static FAILPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -101,6 +102,14 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_BYTE,
     );
+    GucRegistry::define_string_guc(
+        c"poco.failpoint",
+        c"Tests only: make the worker fail at a named moment (each failpoint fires once per process).",
+        c"Empty (the default) turns failpoints off. Known: stream_ack_lost.",
+        &FAILPOINT,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
     GucRegistry::define_bool_guc(
         c"poco.binary_copy",
         c"Push tables whose column types are all built in (or enums) with binary COPY.",
@@ -155,4 +164,8 @@ pub fn copy_chunk() -> usize {
 
 pub fn binary_copy() -> bool {
     BINARY_COPY.get()
+}
+
+pub fn failpoint() -> Option<String> {
+    string(&FAILPOINT)
 }

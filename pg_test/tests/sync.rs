@@ -192,3 +192,26 @@ fn a_row_that_changes_family_leaves_with_what_it_owns_and_arrives_with_it() {
     let resnaps: i64 = db.query("SELECT count(*) FROM poco.events WHERE kind = 'sync_resnapshot'")[0].get(0);
     assert!(resnaps >= 2, "{resnaps}");
 }
+
+#[test]
+fn a_batch_whose_acknowledgement_is_lost_is_not_applied_twice() {
+    let (platform, db) = sample_platform("sync_ack", 20);
+    let l = learner("sync_ack_learner");
+    let t = enable(&db, "21", &l);
+    let ldb = l.connect("family");
+    db.execute("ALTER SYSTEM SET poco.failpoint = 'stream_ack_lost'");
+    db.execute("ALTER SYSTEM SET poco.retry_delay = '50ms'");
+    platform.reload();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    // One change: the learner commits its batch, the platform never hears of it, and the next
+    // pass finds the learner past the recorded position and brings it to the new snapshot
+    // without a full snapshot.
+    db.execute("UPDATE elearning.users SET display_name = 'once' WHERE id = 21");
+    assert_eq!(db.value(&format!("SELECT poco_sync_wait({t}, '30 s')")).as_deref(), Some("t"));
+    assert_learner_equals_scope(&db, &ldb, "21");
+    assert_eq!(ldb.value("SELECT batches FROM poco_sync.position").as_deref(), Some("2"), "committed, then confirmed by a second batch");
+    assert_eq!(db.value("SELECT count(*) FROM poco.events WHERE kind = 'sync_resnapshot'").as_deref(), Some("0"));
+    assert_eq!(db.value(&format!("SELECT count(*) FROM poco.job WHERE target_id = {t}")).as_deref(), Some("1"), "no new snapshot");
+    assert_eq!(db.value(&format!("SELECT learner_position::text FROM poco.target WHERE id = {t}")), ldb.value("SELECT position FROM poco_sync.position"));
+}
