@@ -241,6 +241,7 @@ BEGIN
             WHERE tg.tgfoid = 'poco.capture()'::regprocedure AND NOT tg.tgrelid::regclass = ANY (want) LOOP
     EXECUTE format('DROP TRIGGER IF EXISTS poco_capture ON %s', r.rel);
     EXECUTE format('DROP TRIGGER IF EXISTS poco_capture_truncate ON %s', r.rel);
+    EXECUTE format('DROP TRIGGER IF EXISTS poco_capture_wake ON %s', r.rel);
   END LOOP;
   FOR r IN SELECT w AS rel FROM unnest(want) w
             WHERE NOT EXISTS (SELECT 1 FROM pg_trigger tg WHERE tg.tgrelid = w AND tg.tgname = 'poco_capture') LOOP
@@ -248,6 +249,8 @@ BEGIN
                    'FOR EACH ROW EXECUTE FUNCTION poco.capture()', r.rel);
     EXECUTE format('CREATE TRIGGER poco_capture_truncate AFTER TRUNCATE ON %s '
                    'FOR EACH STATEMENT EXECUTE FUNCTION poco.capture()', r.rel);
+    EXECUTE format('CREATE TRIGGER poco_capture_wake AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION poco.capture_wake()', r.rel);
   END LOOP;
   IF cardinality(want) = 0 THEN
     TRUNCATE poco.change;   -- nobody left to deliver to

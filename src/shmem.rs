@@ -67,6 +67,8 @@ pub struct WorkerShared {
     pub restarts: u32,
     pub state: u8,
     pub slots: [JobSlot; MAX_SLOTS],
+    /// The sync stream process (0: not running).
+    pub stream_pid: i32,
 }
 
 unsafe impl PGRXSharedMemory for WorkerShared {}
@@ -129,6 +131,23 @@ pub fn wake_worker() {
         return;
     }
     let pid = WORKER.share().pid;
+    if pid != 0 {
+        unsafe {
+            let proc_ = pg_sys::BackendPidGetProc(pid);
+            if !proc_.is_null() {
+                pg_sys::SetLatch(&mut (*proc_).procLatch);
+            }
+        }
+    }
+}
+
+/// Wake the sync stream (set its latch) when a transaction that changed scoped rows commits.
+/// Safe in a commit callback: no allocation, no ERROR.
+pub fn wake_stream() {
+    if !preloaded() {
+        return;
+    }
+    let pid = WORKER.share().stream_pid;
     if pid != 0 {
         unsafe {
             let proc_ = pg_sys::BackendPidGetProc(pid);

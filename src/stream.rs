@@ -48,6 +48,7 @@ pub extern "C-unwind" fn poco_stream_main(_arg: pg_sys::Datum) {
         )
         .ok();
     });
+    crate::shmem::update(|w| w.stream_pid = unsafe { pg_sys::MyProcPid });
     let mut st = State::default();
     log!("poco_sync stream started (pid {})", unsafe { pg_sys::MyProcPid });
     let mut idle_passes = 0u32;
@@ -64,11 +65,13 @@ pub extern "C-unwind" fn poco_stream_main(_arg: pg_sys::Datum) {
         } else {
             idle_passes = 0;
         }
-        let ms = if busy { 1 } else { 5 };
+        // Commits of captured changes set our latch; the timeout only bounds a missed wake-up.
+        let ms = if busy { 1 } else { 20 };
         if !BackgroundWorker::wait_latch(Some(Duration::from_millis(ms))) {
             break;
         }
     }
+    crate::shmem::update(|w| w.stream_pid = 0);
     drop(runtime);
     log!("poco_sync stream exiting");
 }
@@ -120,12 +123,13 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         }
         let sc = scope::require().map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
         let pks = primary_keys(&sc);
+        let fks = scoped_references(&sc);
         let mut out = Vec::new();
         for t in targets {
             if st.retry_at.get(&t.id).is_some_and(|(at, _)| Instant::now() < *at) {
                 continue;
             }
-            let o = sync_target(rt, st, &sc, &pks, &t, &s);
+            let o = sync_target(rt, st, &sc, &pks, &fks, &t, &s);
             out.push((t, o));
         }
         Ok((s, out, true))
@@ -167,6 +171,26 @@ fn streaming_targets() -> Vec<Target> {
     })
 }
 
+/// (referencing, referenced) pairs of scoped tables joined by a foreign key.
+fn scoped_references(sc: &Scope) -> BTreeSet<(u32, u32)> {
+    let oids: Vec<pg_sys::Oid> = sc.tables.iter().map(|t| pg_sys::Oid::from(t.oid)).collect();
+    Spi::connect(|c| {
+        c.select(
+            "SELECT conrelid, confrelid FROM pg_catalog.pg_constraint \
+              WHERE contype = 'f' AND conrelid = ANY ($1) AND confrelid = ANY ($1)",
+            None,
+            &[oids.into()],
+        )
+        .map(|rows| {
+            rows.filter_map(|r| {
+                Some((u32::from(r.get::<pg_sys::Oid>(1).ok()??), u32::from(r.get::<pg_sys::Oid>(2).ok()??)))
+            })
+            .collect()
+        })
+        .unwrap_or_default()
+    })
+}
+
 /// Primary key column names (unquoted, in key order) of every scoped table.
 fn primary_keys(sc: &Scope) -> HashMap<u32, Vec<String>> {
     let mut out = HashMap::new();
@@ -198,6 +222,7 @@ fn sync_target(
     st: &mut State,
     sc: &Scope,
     pks: &HashMap<u32, Vec<String>>,
+    fks: &BTreeSet<(u32, u32)>,
     t: &Target,
     s: &str,
 ) -> Outcome {
@@ -252,6 +277,23 @@ fn sync_target(
         }
     }
     let mut membership: Vec<MembershipCheck> = Vec::new();
+    // Reference tables to re-check: touched ones, and those a touched table (or one re-checked)
+    // points at: new references arrive, rows nothing points at any more leave.
+    let mut recheck: BTreeSet<u32> = BTreeSet::new();
+    loop {
+        let before = recheck.len();
+        for table in sc.tables.iter().filter(|t| matches!(t.role, Role::Reference(_))) {
+            let r = table.oid;
+            if touched.contains_key(&r)
+                || fks.iter().any(|(from, to)| *to == r && *from != r && (touched.contains_key(from) || recheck.contains(from)))
+            {
+                recheck.insert(r);
+            }
+        }
+        if recheck.len() == before {
+            break;
+        }
+    }
     // The learner's statements: deletes of touched keys, upserts of the rows in scope at S.
     let mut stmts: Vec<String> = Vec::new();
     for table in &sc.tables {
@@ -261,7 +303,7 @@ fn sync_target(
         let t_list = pk.iter().map(|c| format!("t.{}", quote_ident(c))).collect::<Vec<_>>().join(", ");
         let reference = matches!(table.role, Role::Reference(_));
         let keys: Option<String> = touched.get(&table.oid).map(|k| format!("[{}]", k.iter().cloned().collect::<Vec<_>>().join(",")));
-        if keys.is_none() && !reference {
+        if (keys.is_none() && !reference) || (reference && !recheck.contains(&table.oid)) {
             continue;
         }
         // Rows of the parent's scope at S: the touched ones, or (reference tables) all.
@@ -311,13 +353,21 @@ fn sync_target(
                 "DELETE FROM {} t WHERE ({t_list}) NOT IN (SELECT {k_list} FROM pg_catalog.jsonb_populate_recordset(NULL::{}, {rows_lit}::pg_catalog.jsonb) k)",
                 table.ident, table.ident
             ));
-        } else if let Some(k) = &keys {
-            stmts.push(format!(
-                "DELETE FROM {} t USING pg_catalog.jsonb_populate_recordset(NULL::{}, {}::pg_catalog.jsonb) k WHERE ({t_list}) = ({k_list})",
-                table.ident,
-                table.ident,
-                literal(k)
-            ));
+        } else if keys.is_some() {
+            // Delete only the touched keys that are out of scope now. A row still in scope is
+            // upserted in place: deleting and re-inserting it would fire the learner's ON DELETE
+            // CASCADE / SET NULL on rows this batch does not send again.
+            let in_now: BTreeSet<String> =
+                rows.as_array().map(|a| a.iter().map(|r| key_of(pk, r)).collect()).unwrap_or_default();
+            let gone: Vec<String> = touched[&table.oid].iter().filter(|k| !in_now.contains(*k)).cloned().collect();
+            if !gone.is_empty() {
+                stmts.push(format!(
+                    "DELETE FROM {} t USING pg_catalog.jsonb_populate_recordset(NULL::{}, {}::pg_catalog.jsonb) k WHERE ({t_list}) = ({k_list})",
+                    table.ident,
+                    table.ident,
+                    literal(&format!("[{}]", gone.join(",")))
+                ));
+            }
         }
         if rows.as_array().is_some_and(|a| !a.is_empty()) {
             let cols = table.columns.join(", ");

@@ -10,7 +10,26 @@ pub mod poco {
     use pgrx::prelude::*;
     use poco_core::scope::scope_err;
     use poco_core::{PocoError, SqlState};
+    use std::cell::Cell;
     use std::time::{Duration, Instant};
+
+    thread_local! {
+        /// The local transaction that last registered the wake-up (one per transaction).
+        static WAKE_LXID: Cell<u32> = const { Cell::new(0) };
+    }
+
+    /// Statement trigger next to the capture: when the transaction commits, set the stream's
+    /// latch, so a change is picked up at once instead of at the stream's next poll.
+    #[pg_trigger]
+    fn capture_wake<'a>(
+        _trigger: &'a pgrx::PgTrigger<'a>,
+    ) -> Result<Option<pgrx::heap_tuple::PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::heap_tuple::PgHeapTupleError> {
+        let lxid = unsafe { (*pg_sys::MyProc).lxid };
+        if WAKE_LXID.with(|w| w.replace(lxid)) != lxid {
+            pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, crate::shmem::wake_stream);
+        }
+        Ok(None)
+    }
 
     /// Block until target `target_id` has applied every change visible in `snap` (the caller's
     /// snapshot at the call); false on timeout.
@@ -51,7 +70,7 @@ pub mod poco {
             if start.elapsed() >= timeout {
                 return false;
             }
-            let left = timeout.saturating_sub(start.elapsed()).min(Duration::from_millis(5));
+            let left = timeout.saturating_sub(start.elapsed()).min(Duration::from_millis(2));
             unsafe {
                 pg_sys::WaitLatch(
                     pg_sys::MyLatch,

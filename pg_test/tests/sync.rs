@@ -104,6 +104,12 @@ fn committed_changes_reach_their_family_and_only_it() {
                               WHERE u.parent_id = 21) ORDER BY c.id LIMIT 1",
     );
     db.execute("UPDATE elearning.courses SET title = title || ' v2'");
+    // An update of a row that owns others (an enrollment with progress rows, ON DELETE CASCADE
+    // on the learner too) is applied in place: its progress rows stay.
+    db.execute(
+        "UPDATE elearning.enrollments SET enrolled_at = enrolled_at + interval '1 day' \
+          WHERE learner_id IN (SELECT id FROM elearning.users WHERE parent_id = 21)",
+    );
     // Changes of another family (parent 23 has no target) cost the targets nothing visible.
     db.execute("UPDATE elearning.users SET display_name = 'other' WHERE parent_id = 23");
 
