@@ -124,13 +124,29 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         let sc = scope::require().map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
         let pks = primary_keys(&sc);
         let fks = scoped_references(&sc);
-        let mut out = Vec::new();
+        // Targets that were brought to the same position (all of them, usually: every pass
+        // moves every caught-up target to its S) share one read of the changes and one
+        // attribution.
+        let mut groups: BTreeMap<String, Vec<Target>> = BTreeMap::new();
         for t in targets {
             if st.retry_at.get(&t.id).is_some_and(|(at, _)| Instant::now() < *at) {
                 continue;
             }
-            let o = sync_target(rt, st, &sc, &pks, &fks, &t, &s);
-            out.push((t, o));
+            groups.entry(t.position.clone()).or_default().push(t);
+        }
+        let mut out = Vec::new();
+        for (position, group) in groups {
+            let changes = load_changes(&position);
+            let parents: Vec<String> = group.iter().map(|t| t.parent.clone()).collect::<BTreeSet<_>>().into_iter().collect();
+            let concerned = if changes.is_empty() { Concerned::Some(BTreeSet::new()) } else { attribute(&sc, &changes, &parents) };
+            for t in group {
+                let o = if concerned.includes(&t.parent) {
+                    sync_target(rt, st, &sc, &pks, &fks, &t, &s, &changes)
+                } else {
+                    Outcome::Advanced
+                };
+                out.push((t, o));
+            }
         }
         Ok((s, out, true))
     });
@@ -217,6 +233,7 @@ fn quote_ident(s: &str) -> String {
 }
 
 /// Bring one target from its position to `s`.
+#[allow(clippy::too_many_arguments)]
 fn sync_target(
     rt: &tokio::runtime::Runtime,
     st: &mut State,
@@ -225,15 +242,30 @@ fn sync_target(
     fks: &BTreeSet<(u32, u32)>,
     t: &Target,
     s: &str,
+    changes: &[Change],
 ) -> Outcome {
-    // The changes of transactions visible in S and not in the position.
-    let changes: Vec<(u32, String, Option<Value>, Option<Value>)> = Spi::connect(|c| {
+    if changes.is_empty() {
+        return Outcome::Advanced;
+    }
+    let n = changes.len() as i64;
+    if changes.iter().any(|c| c.1 == "T") {
+        return Outcome::Resnapshot("a scoped table was truncated".into());
+    }
+    sync_keys(rt, st, sc, pks, fks, t, s, changes, n)
+}
+
+/// (table, operation, old row, new row)
+type Change = (u32, String, Option<Value>, Option<Value>);
+
+/// The changes of transactions visible in S (the current snapshot) and not in `position`.
+fn load_changes(position: &str) -> Vec<Change> {
+    Spi::connect(|c| {
         c.select(
             "SELECT rel, op::text, old, new FROM poco.change \
               WHERE txid >= pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot) \
                 AND NOT pg_catalog.pg_visible_in_snapshot(txid, $1::pg_catalog.pg_snapshot) ORDER BY id",
             None,
-            &[t.position.as_str().into()],
+            &[position.into()],
         )
         .map(|rows| {
             rows.map(|r| {
@@ -247,21 +279,70 @@ fn sync_target(
             .collect()
         })
         .unwrap_or_default()
-    });
-    if changes.is_empty() {
-        return Outcome::Advanced;
+    })
+}
+
+/// Which of the candidate parents a batch concerns.
+enum Concerned {
+    All,
+    Some(BTreeSet<String>),
+}
+
+impl Concerned {
+    fn includes(&self, parent: &str) -> bool {
+        match self {
+            Concerned::All => true,
+            Concerned::Some(s) => s.contains(parent),
+        }
     }
-    let n = changes.len() as i64;
-    if changes.iter().any(|c| c.1 == "T") {
-        return Outcome::Resnapshot("a scoped table was truncated".into());
+}
+
+/// The parents among `parents` whose learners a batch can change: those whose scope, at S,
+/// holds a changed row as it is now or as it was before (its old image). A row a learner holds
+/// and loses is caught through its old image, or, when what moved is an ancestor, through the
+/// highest changed ancestor's old image (above it nothing changed, so its chain at S is the one
+/// the learner knew). Reference rows and TRUNCATE concern everyone.
+fn attribute(sc: &Scope, changes: &[Change], parents: &[String]) -> Concerned {
+    let mut found: BTreeSet<String> = BTreeSet::new();
+    for (rel, op, old, new) in changes {
+        let Some(table) = sc.table(*rel) else { continue };
+        if op == "T" || matches!(table.role, Role::Reference(_)) {
+            return Concerned::All;
+        }
+        for img in [old, new].into_iter().flatten() {
+            if found.len() == parents.len() {
+                return Concerned::Some(found);
+            }
+            let owners: Vec<String> = Spi::connect(|c| {
+                c.select(&table.owners_sql, None, &[parents.to_vec().into(), pgrx::JsonB(img.clone()).into()])
+                    .map(|rows| rows.filter_map(|r| r.get::<String>(1).ok().flatten()).collect())
+                    .unwrap_or_else(|_| parents.to_vec()) // cannot tell: assume it concerns everyone
+            });
+            found.extend(owners);
+        }
     }
+    Concerned::Some(found)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sync_keys(
+    rt: &tokio::runtime::Runtime,
+    st: &mut State,
+    sc: &Scope,
+    pks: &HashMap<u32, Vec<String>>,
+    fks: &BTreeSet<(u32, u32)>,
+    t: &Target,
+    s: &str,
+    changes: &[Change],
+    n: i64,
+) -> Outcome {
     // Keys touched, per table.
     let mut touched: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
     // Keys of rows that existed before the batch and were updated (not inserted in it): if one
     // changed family, what it owns changed family with it.
     let mut updated: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
     let mut inserted: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
-    for (rel, op, old, new) in &changes {
+    for (rel, op, old, new) in changes {
         let Some(pk) = pks.get(rel) else { continue };
         if pk.is_empty() {
             return Outcome::Failed { error: format!("table {rel} has no primary key: it cannot be synced"), changes: n };

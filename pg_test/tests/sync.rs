@@ -139,6 +139,17 @@ fn committed_changes_reach_their_family_and_only_it() {
     assert_eq!(st.as_deref(), Some("streaming true 0 -"));
     // The learner's position is the platform's record of it.
     assert_eq!(a.value("SELECT position FROM poco_sync.position"), db.value(&format!("SELECT learner_position::text FROM poco.target WHERE id = {ta}")));
+    // Changes of a family without a target, and of unscoped tables, cost the targets nothing:
+    // their positions advance without a batch on their learners.
+    let batches = |l: &Db| l.value("SELECT batches FROM poco_sync.position").unwrap();
+    let (before_a, before_b) = (batches(&a), batches(&b));
+    db.execute("UPDATE elearning.users SET display_name = display_name || '.' WHERE id = 23 OR parent_id = 23");
+    db.execute("INSERT INTO elearning.audit_log (user_id, action) SELECT id, 'family 23' FROM elearning.users WHERE parent_id = 23");
+    db.execute("UPDATE elearning.platform_secrets SET value = value || '.'");
+    for t in [ta, tb] {
+        assert_eq!(db.value(&format!("SELECT poco_sync_wait({t}, '30 s')")).as_deref(), Some("t"));
+    }
+    assert_eq!((batches(&a), batches(&b)), (before_a, before_b), "no learner round trip for other families' changes");
     // Delivered changes are pruned.
     let left = poco_e2e::wait_for(std::time::Duration::from_secs(10), || {
         db.value("SELECT count(*) FROM poco.change").filter(|n| n == "0")
