@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Continuous sync latency and capture cost (issue #5), side by side with PostgreSQL's own
+# logical replication, on this machine:
+#   1. FAMILIES families (default 100) sync continuously, each to its own database on one
+#      learner server; pgbench inserts audit rows for random families at RATE rows/s (default
+#      1000) for DURATION seconds (default 20). Each learner database records, by trigger, when each row
+#      arrived; latency = arrival (clock_timestamp on the learner) - the row's own
+#      clock_timestamp() on the platform, both servers on this machine's clock.
+#   2. The same load on a table carrying the family id directly, published with a row filter
+#      (family = first family) to a logical replication subscription: same measurement.
+#   3. Platform write throughput: pgbench at full speed for THROUGHPUT_SECONDS (default 10) on
+#      the scoped table, with the capture on (families syncing) and off (sync disabled).
+# Starts its own platform (127.0.0.1:55451, wal_level = logical) and learner (127.0.0.1:55452)
+# under /var/tmp/poco_sync-bench-sync as the non-root user; needs the extension installed
+# (release build: cargo pgrx install --release --pg-config /usr/bin/pg_config).
+# Output: bench/out/sync_latency.txt
+set -euo pipefail
+cd "$(dirname "$0")/.."
+FAMILIES=${FAMILIES:-100}
+RATE=${RATE:-1000}
+SECONDS_=${DURATION:-20}
+THROUGHPUT_SECONDS=${THROUGHPUT_SECONDS:-10}
+PG_MAJOR=${PG_MAJOR:-15}
+BIN=/usr/lib/postgresql/$PG_MAJOR/bin
+USER_=${POCO_TEST_USER:-poco}
+BASE=/var/tmp/poco_sync-bench-sync
+OUT=bench/out
+mkdir -p "$OUT" "$BASE"; chown "$USER_" "$BASE"
+as_user() { runuser -u "$USER_" -- "$@"; }
+P="-h 127.0.0.1 -p 55451 -U postgres"
+L="-h 127.0.0.1 -p 55452 -U postgres"
+qp() { "$BIN/psql" -X -v ON_ERROR_STOP=1 $P -d platform "$@"; }
+ql() { local db=$1; shift; "$BIN/psql" -X -v ON_ERROR_STOP=1 $L -d "$db" "$@"; }
+FIRST=21; LAST=$((20 + FAMILIES))
+
+server() { # name port extra-conf
+  local d=$BASE/$1
+  if [ -f "$d/data/PG_VERSION" ]; then
+    as_user "$BIN/pg_ctl" status -D "$d/data" >/dev/null 2>&1 && as_user "$BIN/pg_ctl" stop -w -m fast -D "$d/data" >/dev/null
+    rm -rf "$d"
+  fi
+  mkdir -p "$d"; chown "$USER_" "$d"
+  as_user "$BIN/initdb" -D "$d/data" -U postgres --auth=trust -E UTF8 >/dev/null
+  printf "listen_addresses = '127.0.0.1'\nport = %s\nunix_socket_directories = '%s'\nmax_connections = 300\nshared_buffers = '256MB'\n%b" "$2" "$d" "$3" >> "$d/data/postgresql.conf"
+  as_user "$BIN/pg_ctl" start -w -D "$d/data" -l "$d/server.log" >/dev/null
+}
+if [ ! -f "$BASE.key" ]; then head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$BASE.key"; fi
+chown "$USER_" "$BASE.key"; chmod 600 "$BASE.key"
+server platform 55451 "shared_preload_libraries = 'poco_sync'\npoco.database = 'platform'\npoco.key_file = '$BASE.key'\npoco.allow_private_targets = on\nwal_level = logical\nmax_worker_processes = 16\n"
+server learner 55452 ""
+"$BIN/psql" -X -q $P -d postgres -c "CREATE DATABASE platform"
+qp -qc "CREATE EXTENSION poco_sync" -f sample/schema.sql
+qp -q -v parents="$FAMILIES" -f sample/data.sql
+qp -q -o /dev/null -f sample/scope.sql
+
+echo "enabling sync for $FAMILIES families..."
+for f in $(seq $FIRST $LAST); do
+  ql postgres -qc "CREATE DATABASE fam$f"
+  qp -qAt -c "SELECT poco_enable_sync($f, 'postgresql://postgres:x@127.0.0.1:55452/fam$f?sslmode=disable')" >/dev/null
+done
+for _ in $(seq 600); do
+  left=$(qp -qAt -c "SELECT count(*) FROM poco.target WHERE sync_state <> 'streaming'")
+  [ "$left" = 0 ] && break
+  sleep 0.5
+done
+[ "$left" = 0 ] || { echo "targets did not reach streaming: $left left" >&2; exit 1; }
+# Each learner database notes when each benchmark row arrived.
+for f in $(seq $FIRST $LAST); do
+  ql "fam$f" -q <<'SQL'
+CREATE TABLE public.arrival (at_platform timestamptz, at_learner timestamptz);
+CREATE FUNCTION public.note_arrival() RETURNS trigger LANGUAGE plpgsql AS
+$$ BEGIN IF NEW.action = 'bench' THEN INSERT INTO public.arrival VALUES (NEW.at, clock_timestamp()); END IF; RETURN NULL; END $$;
+CREATE TRIGGER note_arrival AFTER INSERT ON elearning.audit_log FOR EACH ROW EXECUTE FUNCTION public.note_arrival();
+SQL
+done
+
+# Logical replication of a table carrying the family id, row filter on the first family.
+qp -q <<SQL
+CREATE TABLE public.lr_events (id bigserial PRIMARY KEY, family bigint NOT NULL, at timestamptz NOT NULL);
+CREATE PUBLICATION lr_bench FOR TABLE public.lr_events WHERE (family = $FIRST);
+SQL
+ql postgres -qc "CREATE DATABASE lr"
+ql lr -q <<SQL
+CREATE TABLE public.lr_events (id bigint PRIMARY KEY, family bigint NOT NULL, at timestamptz NOT NULL,
+                               at_learner timestamptz NOT NULL DEFAULT clock_timestamp());
+CREATE SUBSCRIPTION lr_bench CONNECTION 'host=127.0.0.1 port=55451 user=postgres dbname=platform' PUBLICATION lr_bench;
+SQL
+sleep 2
+
+cat > "$BASE/poco.sql" <<SQL
+\\set f random($FIRST, $LAST)
+INSERT INTO elearning.audit_log (user_id, action, at) VALUES (:f, 'bench', clock_timestamp());
+SQL
+cat > "$BASE/lr.sql" <<SQL
+\\set f random($FIRST, $LAST)
+INSERT INTO public.lr_events (family, at) VALUES (:f, clock_timestamp());
+SQL
+pct() { # file of latencies (ms) -> "p50 p99 n"
+  sort -g "$1" | awk '{ v[NR] = $1 } END { if (NR == 0) { print "- - 0"; exit } printf "%.2f %.2f %d", v[int(NR * 0.5) + (NR * 0.5 > int(NR * 0.5))], v[int(NR * 0.99) + (NR * 0.99 > int(NR * 0.99))], NR }'
+}
+
+echo "poco_sync: $RATE rows/s over $FAMILIES families for $SECONDS_ s..."
+qp -qc "CHECKPOINT"
+"$BIN/pgbench" $P -n -c 4 -j 2 -R "$RATE" -T "$SECONDS_" -f "$BASE/poco.sql" platform > "$BASE/pgbench_poco.txt" 2>&1
+for t in $(qp -qAt -c "SELECT id FROM poco.target ORDER BY id"); do
+  [ "$(qp -qAt -c "SELECT poco_sync_wait($t, '5 min')")" = t ] || { echo "target $t did not catch up" >&2; exit 1; }
+done
+: > "$BASE/poco_ms.txt"
+for f in $(seq $FIRST $LAST); do
+  ql "fam$f" -qAt -c "SELECT extract(epoch FROM at_learner - at_platform) * 1000 FROM public.arrival" >> "$BASE/poco_ms.txt"
+done
+read -r P50 P99 N <<< "$(pct "$BASE/poco_ms.txt")"
+SENT=$(qp -qAt -c "SELECT count(*) FROM elearning.audit_log WHERE action = 'bench'")
+
+echo "logical replication: the same load on the filtered table..."
+"$BIN/pgbench" $P -n -c 4 -j 2 -R "$RATE" -T "$SECONDS_" -f "$BASE/lr.sql" platform > "$BASE/pgbench_lr.txt" 2>&1
+sleep 2
+ql lr -qAt -c "SELECT extract(epoch FROM at_learner - at) * 1000 FROM public.lr_events" > "$BASE/lr_ms.txt"
+read -r LP50 LP99 LN <<< "$(pct "$BASE/lr_ms.txt")"
+
+echo "platform throughput, capture on and off..."
+tps() { "$BIN/pgbench" $P -n -c 4 -j 2 -T "$THROUGHPUT_SECONDS" -f "$BASE/poco.sql" platform 2>/dev/null | awk '/^tps/ { printf "%.0f", $3 }'; }
+ON=$(tps)
+for f in $(seq $FIRST $LAST); do qp -qAt -c "SELECT poco_disable_sync($f)" >/dev/null; done
+OFF=$(tps)
+
+{
+echo "# sync_latency: FAMILIES=$FAMILIES RATE=$RATE DURATION=$SECONDS_, $(nproc) cores, PostgreSQL $("$BIN/postgres" --version | awk '{print $3}'), $(date -u +%F)"
+echo "poco_sync   : $SENT rows sent, $N arrivals measured; latency p50 $P50 ms, p99 $P99 ms"
+echo "logical rep.: $LN rows of family $FIRST (row filter); latency p50 $LP50 ms, p99 $LP99 ms"
+echo "platform pgbench (4 clients, one audit row per transaction, $THROUGHPUT_SECONDS s): capture on $ON tps, off $OFF tps ($(awk -v a="$ON" -v b="$OFF" 'BEGIN { printf "%+.0f%%", (a / b - 1) * 100 }'))"
+echo "pgbench at $RATE/s, poco run: $(grep -E '^(latency average|tps)' "$BASE/pgbench_poco.txt" | tr '\n' ' ')"
+} | tee "$OUT/sync_latency.txt"
+for s in platform learner; do as_user "$BIN/pg_ctl" stop -w -m fast -D "$BASE/$s/data" >/dev/null; done
