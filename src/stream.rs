@@ -83,6 +83,8 @@ struct State {
     retry_at: HashMap<i64, (Instant, u32)>,
     /// Failpoints (poco.failpoint) this process has fired: each fires once.
     fired: BTreeSet<String>,
+    /// The last error of a whole pass, logged once.
+    last_error: Option<String>,
 }
 
 struct Target {
@@ -118,6 +120,8 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
             .map_err(|e| JobError::new("XX000", e.to_string()))?
             .unwrap_or_default();
         let targets = streaming_targets();
+        // Close the connections of targets that no longer stream (disabled, removed).
+        st.conns.retain(|id, _| targets.iter().any(|t| t.id == *id));
         if targets.is_empty() {
             return Ok((s, Vec::new(), false));
         }
@@ -153,10 +157,15 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
     let (s, results, any) = match result {
         Ok(r) => r,
         Err(e) => {
-            log!("poco_sync stream: {}", e.message);
+            // Said once, not on every pass while it lasts (e.g. the scope was cleared).
+            if st.last_error.as_deref() != Some(e.message.as_str()) {
+                log!("poco_sync stream: {}", e.message);
+                st.last_error = Some(e.message);
+            }
             return (false, true);
         }
     };
+    st.last_error = None;
     let busy = results.iter().any(|(_, o)| matches!(o, Outcome::Applied { .. }));
     if !results.is_empty() {
         BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| record(st, &s, &results)));

@@ -50,17 +50,32 @@ fn enabling_sync_snapshots_and_captures_and_disabling_stops_the_capture() {
     assert_eq!(again, t);
     assert_eq!(db.value(&format!("SELECT count(*) FROM poco.job WHERE target_id = {t}")).as_deref(), Some("1"));
 
-    // Changes of scoped tables are captured with their transaction; others are not.
+    // Changes of scoped tables are captured with their transaction; others are not. (Looked at
+    // inside the writing transaction: once delivered, the stream prunes them.)
+    db.execute("BEGIN");
     db.execute("UPDATE elearning.users SET display_name = display_name || '!' WHERE id = 21");
     db.execute("INSERT INTO elearning.platform_secrets (id, name, value) VALUES (9999, 'x', 'y')");
     assert_eq!(
-        db.value("SELECT string_agg(rel::regclass::text || ' ' || op::text, ',') FROM poco.change WHERE rel = 'elearning.users'::regclass").as_deref(),
-        Some("elearning.users U")
+        db.value(
+            "SELECT string_agg(rel::regclass::text || ' ' || op::text || ' ' || (txid = pg_current_xact_id()), ',') \
+               FROM poco.change WHERE rel = 'elearning.users'::regclass"
+        )
+        .as_deref(),
+        Some("elearning.users U true")
     );
     assert_eq!(db.value("SELECT count(*) FROM poco.change WHERE rel = 'elearning.platform_secrets'::regclass").as_deref(), Some("0"));
+    db.execute("COMMIT");
 
-    // Disabling: no capture left (nobody else syncs), the log emptied, the learner's data stays.
+    // The stream applied that change over its own connection to the learner.
+    assert_eq!(db.value(&format!("SELECT poco_sync_wait({t}, '30 s')")).as_deref(), Some("t"));
+    let stream_conns = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'poco_sync stream'";
+    assert_eq!(ldb.value(stream_conns).as_deref(), Some("1"));
+
+    // Disabling: no capture left (nobody else syncs), the log emptied, the learner's data stays,
+    // the stream's connection to the learner closed.
     db.execute("SELECT poco_disable_sync(21)");
+    let closed = poco_e2e::wait_for(std::time::Duration::from_secs(10), || ldb.value(stream_conns).filter(|n| n == "0"));
+    assert!(closed.is_some(), "the stream closed its connection to a learner that no longer syncs");
     assert_eq!(captured_tables(&db), "0");
     assert_eq!(db.value("SELECT count(*) FROM poco.change").as_deref(), Some("0"));
     assert_eq!(status(&db, "21"), "false idle true -");
