@@ -138,20 +138,21 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
             }
             groups.entry(t.position.clone()).or_default().push(t);
         }
-        let mut out = Vec::new();
+        let mut steps: Vec<(Target, Step)> = Vec::new();
         for (position, group) in groups {
             let changes = load_changes(&position);
             let parents: Vec<String> = group.iter().map(|t| t.parent.clone()).collect::<BTreeSet<_>>().into_iter().collect();
             let concerned = if changes.is_empty() { Concerned::Some(BTreeSet::new()) } else { attribute(&sc, &changes, &parents) };
             for t in group {
-                let o = if concerned.includes(&t.parent) {
-                    sync_target(rt, st, &sc, &pks, &fks, &t, &s, &changes)
+                let step = if concerned.includes(&t.parent) {
+                    sync_target(&sc, &pks, &fks, &t, &changes)
                 } else {
-                    Outcome::Advanced
+                    Step::Done(Outcome::Advanced)
                 };
-                out.push((t, o));
+                steps.push((t, step));
             }
         }
+        let out = deliver(rt, st, &s, steps);
         Ok((s, out, true))
     });
     let (s, results, any) = match result {
@@ -242,25 +243,21 @@ fn quote_ident(s: &str) -> String {
 }
 
 /// Bring one target from its position to `s`.
-#[allow(clippy::too_many_arguments)]
 fn sync_target(
-    rt: &tokio::runtime::Runtime,
-    st: &mut State,
     sc: &Scope,
     pks: &HashMap<u32, Vec<String>>,
     fks: &BTreeSet<(u32, u32)>,
     t: &Target,
-    s: &str,
     changes: &[Change],
-) -> Outcome {
+) -> Step {
     if changes.is_empty() {
-        return Outcome::Advanced;
+        return Step::Done(Outcome::Advanced);
     }
     let n = changes.len() as i64;
     if changes.iter().any(|c| c.1 == "T") {
-        return Outcome::Resnapshot("a scoped table was truncated".into());
+        return Step::Done(Outcome::Resnapshot("a scoped table was truncated".into()));
     }
-    sync_keys(rt, st, sc, pks, fks, t, s, changes, n)
+    sync_keys(sc, pks, fks, t, changes, n)
 }
 
 /// (table, operation, old row, new row)
@@ -333,18 +330,14 @@ fn attribute(sc: &Scope, changes: &[Change], parents: &[String]) -> Concerned {
     Concerned::Some(found)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn sync_keys(
-    rt: &tokio::runtime::Runtime,
-    st: &mut State,
     sc: &Scope,
     pks: &HashMap<u32, Vec<String>>,
     fks: &BTreeSet<(u32, u32)>,
     t: &Target,
-    s: &str,
     changes: &[Change],
     n: i64,
-) -> Outcome {
+) -> Step {
     // Keys touched, per table.
     let mut touched: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
     // Keys of rows that existed before the batch and were updated (not inserted in it): if one
@@ -354,7 +347,7 @@ fn sync_keys(
     for (rel, op, old, new) in changes {
         let Some(pk) = pks.get(rel) else { continue };
         if pk.is_empty() {
-            return Outcome::Failed { error: format!("table {rel} has no primary key: it cannot be synced"), changes: n };
+            return Step::Done(Outcome::Failed { error: format!("table {rel} has no primary key: it cannot be synced"), changes: n });
         }
         for img in [old, new].into_iter().flatten() {
             let k = key_of(pk, img);
@@ -413,7 +406,7 @@ fn sync_keys(
         );
         let rows: Value = match rows {
             Ok(v) => v.map(|j| j.0).unwrap_or(Value::Array(vec![])),
-            Err(e) => return Outcome::Failed { error: format!("reading {}: {e}", table.ident), changes: n },
+            Err(e) => return Step::Done(Outcome::Failed { error: format!("reading {}: {e}", table.ident), changes: n }),
         };
         let rows_lit = literal(&rows.to_string());
         if let (false, Some(upd)) = (reference, updated.get(&table.oid)) {
@@ -475,31 +468,32 @@ fn sync_keys(
             ));
         }
     }
-    match apply(rt, st, t, s, &stmts, &membership) {
-        Ok(o) => o,
-        Err(e) => {
-            st.conns.remove(&t.id);
-            // The learner refused the batch itself (a key or constraint its copy no longer
-            // agrees with, a table or column changed there): retrying the same batch cannot
-            // help, a new snapshot can.
-            if e.sqlstate.starts_with("23") || (e.sqlstate.starts_with("42") && e.sqlstate != "42501") {
-                Outcome::Resnapshot(format!("the learner refused a batch ({}): {}", e.sqlstate, e.message))
-            } else {
-                Outcome::Failed { error: e.message, changes: n }
-            }
-        }
-    }
-    .with_changes(n)
+    Step::Send(Batch { stmts, membership, n })
 }
 
-impl Outcome {
-    fn with_changes(self, n: i64) -> Outcome {
-        match self {
-            Outcome::Applied { .. } => Outcome::Applied { changes: n },
-            o => o,
-        }
+/// What a pass does for one target: an outcome already known, or a batch to send.
+enum Step {
+    Done(Outcome),
+    Send(Batch),
+}
+
+struct Batch {
+    stmts: Vec<String>,
+    membership: Vec<MembershipCheck>,
+    n: i64,
+}
+
+/// A learner error for a batch: refused by the learner itself (a key or constraint its copy no
+/// longer agrees with, a table or column changed there) means a new snapshot, since retrying
+/// the same batch cannot help; anything else backs off and retries.
+fn refused(e: JobError, n: i64) -> Outcome {
+    if e.sqlstate.starts_with("23") || (e.sqlstate.starts_with("42") && e.sqlstate != "42501") {
+        Outcome::Resnapshot(format!("the learner refused a batch ({}): {}", e.sqlstate, e.message))
+    } else {
+        Outcome::Failed { error: e.message, changes: n }
     }
 }
+
 
 /// The key of a row (or row image) as canonical JSON text: the primary key columns only.
 fn key_of(pk: &[String], row: &Value) -> String {
@@ -517,116 +511,194 @@ struct MembershipCheck {
     in_now: BTreeSet<String>,
 }
 
-/// One learner transaction: check the position, run the statements, move the position.
-fn apply(
-    rt: &tokio::runtime::Runtime,
-    st: &mut State,
-    t: &Target,
-    s: &str,
-    stmts: &[String],
-    membership: &[MembershipCheck],
-) -> Result<Outcome, JobError> {
+/// Send the pass's batches: every learner transaction in flight at once, two round trips each
+/// (begin + read the position + the moved-rows checks; then the statements + the new position +
+/// COMMIT, or ROLLBACK), with the decisions in between taken here, on the main thread.
+fn deliver(rt: &tokio::runtime::Runtime, st: &mut State, s: &str, steps: Vec<(Target, Step)>) -> Vec<(Target, Outcome)> {
     let timeout = gucs::network_timeout();
-    if !st.conns.contains_key(&t.id) || st.conns[&t.id].is_closed() {
-        let (target, password) = (|| -> Result<_, JobError> {
-            let key = keys::current().map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
-            let tr = catalog::load_target(t.id).map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
-            let pw = crate::targets::poco::open_credentials(t.id, &key).map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
-            Ok((tr, pw))
-        })()?;
-        let client = rt.block_on(net::step(
-            "connect",
-            timeout * 2,
-            &stopping,
-            net::connect(&target.spec, password.as_deref(), gucs::allow_private_targets(), timeout, "poco_sync stream"),
-        ))?;
-        st.conns.insert(t.id, client);
-    }
-    let client = &st.conns[&t.id];
-    let ms = timeout.as_millis();
-    let run = |what: &str, sql: String| -> Result<(), JobError> {
-        let what = what.to_string();
-        rt.block_on(net::step(&what.clone(), timeout, &stopping, async {
-            client.batch_execute(&sql).await.map_err(|e| JobError::learner(&what, &e))
-        }))
-    };
-    run(
-        "starting a batch",
-        format!(
-            "BEGIN; SET LOCAL search_path = pg_catalog; SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; \
-             SET LOCAL TimeZone = 'UTC'; SET LOCAL lock_timeout = '{ms}ms'; SET CONSTRAINTS ALL DEFERRED"
-        ),
-    )?;
-    let rows = rt.block_on(net::step("reading the learner's position", timeout, &stopping, async {
-        client
-            .query("SELECT position FROM poco_sync.position FOR UPDATE", &[])
-            .await
-            .map_err(|e| JobError::learner("reading the learner's position", &e))
-    }));
-    let at: Option<String> = match rows {
-        Ok(r) => r.first().map(|r| r.get(0)),
-        Err(_) => None,
-    };
-    if at.as_deref() == Some(s) {
-        run("ending a batch", "ROLLBACK".into())?;
-        return Ok(Outcome::Applied { changes: 0 }); // applied before; the acknowledgement was lost
-    }
-    // The learner may be past the position last recorded here (the acknowledgement of a batch
-    // it committed was lost): a batch that starts earlier and ends at S still gives it exactly
-    // the state at S (touched keys are read in S), so it applies when the learner's position
-    // lies between the recorded one and S.
-    let between = at.as_deref().is_some_and(|a| {
-        Spi::get_one_with_args::<bool>(
-            "SELECT poco.snapshot_covers($1::pg_catalog.pg_snapshot, $2::pg_catalog.pg_snapshot) \
-                AND poco.snapshot_covers($3::pg_catalog.pg_snapshot, $1::pg_catalog.pg_snapshot)",
-            &[a.into(), t.learner_position.as_str().into(), s.into()],
-        )
-        .ok()
-        .flatten()
-        .unwrap_or(false)
-    });
-    if !between {
-        let _ = run("ending a batch", "ROLLBACK".into());
-        return Ok(Outcome::Resnapshot(format!(
-            "the learner's poco_sync.position is not the one last written ({})",
-            if at.is_some() { "another snapshot" } else { "missing" }
-        )));
-    }
-    // An updated row that changed family (it is here and out of scope now, or in scope now and
-    // not here) moved what it owns with it: first version, a new snapshot of this target.
-    for m in membership {
-        let rows = rt.block_on(net::step("checking moved rows", timeout, &stopping, async {
-            client.query(m.sql.as_str(), &[]).await.map_err(|e| JobError::learner("checking moved rows", &e))
-        }))?;
-        let here: BTreeSet<String> = rows
-            .iter()
-            .filter_map(|r| serde_json::from_str::<Value>(&r.get::<_, String>(0)).ok())
-            .map(|v| key_of(&m.pk, &v))
-            .collect();
-        let moved_out = here.iter().any(|k| !m.in_now.contains(k));
-        let moved_in = m.updated.iter().any(|k| m.in_now.contains(k) && !here.contains(k));
-        if moved_out || moved_in {
-            let _ = run("ending a batch", "ROLLBACK".into());
-            return Ok(Outcome::Resnapshot(format!(
-                "a row of {} moved {} this family, with what it owns",
-                m.table,
-                if moved_out { "out of" } else { "into" }
-            )));
+    let mut out: Vec<(Target, Outcome)> = Vec::new();
+    let mut sends: Vec<(Target, Batch)> = Vec::new();
+    for (t, step) in steps {
+        match step {
+            Step::Done(o) => out.push((t, o)),
+            Step::Send(b) => {
+                if let Err(e) = connect(rt, st, &t) {
+                    out.push((t, Outcome::Failed { error: e.message, changes: b.n }));
+                } else {
+                    sends.push((t, b));
+                }
+            }
         }
     }
-    let mut all = stmts.to_vec();
-    all.push(format!(
-        "UPDATE poco_sync.position SET position = {}, updated_at = pg_catalog.now(), batches = batches + 1",
-        literal(s)
-    ));
-    run("applying a batch", all.join(";\n"))?;
-    run("committing a batch", "COMMIT".into())?;
-    // Failpoint for tests: the learner committed, the platform never hears of it.
-    if gucs::failpoint().as_deref() == Some("stream_ack_lost") && st.fired.insert("stream_ack_lost".into()) {
-        st.conns.remove(&t.id);
-        return Err(JobError::transient("08006", "failpoint stream_ack_lost: the batch's acknowledgement was lost"));
+    if sends.is_empty() {
+        return out;
     }
-    Ok(Outcome::Applied { changes: 0 })
+    let ms = timeout.as_millis();
+    // 1. Begin, read the learner's position, check the updated rows, all learners at once.
+    let firsts: Vec<Result<Vec<Vec<String>>, JobError>> = {
+        let conns = &st.conns;
+        let futs = sends.iter().map(|(t, b)| {
+            let mut sql = format!(
+                "BEGIN; SET LOCAL search_path = pg_catalog; SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; \
+                 SET LOCAL TimeZone = 'UTC'; SET LOCAL lock_timeout = '{ms}ms'; SET CONSTRAINTS ALL DEFERRED; \
+                 SELECT position FROM poco_sync.position FOR UPDATE"
+            );
+            for m in &b.membership {
+                sql.push_str(";\n");
+                sql.push_str(&m.sql);
+            }
+            let selects = 1 + b.membership.len();
+            let client = &conns[&t.id];
+            net::step("starting a batch", timeout, &stopping, async move {
+                let msgs = client.simple_query(&sql).await.map_err(|e| JobError::learner("starting a batch", &e))?;
+                // One row set per statement; the SELECTs are the last ones.
+                let mut sets: Vec<Vec<String>> = Vec::new();
+                let mut cur: Vec<String> = Vec::new();
+                for m in msgs {
+                    match m {
+                        tokio_postgres::SimpleQueryMessage::Row(r) => cur.push(r.get(0).unwrap_or_default().to_string()),
+                        tokio_postgres::SimpleQueryMessage::CommandComplete(_) => sets.push(std::mem::take(&mut cur)),
+                        _ => {}
+                    }
+                }
+                Ok(sets.split_off(sets.len().saturating_sub(selects)))
+            })
+        });
+        rt.block_on(futures_util::future::join_all(futs))
+    };
+    // 2. Decide, here (the position check reads the platform's snapshots).
+    let mut seconds: Vec<(Target, Batch, Option<String>)> = Vec::new(); // None: roll back
+    let mut decided: BTreeMap<i64, Outcome> = BTreeMap::new(); // rolled back, for this reason
+    for ((t, b), first) in sends.into_iter().zip(firsts) {
+        let sets = match first {
+            Ok(sets) => sets,
+            Err(e) => {
+                // The position table missing or unreadable: the learner is not a copy we know.
+                st.conns.remove(&t.id);
+                let o = if e.sqlstate.starts_with("42") && e.sqlstate != "42501" {
+                    Outcome::Resnapshot(format!("the learner's poco_sync.position cannot be read ({})", e.message))
+                } else {
+                    Outcome::Failed { error: e.message, changes: b.n }
+                };
+                out.push((t, o));
+                continue;
+            }
+        };
+        let at = sets.first().and_then(|r| r.first()).cloned();
+        if at.as_deref() == Some(s) {
+            // Applied before; the acknowledgement was lost.
+            seconds.push((t, b, None));
+            continue;
+        }
+        // The learner may be past the position last recorded here (a lost acknowledgement): a
+        // batch that starts earlier and ends at S still gives it exactly the state at S
+        // (touched keys are read in S), so it applies when the learner's position lies between
+        // the recorded one and S.
+        let between = at.as_deref().is_some_and(|a| {
+            Spi::get_one_with_args::<bool>(
+                "SELECT poco.snapshot_covers($1::pg_catalog.pg_snapshot, $2::pg_catalog.pg_snapshot) \
+                    AND poco.snapshot_covers($3::pg_catalog.pg_snapshot, $1::pg_catalog.pg_snapshot)",
+                &[a.into(), t.learner_position.as_str().into(), s.into()],
+            )
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+        });
+        if !between {
+            let why = format!(
+                "the learner's poco_sync.position is not the one last written ({})",
+                if at.is_some() { "another snapshot" } else { "missing" }
+            );
+            decided.insert(t.id, Outcome::Resnapshot(why));
+            seconds.push((t, b, None));
+            continue;
+        }
+        // An updated row that changed family (it is here and out of scope now, or in scope now
+        // and not here) moved what it owns with it: first version, a new snapshot of the target.
+        let mut moved: Option<String> = None;
+        for (m, rows) in b.membership.iter().zip(sets.iter().skip(1)) {
+            let here: BTreeSet<String> = rows
+                .iter()
+                .filter_map(|r| serde_json::from_str::<Value>(r).ok())
+                .map(|v| key_of(&m.pk, &v))
+                .collect();
+            let moved_out = here.iter().any(|k| !m.in_now.contains(k));
+            let moved_in = m.updated.iter().any(|k| m.in_now.contains(k) && !here.contains(k));
+            if moved_out || moved_in {
+                moved = Some(format!(
+                    "a row of {} moved {} this family, with what it owns",
+                    m.table,
+                    if moved_out { "out of" } else { "into" }
+                ));
+                break;
+            }
+        }
+        if let Some(why) = moved {
+            decided.insert(t.id, Outcome::Resnapshot(why));
+            seconds.push((t, b, None));
+            continue;
+        }
+        let mut all = b.stmts.clone();
+        all.push(format!(
+            "UPDATE poco_sync.position SET position = {}, updated_at = pg_catalog.now(), batches = batches + 1",
+            literal(s)
+        ));
+        all.push("COMMIT".into());
+        seconds.push((t, b, Some(all.join(";\n"))));
+    }
+    // 3. Commit (or roll back), all learners at once.
+    let results: Vec<Result<(), JobError>> = {
+        let conns = &st.conns;
+        let futs = seconds.iter().map(|(t, _, sql)| {
+            let client = &conns[&t.id];
+            let sql = sql.clone().unwrap_or_else(|| "ROLLBACK".into());
+            net::step("applying a batch", timeout, &stopping, async move {
+                client.batch_execute(&sql).await.map_err(|e| JobError::learner("applying a batch", &e))
+            })
+        });
+        rt.block_on(futures_util::future::join_all(futs))
+    };
+    for ((t, b, sql), r) in seconds.into_iter().zip(results) {
+        let o = match (decided.remove(&t.id), r) {
+            (Some(o), _) => o, // rolled back: the decision stands
+            (None, Err(e)) => {
+                st.conns.remove(&t.id);
+                refused(e, b.n)
+            }
+            (None, Ok(())) if sql.is_some() => {
+                // Failpoint for tests: the learner committed, the platform never hears of it.
+                if gucs::failpoint().as_deref() == Some("stream_ack_lost") && st.fired.insert("stream_ack_lost".into()) {
+                    st.conns.remove(&t.id);
+                    Outcome::Failed { error: "failpoint stream_ack_lost: the batch's acknowledgement was lost".into(), changes: b.n }
+                } else {
+                    Outcome::Applied { changes: b.n }
+                }
+            }
+            (None, Ok(())) => Outcome::Applied { changes: 0 }, // already there
+        };
+        out.push((t, o));
+    }
+    out
+}
+
+/// Make sure the stream has a live connection to the target's learner.
+fn connect(rt: &tokio::runtime::Runtime, st: &mut State, t: &Target) -> Result<(), JobError> {
+    if st.conns.get(&t.id).is_some_and(|c| !c.is_closed()) {
+        return Ok(());
+    }
+    let timeout = gucs::network_timeout();
+    let key = keys::current().map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
+    let target = catalog::load_target(t.id).map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
+    let password =
+        crate::targets::poco::open_credentials(t.id, &key).map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
+    let client = rt.block_on(net::step(
+        "connect",
+        timeout * 2,
+        &stopping,
+        net::connect(&target.spec, password.as_deref(), gucs::allow_private_targets(), timeout, "poco_sync stream"),
+    ))?;
+    st.conns.insert(t.id, client);
+    Ok(())
 }
 
 /// Record the pass on the platform, and prune what every target has.
