@@ -83,6 +83,8 @@ pub mod poco {
     fn remove_target(target_id: Option<i64>) {
         let id = target_id.unwrap_or_else(|| raise(PocoError::NullArgument("target_id")));
         let (parent, url) = catalog::delete_target(id).or_raise();
+        // It may have been the last one syncing: then the capture goes too.
+        Spi::run("SELECT poco.refresh_capture()").or_raise();
         catalog::log_event(
             "target_removed",
             Some(&parent),

@@ -83,6 +83,12 @@ fn enabling_sync_snapshots_and_captures_and_disabling_stops_the_capture() {
     let e = db.error(&format!("SELECT poco_sync_wait({t}, '1 s')"));
     assert_eq!(e.code().code(), "55000");
     assert!(e.message().contains("does not sync"), "{}", e.message());
+
+    // Removing the last syncing target also removes the capture.
+    let t2: i64 = db.query(&format!("SELECT poco_enable_sync(21, '{url}')"))[0].get(0);
+    assert_eq!(captured_tables(&db), db.value("SELECT count(*) FROM poco.scope").unwrap());
+    db.execute(&format!("SELECT poco_remove_target({t2})"));
+    assert_eq!(captured_tables(&db), "0");
 }
 
 fn enable(db: &Db, parent: &str, l: &Server) -> i64 {
