@@ -534,7 +534,13 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
             // 'all' tables and tables nothing pulls: same one-parameter shape as the others.
             forward = format!("{forward} AND $1::pg_catalog.text IS NOT NULL");
         }
-        let owners = g.member(oid, "t", &format!("(poco_p.v)::{key_type}"), &mut Counter::default());
+        let owner_param = format!("(poco_p.v)::{key_type}");
+        let owners = match role {
+            // Owned rows: walk up from the row and test the predicate on the root rows reached,
+            // rather than collecting each candidate parent's root rows (a scan per candidate).
+            Role::Owned => g.owned_reaches_root(oid, "t", &owner_param, &mut Counter::default()),
+            _ => g.member(oid, "t", &owner_param, &mut Counter::default()),
+        };
         let path = match role {
             Role::Root => format!("{} WHERE {}", t.ident, pred_text.trim()),
             Role::Owned => cx.describe_chain(&chains[&oid]),
@@ -849,6 +855,48 @@ impl Gen<'_> {
         } else {
             format!("({})", parts.join(" OR "))
         }
+    }
+
+    /// The values of the last foreign key's referencing columns on the path from row `alias`
+    /// of `chain[0]`'s child up towards the root: a subquery, one index probe per step.
+    fn chain_reach(&self, chain: &[usize], alias: &str, n: &mut Counter) -> String {
+        let cat = self.cx.cat;
+        let fk = &cat.fks[chain[0]];
+        let child = &cat.tables[&fk.child];
+        let ccols = child.idents(&fk.child_cols);
+        if chain.len() == 1 {
+            let cols: Vec<String> = ccols.iter().map(|c| format!("{alias}.{c}")).collect();
+            return format!("SELECT {}", cols.join(", "));
+        }
+        let parent = &cat.tables[&fk.parent];
+        let a = n.next("u");
+        let r = n.next("r");
+        let inner = self.chain_reach(&chain[1..], &a, n);
+        let conds: Vec<String> = parent
+            .idents(&fk.parent_cols)
+            .iter()
+            .zip(ccols.iter())
+            .map(|(p, c)| format!("{a}.{p} = {alias}.{c}"))
+            .collect();
+        format!("SELECT {r}.* FROM {} {a} CROSS JOIN LATERAL ({inner}) {r} WHERE {}", parent.from_item(), conds.join(" AND "))
+    }
+
+    /// The row `alias` of owned table `oid` reaches, up its ownership path, a root row for
+    /// which the predicate holds with `param`. Same meaning as `member`, evaluated from the row
+    /// upwards (for attributing one row to candidate parents).
+    fn owned_reaches_root(&self, oid: Oid, alias: &str, param: &str, n: &mut Counter) -> String {
+        let cat = self.cx.cat;
+        let chain = &self.chains[&oid];
+        let last = &cat.fks[*chain.last().expect("an owned table has a path")];
+        let root = &cat.tables[&last.parent];
+        let o = n.next("w");
+        let reach = self.chain_reach(chain, alias, n);
+        format!(
+            "EXISTS (SELECT 1 FROM {} {o} WHERE {} IN ({reach}) AND ({}))",
+            root.from_item(),
+            tuple(&o, &root.idents(&last.parent_cols)),
+            self.pred.with_param(param)
+        )
     }
 
     fn chain_member(&self, chain: &[usize], alias: &str, param: &str, n: &mut Counter) -> String {
