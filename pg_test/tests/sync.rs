@@ -253,3 +253,36 @@ fn a_batch_whose_acknowledgement_is_lost_is_not_applied_twice() {
     assert_eq!(db.value(&format!("SELECT count(*) FROM poco.job WHERE target_id = {t}")).as_deref(), Some("1"), "no new snapshot");
     assert_eq!(db.value(&format!("SELECT learner_position::text FROM poco.target WHERE id = {t}")), ldb.value("SELECT position FROM poco_sync.position"));
 }
+
+#[test]
+fn a_learner_that_was_down_catches_up_exactly() {
+    let (platform, db) = sample_platform("sync_down", 20);
+    let l = learner("sync_down_learner");
+    let t = enable(&db, "21", &l);
+    db.execute("ALTER SYSTEM SET poco.retry_delay = '100ms'");
+    platform.reload();
+
+    // The learner goes away (Neon suspends idle databases); the platform keeps changing.
+    l.stop("fast");
+    db.execute("INSERT INTO elearning.audit_log (user_id, action) SELECT id, 'while down' FROM elearning.users WHERE parent_id = 21");
+    db.execute("UPDATE elearning.users SET display_name = display_name || ' (while down)' WHERE id = 21");
+    db.execute(
+        "DELETE FROM elearning.enrollments WHERE id = (SELECT min(e.id) FROM elearning.enrollments e \
+           JOIN elearning.users u ON u.id = e.learner_id WHERE u.parent_id = 21)",
+    );
+    // The target says what is wrong, and keeps the backlog.
+    let err = poco_e2e::wait_for(std::time::Duration::from_secs(20), || {
+        db.value("SELECT last_error FROM poco_status(21)").filter(|e| !e.is_empty())
+    });
+    assert!(err.is_some(), "the failure shows in poco_status");
+    assert_eq!(db.value(&format!("SELECT poco_sync_wait({t}, '300 ms')")).as_deref(), Some("f"));
+    assert_ne!(db.value("SELECT count(*) FROM poco.change").as_deref(), Some("0"), "the backlog is kept");
+
+    // Back up: it catches up exactly, by itself, without a new snapshot.
+    l.start_again();
+    assert_eq!(db.value(&format!("SELECT poco_sync_wait({t}, '1 min')")).as_deref(), Some("t"));
+    let ldb = l.connect("family");
+    assert_learner_equals_scope(&db, &ldb, "21");
+    assert_eq!(db.value("SELECT coalesce(last_error, '-') FROM poco_status(21)").as_deref(), Some("-"));
+    assert_eq!(db.value(&format!("SELECT count(*) FROM poco.job WHERE target_id = {t}")).as_deref(), Some("1"), "no new snapshot");
+}
