@@ -85,6 +85,9 @@ struct State {
     fired: BTreeSet<String>,
     /// The last error of a whole pass, logged once.
     last_error: Option<String>,
+    /// Prepared attribution queries, by SQL text (a scope change gives new texts; Postgres
+    /// re-plans them by itself after DDL).
+    plans: HashMap<String, pgrx::spi::OwnedPreparedStatement>,
 }
 
 struct Target {
@@ -142,7 +145,8 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         for (position, group) in groups {
             let changes = load_changes(&position);
             let parents: Vec<String> = group.iter().map(|t| t.parent.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-            let concerned = if changes.is_empty() { Concerned::Some(BTreeSet::new()) } else { attribute(&sc, &changes, &parents) };
+            let concerned =
+                if changes.is_empty() { Concerned::Some(BTreeSet::new()) } else { attribute(&mut st.plans, &sc, &changes, &parents) };
             for t in group {
                 let step = if concerned.includes(&t.parent) {
                     sync_target(&sc, &pks, &fks, &t, &changes)
@@ -308,7 +312,12 @@ impl Concerned {
 /// and loses is caught through its old image, or, when what moved is an ancestor, through the
 /// highest changed ancestor's old image (above it nothing changed, so its chain at S is the one
 /// the learner knew). Reference rows and TRUNCATE concern everyone.
-fn attribute(sc: &Scope, changes: &[Change], parents: &[String]) -> Concerned {
+fn attribute(
+    plans: &mut HashMap<String, pgrx::spi::OwnedPreparedStatement>,
+    sc: &Scope,
+    changes: &[Change],
+    parents: &[String],
+) -> Concerned {
     let mut found: BTreeSet<String> = BTreeSet::new();
     for (rel, op, old, new) in changes {
         let Some(table) = sc.table(*rel) else { continue };
@@ -319,9 +328,19 @@ fn attribute(sc: &Scope, changes: &[Change], parents: &[String]) -> Concerned {
             if found.len() == parents.len() {
                 return Concerned::Some(found);
             }
+            if !plans.contains_key(&table.owners_sql) {
+                let types = [PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID), PgOid::BuiltIn(PgBuiltInOids::JSONBOID)];
+                if let Ok(p) = Spi::connect(|c| c.prepare(table.owners_sql.as_str(), &types).map(|p| p.keep())) {
+                    plans.insert(table.owners_sql.clone(), p);
+                }
+            }
+            let args = [parents.to_vec().into(), pgrx::JsonB(img.clone()).into()];
             let owners: Vec<String> = Spi::connect(|c| {
-                c.select(&table.owners_sql, None, &[parents.to_vec().into(), pgrx::JsonB(img.clone()).into()])
-                    .map(|rows| rows.filter_map(|r| r.get::<String>(1).ok().flatten()).collect())
+                let rows = match plans.get(&table.owners_sql) {
+                    Some(p) => c.select(p, None, &args),
+                    None => c.select(table.owners_sql.as_str(), None, &args),
+                };
+                rows.map(|rows| rows.filter_map(|r| r.get::<String>(1).ok().flatten()).collect())
                     .unwrap_or_else(|_| parents.to_vec()) // cannot tell: assume it concerns everyone
             });
             found.extend(owners);
