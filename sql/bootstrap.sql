@@ -24,7 +24,10 @@ CREATE TABLE poco.target (
     -- Continuous sync (docs/sync-design.md): off | snapshot | streaming | resnapshot | error
     sync_state    text NOT NULL DEFAULT 'off'
                   CHECK (sync_state IN ('off', 'snapshot', 'streaming', 'resnapshot', 'error')),
-    sync_position pg_snapshot,     -- every change visible in it is on the learner
+    -- streaming: every change visible in it is on the learner. snapshot / resnapshot / error:
+    -- a snapshot taken before the coming full snapshot, so changes it may need are kept.
+    sync_position pg_snapshot,
+    sync_position_at timestamptz,  -- when sync_position last moved (backlog age)
     learner_position pg_snapshot,  -- the position last written to the learner's poco_sync.position
     last_snapshot_at timestamptz,  -- last full push that succeeded
     last_applied_at  timestamptz,  -- last change batch applied

@@ -194,6 +194,9 @@ BEGIN
       INSERT INTO poco.events (kind, message, detail)
       VALUES ('scope_changed', format('scope: %s (%s) was dropped; its declaration is removed', o.object_identity, r),
               jsonb_build_object('table', o.object_identity, 'removed', r, 'reason', 'dropped'));
+      IF to_regprocedure('poco.resnapshot_all(text)') IS NOT NULL THEN
+        PERFORM poco.resnapshot_all(format('%s left the scope (dropped)', o.object_identity));
+      END IF;
     END IF;
   END LOOP;
 END $$;
@@ -274,11 +277,13 @@ DECLARE
   t poco.target;
 BEGIN
   SELECT * INTO t FROM poco.target WHERE id = target_id FOR UPDATE;
-  IF t.continuous AND t.sync_state IN ('snapshot', 'streaming') THEN
+  IF t.continuous AND t.sync_state IN ('snapshot', 'resnapshot', 'streaming') THEN
     RETURN t.id;   -- already on: nothing to start again
   END IF;
-  UPDATE poco.target SET continuous = true, sync_state = 'snapshot', sync_position = NULL,
-         sync_lag = 0, last_sync_error = NULL, updated_at = now()
+  -- The position holds, until the snapshot job records its own, a snapshot taken before it:
+  -- changes are pruned below the oldest position, and the job's snapshot needs those after it.
+  UPDATE poco.target SET continuous = true, sync_state = 'snapshot', sync_position = pg_current_snapshot(),
+         sync_position_at = now(), sync_lag = 0, last_sync_error = NULL, updated_at = now()
    WHERE id = t.id;
   -- Triggers first, then the snapshot job: the job's snapshot is taken after this commits, so
   -- every change after it is captured.
@@ -288,6 +293,65 @@ BEGIN
   VALUES ('sync_enabled', t.parent_id, t.id, format('continuous sync enabled for target %s', t.id));
   RETURN t.id;
 END $$;
+
+-- Start a target over with a full snapshot (the stream calls it: TRUNCATE, a moved subtree,
+-- a refused batch, a backlog past its limit, a schema or scope change, a failed snapshot
+-- retried). Its backlog is released: the position becomes a snapshot taken now, before the job's.
+CREATE FUNCTION poco.resnapshot(target_id bigint, why text) RETURNS boolean
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  t poco.target;
+BEGIN
+  SELECT * INTO t FROM poco.target WHERE id = target_id AND continuous FOR UPDATE;
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+  UPDATE poco.target SET sync_state = 'resnapshot', sync_position = pg_current_snapshot(),
+         sync_position_at = now(), last_sync_error = 're-snapshot: ' || why
+   WHERE id = t.id;
+  IF NOT EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = t.id AND j.state IN ('queued', 'running')) THEN
+    PERFORM poco_push(t.parent_id, t.id);
+  END IF;
+  INSERT INTO poco.events (kind, parent_id, target_id, message)
+  VALUES ('sync_resnapshot', t.parent_id, t.id, format('target %s is re-snapshotted: %s', t.id, why));
+  RETURN true;
+END $$;
+
+-- Every continuous target starts over (a schema change of a scoped table, a scope change).
+CREATE FUNCTION poco.resnapshot_all(why text) RETURNS integer
+LANGUAGE sql SET search_path = pg_catalog, pg_temp
+AS $$ SELECT count(*)::integer FROM poco.target t WHERE t.continuous AND poco.resnapshot(t.id, why) $$;
+
+-- A schema change of a scoped table, or of a type one of its columns uses, reaches the
+-- learners through a new snapshot (the learner's copy is recreated with the new schema).
+CREATE FUNCTION poco.schema_changed() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  hit text;
+BEGIN
+  IF to_regclass('poco.target') IS NULL OR NOT EXISTS (SELECT 1 FROM poco.target WHERE continuous) THEN
+    RETURN;
+  END IF;
+  WITH scoped AS (SELECT rel::oid AS oid FROM poco.scope),
+       used AS (SELECT a.atttypid AS oid FROM pg_attribute a JOIN scoped s ON a.attrelid = s.oid
+                 WHERE a.attnum > 0 AND NOT a.attisdropped),
+       types AS (SELECT u.oid FROM used u
+                 UNION SELECT ty.typelem FROM used u JOIN pg_type ty ON ty.oid = u.oid WHERE ty.typelem <> 0
+                 UNION SELECT ty.typbasetype FROM used u JOIN pg_type ty ON ty.oid = u.oid WHERE ty.typbasetype <> 0)
+  SELECT string_agg(DISTINCT d.object_identity, ', ') INTO hit
+    FROM pg_event_trigger_ddl_commands() d
+   WHERE (d.classid = 'pg_class'::regclass AND d.objid IN (SELECT oid FROM scoped))
+      OR (d.classid = 'pg_type'::regclass AND d.objid IN (SELECT oid FROM types));
+  IF hit IS NOT NULL THEN
+    PERFORM poco.refresh_capture();
+    PERFORM poco.resnapshot_all(format('the schema of %s changed', hit));
+  END IF;
+END $$;
+CREATE EVENT TRIGGER poco_schema_changed ON ddl_command_end
+  WHEN TAG IN ('ALTER TABLE', 'ALTER TYPE', 'ALTER DOMAIN')
+  EXECUTE FUNCTION poco.schema_changed();
 
 CREATE FUNCTION pg_catalog.poco_enable_sync(parent_id anyelement, url text)
 RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp

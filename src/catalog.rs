@@ -17,8 +17,7 @@ pub struct TargetRow {
     pub secret: Option<Vec<u8>>,
 }
 
-const TARGET_COLUMNS: &str =
-    "id, parent_id, host, port, dbname, username, sslmode, params, secret";
+const TARGET_COLUMNS: &str = "id, parent_id, host, port, dbname, username, sslmode, params, secret";
 
 fn row_to_target(row: &pgrx::spi::SpiHeapTupleData<'_>) -> Result<TargetRow> {
     let get_s = |i: usize| -> String { row.get::<String>(i).ok().flatten().unwrap_or_default() };
@@ -65,7 +64,9 @@ pub fn all_targets_for_update() -> Result<Vec<TargetRow>> {
 }
 
 pub fn next_target_id() -> i64 {
-    Spi::get_one::<i64>("SELECT nextval('poco.target_id_seq')").or_raise().expect("nextval")
+    Spi::get_one::<i64>("SELECT nextval('poco.target_id_seq')")
+        .or_raise()
+        .expect("nextval")
 }
 
 /// The first column of the first row, or None when there is no row (Spi::get_one errors then).
@@ -175,7 +176,11 @@ pub fn log_event(
 pub fn target_ids_of(parent_id: &str) -> Vec<i64> {
     Spi::connect(|client| {
         client
-            .select("SELECT id FROM poco.target WHERE parent_id = $1 ORDER BY id", None, &[parent_id.into()])
+            .select(
+                "SELECT id FROM poco.target WHERE parent_id = $1 ORDER BY id",
+                None,
+                &[parent_id.into()],
+            )
             .or_raise()
             .filter_map(|r| r.get::<i64>(1).ok().flatten())
             .collect()
@@ -196,12 +201,18 @@ pub fn log_job_event(kind: &str, job_id: i64, message: &str, detail: serde_json:
 pub fn job_state(job_id: i64) -> Option<(String, bool)> {
     Spi::connect_mut(|client| {
         let mut t = client
-            .update("SELECT state, xmin::text::bigint FROM poco.job WHERE id = $1", Some(1), &[job_id.into()])
+            .update(
+                "SELECT state, xmin::text::bigint FROM poco.job WHERE id = $1",
+                Some(1),
+                &[job_id.into()],
+            )
             .or_raise();
         t.next().map(|r| {
             let state = r.get::<String>(1).ok().flatten().unwrap_or_default();
             let xmin = r.get::<i64>(2).ok().flatten().unwrap_or(0) as u32;
-            let mine = unsafe { pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(xmin)) };
+            let mine = unsafe {
+                pg_sys::TransactionIdIsCurrentTransactionId(pg_sys::TransactionId::from(xmin))
+            };
             (state, mine)
         })
     })
@@ -256,7 +267,11 @@ pub fn load_job(job_id: i64) -> Option<JobRow> {
             attempts: r.get::<i32>(5).ok().flatten().unwrap_or(0),
             max_attempts: r.get::<i32>(6).ok().flatten().unwrap_or(1),
             rows_expected: r.get::<i64>(7).ok().flatten(),
-            kind: r.get::<String>(8).ok().flatten().unwrap_or_else(|| "push".into()),
+            kind: r
+                .get::<String>(8)
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| "push".into()),
             backups: r.get::<i32>(9).ok().flatten().unwrap_or(0),
             backup_name: r.get::<String>(10).ok().flatten(),
         })
@@ -332,7 +347,11 @@ pub fn publish_progress(s: &crate::shmem::JobSlot, payload: &serde_json::Value) 
         ],
     )
     .or_raise();
-    Spi::run_with_args("SELECT pg_catalog.pg_notify('poco_progress', $1)", &[payload.to_string().into()]).or_raise();
+    Spi::run_with_args(
+        "SELECT pg_catalog.pg_notify('poco_progress', $1)",
+        &[payload.to_string().into()],
+    )
+    .or_raise();
 }
 
 /// A job's end: its final row (or back to the queue for a retry), its event, its last NOTIFY.
@@ -380,7 +399,7 @@ pub fn finish_job(e: &JobEnd) {
 pub fn sync_snapshot_done(target_id: i64, position: Option<&str>) {
     Spi::run_with_args(
         "UPDATE poco.target SET sync_position = $2::pg_catalog.pg_snapshot, learner_position = $2::pg_catalog.pg_snapshot, \
-                last_snapshot_at = pg_catalog.now(), \
+                last_snapshot_at = pg_catalog.now(), sync_position_at = pg_catalog.now(), \
                 sync_state = CASE WHEN continuous THEN 'streaming' ELSE 'off' END, sync_lag = 0, last_sync_error = NULL \
           WHERE id = $1 AND $2 IS NOT NULL",
         &[target_id.into(), position.into()],

@@ -4,7 +4,8 @@
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 
-static DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
 static KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static ALLOW_PRIVATE: GucSetting<bool> = GucSetting::<bool>::new(false);
 static NAPTIME_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
@@ -14,6 +15,8 @@ static RETRY_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static NETWORK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 static BATCH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024);
 static BINARY_COPY: GucSetting<bool> = GucSetting::<bool>::new(true);
+static SYNC_MAX_BACKLOG: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
+static SYNC_MAX_BACKLOG_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 static FAILPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn init() {
@@ -110,6 +113,27 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,
     );
+    GucRegistry::define_int_guc(
+        c"poco.sync_max_backlog",
+        c"Most captured changes kept for a continuous target that cannot take them (learner down).",
+        c"Past it (or past poco.sync_max_backlog_age) the target's backlog is dropped and it is \
+          re-snapshotted by itself when its learner answers again. 0: no row limit.",
+        &SYNC_MAX_BACKLOG,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"poco.sync_max_backlog_age",
+        c"Longest time a continuous target may stay behind before it is re-snapshotted instead.",
+        c"Counted from the last time its position moved while changes waited for it. 0: no age limit.",
+        &SYNC_MAX_BACKLOG_AGE_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     GucRegistry::define_bool_guc(
         c"poco.binary_copy",
         c"Push tables whose column types are all built in (or enums) with binary COPY.",
@@ -123,7 +147,9 @@ pub fn init() {
 }
 
 fn string(s: &GucSetting<Option<CString>>) -> Option<String> {
-    s.get().and_then(|c| c.into_string().ok()).filter(|s| !s.is_empty())
+    s.get()
+        .and_then(|c| c.into_string().ok())
+        .filter(|s| !s.is_empty())
 }
 
 pub fn database() -> String {
@@ -168,4 +194,13 @@ pub fn binary_copy() -> bool {
 
 pub fn failpoint() -> Option<String> {
     string(&FAILPOINT)
+}
+
+/// Backlog limits of a continuous target: (rows, 0 = none; age, None = none).
+pub fn sync_max_backlog() -> (i64, Option<std::time::Duration>) {
+    let age = SYNC_MAX_BACKLOG_AGE_S.get();
+    (
+        SYNC_MAX_BACKLOG.get().max(0) as i64,
+        (age > 0).then(|| std::time::Duration::from_secs(age as u64)),
+    )
 }

@@ -19,7 +19,10 @@ pub mod poco {
         if !shmem::preloaded() {
             raise(PocoError::NotPreloaded);
         }
-        let here = Spi::get_one::<String>("SELECT pg_catalog.current_database()::text").ok().flatten().unwrap_or_default();
+        let here = Spi::get_one::<String>("SELECT pg_catalog.current_database()::text")
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         let db = gucs::database();
         if here != db {
             raise(scope_err(
@@ -43,7 +46,10 @@ pub mod poco {
                 if row.parent_id != parent {
                     raise(scope_err(
                         SqlState::InvalidParameterValue,
-                        format!("target {t} belongs to parent {}, not to parent {parent}", row.parent_id),
+                        format!(
+                            "target {t} belongs to parent {}, not to parent {parent}",
+                            row.parent_id
+                        ),
                         "poco_status(parent_id) lists the parent's targets.",
                     ));
                 }
@@ -67,7 +73,12 @@ pub mod poco {
             )
             .or_raise()
             .expect("RETURNING id");
-            catalog::log_job_event("push_queued", id, &format!("push of parent {parent} to target {t} queued as job {id}"), json!({}));
+            catalog::log_job_event(
+                "push_queued",
+                id,
+                &format!("push of parent {parent} to target {t} queued as job {id}"),
+                json!({}),
+            );
             ids.push(id);
         }
         // The worker learns of the jobs when they commit (a rolled-back caller queued nothing).
@@ -82,7 +93,11 @@ pub mod poco {
         need_worker_here();
         let row = catalog::load_target(t).or_raise();
         if let Some(b) = backup {
-            if !b.starts_with("poco_backup_") || !b.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+            if !b.starts_with("poco_backup_")
+                || !b
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
                 raise(scope_err(
                     SqlState::InvalidParameterValue,
                     format!("\"{b}\" is not a poco_sync backup name"),
@@ -100,7 +115,10 @@ pub mod poco {
         catalog::log_job_event(
             "restore_queued",
             id,
-            &format!("restore of {} on target {t} queued as job {id}", backup.unwrap_or("the latest backup")),
+            &format!(
+                "restore of {} on target {t} queued as job {id}",
+                backup.unwrap_or("the latest backup")
+            ),
             json!({}),
         );
         register_xact_callback(PgXactCallbackEvent::Commit, shmem::wake_worker);
@@ -113,7 +131,8 @@ pub mod poco {
     #[pg_extern(volatile, parallel_unsafe)]
     fn wait(job_id: Option<i64>, timeout_s: Option<f64>) -> String {
         let job = job_id.unwrap_or_else(|| raise(PocoError::NullArgument("job_id")));
-        let timeout = Duration::from_secs_f64(timeout_s.unwrap_or(300.0).clamp(0.0, 86_400.0 * 365.0));
+        let timeout =
+            Duration::from_secs_f64(timeout_s.unwrap_or(300.0).clamp(0.0, 86_400.0 * 365.0));
         if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
             raise(scope_err(
                 SqlState::ObjectNotInPrerequisiteState,
@@ -124,7 +143,11 @@ pub mod poco {
         let start = Instant::now();
         loop {
             let (state, mine) = catalog::job_state(job).unwrap_or_else(|| {
-                raise(scope_err(SqlState::UndefinedObject, format!("job {job} does not exist"), "poco.jobs lists the jobs."))
+                raise(scope_err(
+                    SqlState::UndefinedObject,
+                    format!("job {job} does not exist"),
+                    "poco.jobs lists the jobs.",
+                ))
             });
             if FINAL.contains(&state.as_str()) {
                 return state;
@@ -139,11 +162,14 @@ pub mod poco {
             if start.elapsed() >= timeout {
                 return "timeout".into();
             }
-            let left = timeout.saturating_sub(start.elapsed()).min(Duration::from_millis(20));
+            let left = timeout
+                .saturating_sub(start.elapsed())
+                .min(Duration::from_millis(20));
             unsafe {
                 pg_sys::WaitLatch(
                     pg_sys::MyLatch,
-                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
+                        as i32,
                     left.as_millis().max(1) as _,
                     pg_sys::PG_WAIT_EXTENSION,
                 );
@@ -158,13 +184,22 @@ pub mod poco {
     fn cancel(job_id: Option<i64>) -> bool {
         let job = job_id.unwrap_or_else(|| raise(PocoError::NullArgument("job_id")));
         let (state, _) = catalog::job_state(job).unwrap_or_else(|| {
-            raise(scope_err(SqlState::UndefinedObject, format!("job {job} does not exist"), "poco.jobs lists the jobs."))
+            raise(scope_err(
+                SqlState::UndefinedObject,
+                format!("job {job} does not exist"),
+                "poco.jobs lists the jobs.",
+            ))
         });
         match state.as_str() {
             "queued" => {
                 let done = catalog::cancel_queued(job);
                 if done {
-                    catalog::log_job_event("push_cancelled", job, &format!("job {job} cancelled before it started"), json!({}));
+                    catalog::log_job_event(
+                        "push_cancelled",
+                        job,
+                        &format!("job {job} cancelled before it started"),
+                        json!({}),
+                    );
                     return true;
                 }
                 // It started meanwhile: cancel it running.
@@ -203,9 +238,22 @@ pub mod poco {
             name!(cancelling, bool),
         ),
     > {
-        let slots = if shmem::preloaded() { shmem::snapshot().slots.to_vec() } else { vec![] };
+        let slots = if shmem::preloaded() {
+            shmem::snapshot().slots.to_vec()
+        } else {
+            vec![]
+        };
         TableIterator::new(slots.into_iter().filter(|s| s.job_id != 0).map(|s| {
-            (s.job_id, s.pid, s.tables_total, s.tables_done, s.rows_done, s.bytes_done, s.current_table(), s.cancel)
+            (
+                s.job_id,
+                s.pid,
+                s.tables_total,
+                s.tables_done,
+                s.rows_done,
+                s.bytes_done,
+                s.current_table(),
+                s.cancel,
+            )
         }))
     }
 }

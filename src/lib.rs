@@ -43,6 +43,9 @@ pub mod pg_test {
 
     #[must_use]
     pub fn postgresql_conf_options() -> Vec<&'static str> {
-        vec!["shared_preload_libraries = 'poco_sync'", "poco.database = 'pgrx_tests'"]
+        vec![
+            "shared_preload_libraries = 'poco_sync'",
+            "poco.database = 'pgrx_tests'",
+        ]
     }
 }

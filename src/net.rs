@@ -27,10 +27,18 @@ pub struct JobError {
 
 impl JobError {
     pub fn new(sqlstate: &str, message: impl Into<String>) -> Self {
-        JobError { sqlstate: sqlstate.into(), message: message.into(), hint: None, transient: false }
+        JobError {
+            sqlstate: sqlstate.into(),
+            message: message.into(),
+            hint: None,
+            transient: false,
+        }
     }
     pub fn transient(sqlstate: &str, message: impl Into<String>) -> Self {
-        JobError { transient: true, ..JobError::new(sqlstate, message) }
+        JobError {
+            transient: true,
+            ..JobError::new(sqlstate, message)
+        }
     }
     pub fn hint(mut self, h: impl Into<String>) -> Self {
         self.hint = Some(h.into());
@@ -51,7 +59,10 @@ impl JobError {
             if let Some(d) = db.detail() {
                 msg.push_str(&format!(" ({d})"));
             }
-            let mut je = JobError { transient: transient_sqlstate(code), ..JobError::new(code, msg) };
+            let mut je = JobError {
+                transient: transient_sqlstate(code),
+                ..JobError::new(code, msg)
+            };
             je.hint = db.hint().map(str::to_string);
             je
         } else {
@@ -68,7 +79,12 @@ impl std::fmt::Display for JobError {
 }
 
 /// Run one network step with the configured timeout and the cancel check.
-pub async fn step<T, F>(what: &str, timeout: Duration, cancelled: &dyn Fn() -> bool, fut: F) -> Result<T, JobError>
+pub async fn step<T, F>(
+    what: &str,
+    timeout: Duration,
+    cancelled: &dyn Fn() -> bool,
+    fut: F,
+) -> Result<T, JobError>
 where
     F: std::future::Future<Output = Result<T, JobError>>,
 {
@@ -188,7 +204,10 @@ fn roots(spec: &TargetSpec) -> Result<RootCertStore, JobError> {
                 })?;
             let (added, _) = store.add_parsable_certificates(certs);
             if added == 0 {
-                return Err(JobError::new("22023", format!("sslrootcert \"{path}\" holds no usable certificate")));
+                return Err(JobError::new(
+                    "22023",
+                    format!("sslrootcert \"{path}\" holds no usable certificate"),
+                ));
             }
         }
         _ => {
@@ -207,9 +226,10 @@ fn tls(spec: &TargetSpec) -> Result<MakeRustlsConnect, JobError> {
     let p = provider();
     let verifier: Arc<dyn ServerCertVerifier> = match spec.sslmode {
         SslMode::VerifyCa | SslMode::VerifyFull => {
-            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(spec)?), p.clone())
-                .build()
-                .map_err(|e| JobError::new("22023", format!("TLS roots: {e}")))?;
+            let webpki =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots(spec)?), p.clone())
+                    .build()
+                    .map_err(|e| JobError::new("22023", format!("TLS roots: {e}")))?;
             if spec.sslmode == SslMode::VerifyCa {
                 Arc::new(ChainOnly(webpki))
             } else {
@@ -231,13 +251,22 @@ fn tls(spec: &TargetSpec) -> Result<MakeRustlsConnect, JobError> {
 
 /// Resolve the target and check every address it gives before connecting: a public name that
 /// resolves to a private address is as private as the address.
-async fn resolve(spec: &TargetSpec, allow_private: bool, timeout: Duration) -> Result<Vec<IpAddr>, JobError> {
+async fn resolve(
+    spec: &TargetSpec,
+    allow_private: bool,
+    timeout: Duration,
+) -> Result<Vec<IpAddr>, JobError> {
     let addrs: Vec<IpAddr> = match &spec.host {
         TargetHost::Name(name) => {
-            let found = tokio::time::timeout(timeout, tokio::net::lookup_host((name.as_str(), spec.port)))
-                .await
-                .map_err(|_| JobError::transient("08001", format!("resolving \"{name}\" timed out")))?
-                .map_err(|e| JobError::transient("08001", format!("cannot resolve \"{name}\": {e}")))?;
+            let found =
+                tokio::time::timeout(timeout, tokio::net::lookup_host((name.as_str(), spec.port)))
+                    .await
+                    .map_err(|_| {
+                        JobError::transient("08001", format!("resolving \"{name}\" timed out"))
+                    })?
+                    .map_err(|e| {
+                        JobError::transient("08001", format!("cannot resolve \"{name}\": {e}"))
+                    })?;
             let mut v: Vec<IpAddr> = found.map(|a: SocketAddr| a.ip()).collect();
             v.dedup();
             v
@@ -256,7 +285,10 @@ async fn resolve(spec: &TargetSpec, allow_private: bool, timeout: Duration) -> R
         }
     }
     if addrs.is_empty() {
-        return Err(JobError::transient("08001", format!("\"{}\" resolves to no address", spec.host.as_string())));
+        return Err(JobError::transient(
+            "08001",
+            format!("\"{}\" resolves to no address", spec.host.as_string()),
+        ));
     }
     Ok(addrs)
 }
@@ -276,7 +308,10 @@ pub async fn connect(
         cfg.host(&spec.host.as_string());
         cfg.hostaddr(*ip);
     }
-    cfg.port(spec.port).user(&spec.user).dbname(&spec.dbname).application_name(application_name);
+    cfg.port(spec.port)
+        .user(&spec.user)
+        .dbname(&spec.dbname)
+        .application_name(application_name);
     if let Some(pw) = password {
         cfg.password(pw);
     }
@@ -287,15 +322,19 @@ pub async fn connect(
         .filter(|&s| s > 0)
         .map(|s| Duration::from_secs(s.max(2)).min(timeout))
         .unwrap_or(timeout);
-    cfg.connect_timeout(connect_timeout).keepalives(true).keepalives_idle(Duration::from_secs(30));
+    cfg.connect_timeout(connect_timeout)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30));
     if let Some(o) = spec.params.get("options") {
         cfg.options(o);
     }
-    cfg.channel_binding(match spec.params.get("channel_binding").map(String::as_str) {
-        Some("require") => ChannelBinding::Require,
-        Some("disable") => ChannelBinding::Disable,
-        _ => ChannelBinding::Prefer,
-    });
+    cfg.channel_binding(
+        match spec.params.get("channel_binding").map(String::as_str) {
+            Some("require") => ChannelBinding::Require,
+            Some("disable") => ChannelBinding::Disable,
+            _ => ChannelBinding::Prefer,
+        },
+    );
     cfg.ssl_mode(match spec.sslmode {
         SslMode::Disable => PgSslMode::Disable,
         SslMode::Allow | SslMode::Prefer => PgSslMode::Prefer,
@@ -304,7 +343,16 @@ pub async fn connect(
     let tls = tls(spec)?;
     let (client, conn) = tokio::time::timeout(timeout, cfg.connect(tls))
         .await
-        .map_err(|_| JobError::transient("08001", format!("connecting to {}:{} timed out", spec.host.as_string(), spec.port)))?
+        .map_err(|_| {
+            JobError::transient(
+                "08001",
+                format!(
+                    "connecting to {}:{} timed out",
+                    spec.host.as_string(),
+                    spec.port
+                ),
+            )
+        })?
         .map_err(|e| connect_error(spec, &e))?;
     tokio::spawn(async move {
         let _ = conn.await;
@@ -316,7 +364,10 @@ fn connect_error(spec: &TargetSpec, e: &tokio_postgres::Error) -> JobError {
     let wher = format!("{}:{}", spec.host.as_string(), spec.port);
     if let Some(db) = e.as_db_error() {
         let code = db.code().code();
-        let mut je = JobError::new(code, format!("learner {wher} refused the connection: {}", db.message()));
+        let mut je = JobError::new(
+            code,
+            format!("learner {wher} refused the connection: {}", db.message()),
+        );
         je.transient = transient_sqlstate(code);
         if code == "28P01" || code == "28000" {
             je.hint = Some("Check the user and password of the target (poco_add_target again with the right URL).".into());
@@ -325,11 +376,16 @@ fn connect_error(spec: &TargetSpec, e: &tokio_postgres::Error) -> JobError {
     }
     let text = with_sources(e);
     let lower = text.to_lowercase();
-    if lower.contains("server does not support tls") || lower.contains("server does not support ssl") {
+    if lower.contains("server does not support tls")
+        || lower.contains("server does not support ssl")
+    {
         return JobError::new("08001", format!("learner {wher} does not offer TLS, and sslmode={} requires it", spec.sslmode.as_str()))
             .hint("Enable ssl on the learner server, or (development only) use sslmode=disable with poco.allow_private_targets = on.");
     }
-    if lower.contains("certificate") || lower.contains("invalidcertificate") || lower.contains("tls") {
+    if lower.contains("certificate")
+        || lower.contains("invalidcertificate")
+        || lower.contains("tls")
+    {
         return JobError::new("08001", format!("learner {wher}: TLS verification failed (sslmode={}): {text}", spec.sslmode.as_str()))
             .hint("verify-full checks the certificate chain and the host name; verify-ca only the chain; require only encrypts.");
     }

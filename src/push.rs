@@ -96,7 +96,10 @@ pub extern "C-unwind" fn poco_job_main(arg: pg_sys::Datum) {
         && TERMINATED.with(|t| t.get())
         && !shmem::with_slot(slot, |s| s.cancel)
     {
-        outcome = Err(JobError::transient("57P01", "the server shut down while the push ran"));
+        outcome = Err(JobError::transient(
+            "57P01",
+            "the server shut down while the push ran",
+        ));
     }
     drop(runtime); // closes the learner connection: without COMMIT it rolls back
     let elapsed_ms = started.elapsed().as_millis() as i64;
@@ -106,7 +109,12 @@ pub extern "C-unwind" fn poco_job_main(arg: pg_sys::Datum) {
     crate::shmem::wake_worker();
 }
 
-fn record(job: &catalog::JobRow, p: &shmem::JobSlot, outcome: Result<Done, JobError>, elapsed_ms: i64) {
+fn record(
+    job: &catalog::JobRow,
+    p: &shmem::JobSlot,
+    outcome: Result<Done, JobError>,
+    elapsed_ms: i64,
+) {
     let base = json!({"duration_ms": elapsed_ms, "tables": p.tables_done, "rows": p.rows_done,
                       "bytes": p.bytes_done, "attempt": job.attempts});
     let mut end = catalog::JobEnd {
@@ -160,7 +168,10 @@ fn record(job: &catalog::JobRow, p: &shmem::JobSlot, outcome: Result<Done, JobEr
             if e.is_cancel() {
                 end.state = "cancelled";
                 kind = "push_cancelled";
-                message = format!("job {} cancelled; the learner keeps its previous data", job.id);
+                message = format!(
+                    "job {} cancelled; the learner keeps its previous data",
+                    job.id
+                );
             } else if e.transient && job.attempts < job.max_attempts {
                 end.state = "queued";
                 end.retry_in_ms = learner::backoff_ms(gucs::retry_delay_ms(), job.attempts as u32);
@@ -171,8 +182,15 @@ fn record(job: &catalog::JobRow, p: &shmem::JobSlot, outcome: Result<Done, JobEr
                 );
             } else {
                 end.state = "failed";
-                kind = if restore { "restore_failed" } else { "push_failed" };
-                message = format!("job {} failed after {} attempt(s): {}", job.id, job.attempts, e.message);
+                kind = if restore {
+                    "restore_failed"
+                } else {
+                    "push_failed"
+                };
+                message = format!(
+                    "job {} failed after {} attempt(s): {}",
+                    job.id, job.attempts, e.message
+                );
             }
         }
     }
@@ -195,8 +213,11 @@ fn record(job: &catalog::JobRow, p: &shmem::JobSlot, outcome: Result<Done, JobEr
         "bytes_done": p.bytes_done, "percent": if end.state == "succeeded" { 100.0 } else { 0.0 },
         "eta_s": 0, "error": end.error,
     });
-    Spi::run_with_args("SELECT pg_catalog.pg_notify('poco_progress', $1)", &[payload.to_string().into()])
-        .unwrap_or_default();
+    Spi::run_with_args(
+        "SELECT pg_catalog.pg_notify('poco_progress', $1)",
+        &[payload.to_string().into()],
+    )
+    .unwrap_or_default();
     if end.state == "failed" || end.state == "queued" {
         log!("poco_sync: {message}");
     }
@@ -239,10 +260,15 @@ pub(crate) fn in_snapshot<R>(f: impl FnOnce() -> Result<R, JobError>) -> Result<
     let r = PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
         .catch_others(|e| {
             let (code, msg) = match &e {
-                pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
-                    (unpack_sqlstate(r.sql_error_code() as i32), format!("platform: {}", r.message()))
-                }
-                pg_sys::panic::CaughtError::RustPanic { ereport, .. } => ("XX000".to_string(), format!("platform: {}", ereport.message())),
+                pg_sys::panic::CaughtError::PostgresError(r)
+                | pg_sys::panic::CaughtError::ErrorReport(r) => (
+                    unpack_sqlstate(r.sql_error_code() as i32),
+                    format!("platform: {}", r.message()),
+                ),
+                pg_sys::panic::CaughtError::RustPanic { ereport, .. } => (
+                    "XX000".to_string(),
+                    format!("platform: {}", ereport.message()),
+                ),
             };
             Err(JobError::new(&code, msg))
         })
@@ -260,7 +286,9 @@ pub(crate) fn in_snapshot<R>(f: impl FnOnce() -> Result<R, JobError>) -> Result<
 
 fn unpack_sqlstate(code: i32) -> String {
     // PGSIXBIT packing: 6 bits per character, first character lowest.
-    (0..5).map(|i| ((((code >> (6 * i)) & 0x3F) as u8) + b'0') as char).collect()
+    (0..5)
+        .map(|i| ((((code >> (6 * i)) & 0x3F) as u8) + b'0') as char)
+        .collect()
 }
 
 fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobError> {
@@ -275,12 +303,13 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
         )
         .ok();
     });
-    let target_id = job
-        .target_id
-        .ok_or_else(|| JobError::new("42704", "the job's target was removed before the push ran"))?;
+    let target_id = job.target_id.ok_or_else(|| {
+        JobError::new("42704", "the job's target was removed before the push ran")
+    })?;
     let (target, password) = BackgroundWorker::transaction(|| -> Result<_, JobError> {
         let key = keys::current().map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
-        let t = catalog::load_target(target_id).map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
+        let t = catalog::load_target(target_id)
+            .map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
         let pw = crate::targets::poco::open_credentials(target_id, &key)
             .map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
         Ok((t, pw))
@@ -290,7 +319,8 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
 
     if job.kind == "restore" {
         let (sysid, dbname) = BackgroundWorker::transaction(platform_identity);
-        let (client, _) = open_learner(rt, &target, password.as_deref(), target_id, &sysid, &dbname)?;
+        let (client, _) =
+            open_learner(rt, &target, password.as_deref(), target_id, &sysid, &dbname)?;
         return restore(rt, &client, job.backup_name.as_deref());
     }
 
@@ -304,18 +334,26 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
         progress(|s| s.tables_total = plans.len() as i32);
 
         let cancelled: &dyn Fn() -> bool = &cancelled;
-        let (client, learner_version) = open_learner(rt, &target, password.as_deref(), target_id, &sysid, &dbname)?;
+        let (client, learner_version) =
+            open_learner(rt, &target, password.as_deref(), target_id, &sysid, &dbname)?;
         // Binary COPY where the types allow it and the learner is not older than the platform
         // (binary forms only ever gain cases, such as numeric infinity in 14).
-        let binary_ok = gucs::binary_copy() && learner_version / 10000 >= pg_sys::PG_VERSION_NUM as i32 / 10000;
-        let exec = |what: &str, sql: String| -> Result<(), JobError> { exec_on(rt, &client, what, sql) };
-        let previous: Vec<String> = rt.block_on(net::step("reading poco_sync.tables", timeout, cancelled, async {
-            let rows = client
-                .query("SELECT table_name FROM poco_sync.tables", &[])
-                .await
-                .map_err(|e| JobError::learner("reading poco_sync.tables", &e))?;
-            Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
-        }))?;
+        let binary_ok =
+            gucs::binary_copy() && learner_version / 10000 >= pg_sys::PG_VERSION_NUM as i32 / 10000;
+        let exec =
+            |what: &str, sql: String| -> Result<(), JobError> { exec_on(rt, &client, what, sql) };
+        let previous: Vec<String> = rt.block_on(net::step(
+            "reading poco_sync.tables",
+            timeout,
+            cancelled,
+            async {
+                let rows = client
+                    .query("SELECT table_name FROM poco_sync.tables", &[])
+                    .await
+                    .map_err(|e| JobError::learner("reading poco_sync.tables", &e))?;
+                Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+            },
+        ))?;
 
         // 0. Keep the previous copy in a backup schema, if the target asks for it.
         let backup_schema = if job.backups > 0 {
@@ -328,7 +366,10 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
         drop.extend(previous);
         exec(
             "dropping the previous copy",
-            format!("DROP TABLE IF EXISTS {}", drop.into_iter().collect::<Vec<_>>().join(", ")),
+            format!(
+                "DROP TABLE IF EXISTS {}",
+                drop.into_iter().collect::<Vec<_>>().join(", ")
+            ),
         )
         .map_err(|e| depends_hint(e))?;
         // 2. Types, dependencies first (drop in reverse).
@@ -340,7 +381,10 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
         let mut schemas: BTreeSet<&str> = plans.iter().map(|p| p.def.schema.as_str()).collect();
         schemas.extend(types.iter().map(|t| t.schema.as_str()));
         for s in schemas {
-            exec("creating schemas", format!("CREATE SCHEMA IF NOT EXISTS {s}"))?;
+            exec(
+                "creating schemas",
+                format!("CREATE SCHEMA IF NOT EXISTS {s}"),
+            )?;
         }
         for t in &types {
             let sql = t.create_sql().map_err(|m| JobError::new("0A000", m))?;
@@ -371,23 +415,54 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
                 if binary { "FORMAT binary, " } else { "" }
             );
             let sink = rt.block_on(net::step("starting COPY", timeout, cancelled, async {
-                client.copy_in::<_, Bytes>(&copy_sql).await.map_err(|e| JobError::learner(&format!("COPY {}", p.def.ident), &e))
+                client
+                    .copy_in::<_, Bytes>(&copy_sql)
+                    .await
+                    .map_err(|e| JobError::learner(&format!("COPY {}", p.def.ident), &e))
             }))?;
             let mut sink = Box::pin(sink);
             let ident = p.def.ident.clone();
-            let rows = stream_rows(&p.scoped.select_sql, &job.parent_id, chunk, binary, &mut |buf: Vec<u8>| {
-                let n = buf.len() as i64;
-                rt.block_on(net::step(&format!("COPY {ident}"), timeout, cancelled, async {
-                    sink.as_mut().send(Bytes::from(buf)).await.map_err(|e| JobError::learner(&format!("COPY {ident}"), &e))
-                }))?;
-                progress(|s| s.bytes_done += n);
-                Ok(())
-            })?;
-            let loaded = rt.block_on(net::step(&format!("COPY {}", p.def.ident), timeout, cancelled, async {
-                sink.as_mut().finish().await.map_err(|e| JobError::learner(&format!("COPY {}", p.def.ident), &e))
-            }))?;
+            let rows = stream_rows(
+                &p.scoped.select_sql,
+                &job.parent_id,
+                chunk,
+                binary,
+                &mut |buf: Vec<u8>| {
+                    let n = buf.len() as i64;
+                    rt.block_on(net::step(
+                        &format!("COPY {ident}"),
+                        timeout,
+                        cancelled,
+                        async {
+                            sink.as_mut()
+                                .send(Bytes::from(buf))
+                                .await
+                                .map_err(|e| JobError::learner(&format!("COPY {ident}"), &e))
+                        },
+                    ))?;
+                    progress(|s| s.bytes_done += n);
+                    Ok(())
+                },
+            )?;
+            let loaded = rt.block_on(net::step(
+                &format!("COPY {}", p.def.ident),
+                timeout,
+                cancelled,
+                async {
+                    sink.as_mut()
+                        .finish()
+                        .await
+                        .map_err(|e| JobError::learner(&format!("COPY {}", p.def.ident), &e))
+                },
+            ))?;
             if loaded as i64 != rows {
-                return Err(JobError::new("XX000", format!("{}: sent {rows} rows but the learner loaded {loaded}", p.def.ident)));
+                return Err(JobError::new(
+                    "XX000",
+                    format!(
+                        "{}: sent {rows} rows but the learner loaded {loaded}",
+                        p.def.ident
+                    ),
+                ));
             }
             counts.push((p.def.ident.clone(), rows));
             progress(|s| s.tables_done += 1);
@@ -401,7 +476,10 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
         }
         for p in &plans {
             for fk in &p.fks {
-                exec(&format!("foreign key {} of {}", fk.ident, p.def.ident), learner::foreign_key_sql(&p.def.ident, fk))?;
+                exec(
+                    &format!("foreign key {} of {}", fk.ident, p.def.ident),
+                    learner::foreign_key_sql(&p.def.ident, fk),
+                )?;
             }
             for s in p.def.sequence_sql() {
                 exec(&format!("sequences of {}", p.def.ident), s)?;
@@ -428,17 +506,29 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
             ),
         ];
         for (t, n) in &counts {
-            book.push(format!("INSERT INTO poco_sync.tables VALUES ({}, {n}, pg_catalog.now())", literal(t)));
+            book.push(format!(
+                "INSERT INTO poco_sync.tables VALUES ({}, {n}, pg_catalog.now())",
+                literal(t)
+            ));
         }
         book.push("DELETE FROM poco_sync.position".to_string());
-        book.push(format!("INSERT INTO poco_sync.position (position, updated_at) VALUES ({}, pg_catalog.now())", literal(&position)));
+        book.push(format!(
+            "INSERT INTO poco_sync.position (position, updated_at) VALUES ({}, pg_catalog.now())",
+            literal(&position)
+        ));
         exec("writing poco_sync bookkeeping", book.join("; "))?;
         if cancelled() {
             return Err(JobError::cancelled());
         }
         progress(|s| s.set_current_table("(committing)"));
         if let Some(b) = &backup_schema {
-            exec("recording the backup", format!("UPDATE poco_sync.snapshot SET backup_schema = {}", literal(b)))?;
+            exec(
+                "recording the backup",
+                format!(
+                    "UPDATE poco_sync.snapshot SET backup_schema = {}",
+                    literal(b)
+                ),
+            )?;
         }
         exec("committing", "COMMIT".to_string())?;
         let (bin, txt): (Vec<_>, Vec<_>) = plans.iter().partition(|p| binary_ok && p.binary);
@@ -452,11 +542,24 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
     })
 }
 
-fn exec_on(rt: &tokio::runtime::Runtime, client: &tokio_postgres::Client, what: &str, sql: String) -> Result<(), JobError> {
+fn exec_on(
+    rt: &tokio::runtime::Runtime,
+    client: &tokio_postgres::Client,
+    what: &str,
+    sql: String,
+) -> Result<(), JobError> {
     let what = what.to_string();
-    rt.block_on(net::step(&what.clone(), gucs::network_timeout(), &cancelled, async {
-        client.batch_execute(&sql).await.map_err(|e| JobError::learner(&what, &e))
-    }))
+    rt.block_on(net::step(
+        &what.clone(),
+        gucs::network_timeout(),
+        &cancelled,
+        async {
+            client
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| JobError::learner(&what, &e))
+        },
+    ))
 }
 
 fn query_on(
@@ -465,9 +568,17 @@ fn query_on(
     what: &str,
     sql: &str,
 ) -> Result<Vec<tokio_postgres::Row>, JobError> {
-    rt.block_on(net::step(what, gucs::network_timeout(), &cancelled, async {
-        client.query(sql, &[]).await.map_err(|e| JobError::learner(what, &e))
-    }))
+    rt.block_on(net::step(
+        what,
+        gucs::network_timeout(),
+        &cancelled,
+        async {
+            client
+                .query(sql, &[])
+                .await
+                .map_err(|e| JobError::learner(what, &e))
+        },
+    ))
 }
 
 /// Connect, refuse the platform itself, begin the learner transaction with stable settings
@@ -485,7 +596,13 @@ fn open_learner(
         "connect",
         timeout * 2,
         &cancelled,
-        net::connect(&target.spec, password, gucs::allow_private_targets(), timeout, "poco_sync push"),
+        net::connect(
+            &target.spec,
+            password,
+            gucs::allow_private_targets(),
+            timeout,
+            "poco_sync push",
+        ),
     ))?;
     // Never write into ourselves: same cluster (system identifier) and same database.
     let row = query_on(
@@ -495,7 +612,10 @@ fn open_learner(
         "SELECT (SELECT system_identifier::text FROM pg_catalog.pg_control_system()), pg_catalog.current_database()::text, \
                 pg_catalog.current_setting('server_version_num')::int4",
     )?;
-    let (lsys, ldb) = (row[0].get::<_, Option<String>>(0), row[0].get::<_, String>(1));
+    let (lsys, ldb) = (
+        row[0].get::<_, Option<String>>(0),
+        row[0].get::<_, String>(1),
+    );
     let version: i32 = row[0].get(2);
     if lsys.as_deref() == Some(sysid) && ldb == dbname {
         return Err(JobError::new(
@@ -557,7 +677,11 @@ fn backup(
             literal(&t.ident)
         ))?;
         if let Some(row) = r.first() {
-            let kind = if row.get::<_, String>(2) == "d" { "domain" } else { "type" };
+            let kind = if row.get::<_, String>(2) == "d" {
+                "domain"
+            } else {
+                "type"
+            };
             objects.push((kind, row.get(0), row.get(1)));
         }
     }
@@ -571,13 +695,20 @@ fn backup(
         format!("CREATE TABLE {schema}.poco_tables AS SELECT * FROM poco_sync.tables"),
     ];
     for (i, (kind, sch, name)) in objects.iter().enumerate() {
-        let kw = match *kind { "table" => "TABLE", "domain" => "DOMAIN", _ => "TYPE" };
+        let kw = match *kind {
+            "table" => "TABLE",
+            "domain" => "DOMAIN",
+            _ => "TYPE",
+        };
         let tmp = format!("poco_bk_{}_{i}", job.id);
         sql.push(format!("ALTER {kw} {sch}.{name} RENAME TO {tmp}"));
         sql.push(format!("ALTER {kw} {sch}.{tmp} SET SCHEMA {schema}"));
         sql.push(format!(
             "INSERT INTO {schema}.poco_objects VALUES ({}, {}, {}, {})",
-            literal(kind), literal(sch), literal(name), literal(&tmp)
+            literal(kind),
+            literal(sch),
+            literal(name),
+            literal(&tmp)
         ));
     }
     exec_on(rt, client, "keeping the previous copy", sql.join("; ")).map_err(depends_hint)?;
@@ -588,7 +719,12 @@ fn backup(
         job.backups.max(1)
     ))?;
     for r in old {
-        exec_on(rt, client, "dropping an old backup", format!("DROP SCHEMA {} CASCADE", r.get::<_, String>(0)))?;
+        exec_on(
+            rt,
+            client,
+            "dropping an old backup",
+            format!("DROP SCHEMA {} CASCADE", r.get::<_, String>(0)),
+        )?;
     }
     Ok(Some(schema))
 }
@@ -596,7 +732,11 @@ fn backup(
 /// Bring a backup back (the latest when none is named): the current copy is dropped, the
 /// kept tables and types return to their names, the bookkeeping to what it was; one
 /// transaction, then the backup schema is gone.
-fn restore(rt: &tokio::runtime::Runtime, client: &tokio_postgres::Client, name: Option<&str>) -> Result<Done, JobError> {
+fn restore(
+    rt: &tokio::runtime::Runtime,
+    client: &tokio_postgres::Client,
+    name: Option<&str>,
+) -> Result<Done, JobError> {
     let pick = match name {
         Some(n) => format!("SELECT nspname::text FROM pg_catalog.pg_namespace WHERE nspname = {}", literal(n)),
         None => "SELECT nspname::text FROM pg_catalog.pg_namespace WHERE nspname ~ '^poco_backup_[0-9]{8}t[0-9]{6}_[0-9]+$' \
@@ -612,32 +752,60 @@ fn restore(rt: &tokio::runtime::Runtime, client: &tokio_postgres::Client, name: 
     let objs = query_on(rt, client, "reading the backup", &format!(
         "SELECT kind, orig_schema, orig_name, name FROM {schema}.poco_objects ORDER BY (kind = 'table') DESC, name"
     ))?;
-    let current = query_on(rt, client, "reading poco_sync.tables", "SELECT table_name FROM poco_sync.tables")?;
+    let current = query_on(
+        rt,
+        client,
+        "reading poco_sync.tables",
+        "SELECT table_name FROM poco_sync.tables",
+    )?;
     let mut sql = Vec::new();
     let drop: Vec<String> = current.iter().map(|r| r.get::<_, String>(0)).collect();
     if !drop.is_empty() {
         sql.push(format!("DROP TABLE IF EXISTS {}", drop.join(", ")));
     }
     for r in objs.iter().filter(|r| r.get::<_, String>(0) != "table") {
-        let kw = if r.get::<_, String>(0) == "domain" { "DOMAIN" } else { "TYPE" };
-        sql.push(format!("DROP {kw} IF EXISTS {}.{}", r.get::<_, String>(1), r.get::<_, String>(2)));
+        let kw = if r.get::<_, String>(0) == "domain" {
+            "DOMAIN"
+        } else {
+            "TYPE"
+        };
+        sql.push(format!(
+            "DROP {kw} IF EXISTS {}.{}",
+            r.get::<_, String>(1),
+            r.get::<_, String>(2)
+        ));
     }
     // Types first (the tables use them), then tables.
     for r in objs.iter().rev() {
-        let (kind, sch, orig, tmp): (String, String, String, String) = (r.get(0), r.get(1), r.get(2), r.get(3));
-        let kw = match kind.as_str() { "table" => "TABLE", "domain" => "DOMAIN", _ => "TYPE" };
+        let (kind, sch, orig, tmp): (String, String, String, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let kw = match kind.as_str() {
+            "table" => "TABLE",
+            "domain" => "DOMAIN",
+            _ => "TYPE",
+        };
         sql.push(format!("CREATE SCHEMA IF NOT EXISTS {sch}"));
         sql.push(format!("ALTER {kw} {schema}.{tmp} SET SCHEMA {sch}"));
         sql.push(format!("ALTER {kw} {sch}.{tmp} RENAME TO {orig}"));
     }
     sql.push("DELETE FROM poco_sync.snapshot".into());
-    sql.push(format!("INSERT INTO poco_sync.snapshot SELECT * FROM {schema}.poco_snapshot"));
+    sql.push(format!(
+        "INSERT INTO poco_sync.snapshot SELECT * FROM {schema}.poco_snapshot"
+    ));
     sql.push("DELETE FROM poco_sync.tables".into());
-    sql.push(format!("INSERT INTO poco_sync.tables SELECT * FROM {schema}.poco_tables"));
+    sql.push(format!(
+        "INSERT INTO poco_sync.tables SELECT * FROM {schema}.poco_tables"
+    ));
     sql.push(format!("DROP SCHEMA {schema} CASCADE"));
     sql.push("COMMIT".into());
     exec_on(rt, client, &format!("restoring {schema}"), sql.join("; ")).map_err(depends_hint)?;
-    Ok(Done { left_out: vec![], position: None, backup_schema: Some(schema), binary_tables: vec![], text_tables: vec![] })
+    Ok(Done {
+        left_out: vec![],
+        position: None,
+        backup_schema: Some(schema),
+        binary_tables: vec![],
+        text_tables: vec![],
+    })
 }
 
 fn shmem_totals() -> (i64, i64) {
@@ -849,7 +1017,10 @@ struct RawTable {
 fn json_query(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> Vec<serde_json::Value> {
     Spi::connect(|c| {
         c.select(sql, None, args)
-            .map(|t| t.filter_map(|r| r.get::<pgrx::JsonB>(1).ok().flatten().map(|j| j.0)).collect())
+            .map(|t| {
+                t.filter_map(|r| r.get::<pgrx::JsonB>(1).ok().flatten().map(|j| j.0))
+                    .collect()
+            })
             .unwrap_or_default()
     })
 }
@@ -857,15 +1028,19 @@ fn json_query(sql: &str, args: &[pgrx::datum::DatumWithOid]) -> Vec<serde_json::
 /// Describe every scoped table and the types they use, in FK order.
 fn describe(sc: &Scope) -> Result<(Vec<Plan>, Vec<TypeDef>, Vec<String>), JobError> {
     // Names in the descriptions come out schema-qualified with pg_catalog alone on the path.
-    Spi::run("SET LOCAL search_path = pg_catalog").map_err(|e| JobError::new("XX000", e.to_string()))?;
+    Spi::run("SET LOCAL search_path = pg_catalog")
+        .map_err(|e| JobError::new("XX000", e.to_string()))?;
     let mut plans = Vec::new();
     let mut left_out = Vec::new();
     for st in &sc.tables {
-        let v = json_query(TABLE_SQL, &[(st.oid as i64).into(), st.excluded.clone().into()])
-            .pop()
-            .ok_or_else(|| JobError::new("42P01", format!("table {} vanished", st.ident)))?;
-        let raw: RawTable =
-            serde_json::from_value(v).map_err(|e| JobError::new("XX000", format!("describing {}: {e}", st.ident)))?;
+        let v = json_query(
+            TABLE_SQL,
+            &[(st.oid as i64).into(), st.excluded.clone().into()],
+        )
+        .pop()
+        .ok_or_else(|| JobError::new("42P01", format!("table {} vanished", st.ident)))?;
+        let raw: RawTable = serde_json::from_value(v)
+            .map_err(|e| JobError::new("XX000", format!("describing {}: {e}", st.ident)))?;
         let mut def = TableDef {
             schema: raw.schema,
             ident: raw.ident,
@@ -878,15 +1053,27 @@ fn describe(sc: &Scope) -> Result<(Vec<Plan>, Vec<TypeDef>, Vec<String>), JobErr
         let binary = raw.columns.iter().all(|c| c.binary);
         for c in raw.columns {
             if c.default_left_out {
-                def.left_out.push(format!("{}.{}: default calls a platform function", def.ident, c.col.ident));
+                def.left_out.push(format!(
+                    "{}.{}: default calls a platform function",
+                    def.ident, c.col.ident
+                ));
             }
             def.columns.push(c.col);
         }
-        let sent_fks: BTreeSet<&str> = st.fks.iter().filter(|f| f.sent).map(|f| f.name.as_str()).collect();
+        let sent_fks: BTreeSet<&str> = st
+            .fks
+            .iter()
+            .filter(|f| f.sent)
+            .map(|f| f.name.as_str())
+            .collect();
         let mut fks = Vec::new();
         let mut depends_on = Vec::new();
         for k in raw.constraints {
-            let c = ConstraintDef { ident: k.ident, kind: k.kind, def: k.def };
+            let c = ConstraintDef {
+                ident: k.ident,
+                kind: k.kind,
+                def: k.def,
+            };
             if c.kind == "f" {
                 let name = unquote(&c.ident);
                 if sent_fks.contains(name.as_str()) {
@@ -896,14 +1083,20 @@ fn describe(sc: &Scope) -> Result<(Vec<Plan>, Vec<TypeDef>, Vec<String>), JobErr
             } else if k.ok {
                 def.constraints.push(c);
             } else {
-                def.left_out.push(format!("{}: constraint {} uses an excluded column or a platform function", def.ident, c.ident));
+                def.left_out.push(format!(
+                    "{}: constraint {} uses an excluded column or a platform function",
+                    def.ident, c.ident
+                ));
             }
         }
         for i in raw.indexes {
             if i.ok {
                 def.indexes.push(i.def);
             } else {
-                def.left_out.push(format!("{}: index {} uses an excluded column or a platform function", def.ident, i.name));
+                def.left_out.push(format!(
+                    "{}: index {} uses an excluded column or a platform function",
+                    def.ident, i.name
+                ));
             }
         }
         left_out.extend(def.left_out.drain(..));
@@ -916,13 +1109,25 @@ fn describe(sc: &Scope) -> Result<(Vec<Plan>, Vec<TypeDef>, Vec<String>), JobErr
             types: raw.type_oids.iter().map(|&o| o as u32).collect(),
         });
     }
-    let all_types: BTreeSet<i64> = plans.iter().flat_map(|p| p.types.iter().map(|&o| o as i64)).collect();
+    let all_types: BTreeSet<i64> = plans
+        .iter()
+        .flat_map(|p| p.types.iter().map(|&o| o as i64))
+        .collect();
     let mut types = Vec::new();
-    for v in json_query(TYPES_SQL, &[all_types.into_iter().collect::<Vec<i64>>().into()]) {
-        let t: TypeDef = serde_json::from_value(v).map_err(|e| JobError::new("XX000", format!("describing types: {e}")))?;
+    for v in json_query(
+        TYPES_SQL,
+        &[all_types.into_iter().collect::<Vec<i64>>().into()],
+    ) {
+        let t: TypeDef = serde_json::from_value(v)
+            .map_err(|e| JobError::new("XX000", format!("describing types: {e}")))?;
         if t.kind == "table-row" {
-            return Err(JobError::new("0A000", format!("a scoped column has the row type of table {}", t.ident))
-                .hint("Use a standalone composite type (CREATE TYPE … AS (…)) or jsonb for that column."));
+            return Err(JobError::new(
+                "0A000",
+                format!("a scoped column has the row type of table {}", t.ident),
+            )
+            .hint(
+                "Use a standalone composite type (CREATE TYPE … AS (…)) or jsonb for that column.",
+            ));
         }
         // Several types of one extension: one CREATE EXTENSION.
         if t.extension.is_some() && types.iter().any(|x: &TypeDef| x.extension == t.extension) {
@@ -930,7 +1135,8 @@ fn describe(sc: &Scope) -> Result<(Vec<Plan>, Vec<TypeDef>, Vec<String>), JobErr
         }
         types.push(t);
     }
-    Spi::run("SET LOCAL search_path TO DEFAULT").map_err(|e| JobError::new("XX000", e.to_string()))?;
+    Spi::run("SET LOCAL search_path TO DEFAULT")
+        .map_err(|e| JobError::new("XX000", e.to_string()))?;
     Ok((fk_order(plans), types, left_out))
 }
 
@@ -950,7 +1156,9 @@ fn fk_order(plans: Vec<Plan>) -> Vec<Plan> {
     let mut out = Vec::new();
     while !pending.is_empty() {
         let ready = pending.iter().position(|p| {
-            p.depends_on.iter().all(|d| *d == p.scoped.oid || done.contains(d) || !oids.contains(d))
+            p.depends_on
+                .iter()
+                .all(|d| *d == p.scoped.oid || done.contains(d) || !oids.contains(d))
         });
         let i = ready.unwrap_or(0); // a cycle: take the first, its keys are added after all rows
         let p = pending.remove(i);
@@ -1031,7 +1239,12 @@ fn stream_rows(
             let tuples = std::slice::from_raw_parts((*tt).vals, n);
             row_ctx.switch_to(|_| {
                 for &tup in tuples {
-                    pg_sys::heap_deform_tuple(tup, tupdesc, values_buf.as_mut_ptr(), nulls_buf.as_mut_ptr());
+                    pg_sys::heap_deform_tuple(
+                        tup,
+                        tupdesc,
+                        values_buf.as_mut_ptr(),
+                        nulls_buf.as_mut_ptr(),
+                    );
                     if binary {
                         buf.extend_from_slice(&(natts as i16).to_be_bytes());
                         for i in 0..natts {

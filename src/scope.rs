@@ -10,7 +10,9 @@ use crate::errors::{raise, OrRaise};
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
-use poco_core::scope::{self as core_scope, Catalog, Column, Declarations, ForeignKey, RefMode, Scope, Table};
+use poco_core::scope::{
+    self as core_scope, Catalog, Column, Declarations, ForeignKey, RefMode, Scope, Table,
+};
 use poco_core::{PocoError, Result, SqlState};
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -68,7 +70,12 @@ pub fn load_catalog() -> Catalog {
     for (oid, col) in rows(&q, &[], |r| {
         (
             oid_of(r, 1),
-            Column { attnum: r.get::<i16>(2).ok().flatten().unwrap_or(0), name: s(r, 3), ident: s(r, 4), type_sql: s(r, 5) },
+            Column {
+                attnum: r.get::<i16>(2).ok().flatten().unwrap_or(0),
+                name: s(r, 3),
+                ident: s(r, 4),
+                type_sql: s(r, 5),
+            },
         )
     }) {
         if let Some(t) = cat.tables.get_mut(&oid) {
@@ -77,7 +84,12 @@ pub fn load_catalog() -> Catalog {
     }
     let q = "SELECT i.indrelid::int8, (i.indkey::int2[])[0:i.indnkeyatts - 1] \
                FROM pg_catalog.pg_index i WHERE i.indisvalid AND i.indpred IS NULL";
-    for (oid, keys) in rows(q, &[], |r| (oid_of(r, 1), r.get::<Vec<i16>>(2).ok().flatten().unwrap_or_default())) {
+    for (oid, keys) in rows(q, &[], |r| {
+        (
+            oid_of(r, 1),
+            r.get::<Vec<i16>>(2).ok().flatten().unwrap_or_default(),
+        )
+    }) {
         if let Some(t) = cat.tables.get_mut(&oid) {
             t.indexes.push(keys);
         }
@@ -103,7 +115,13 @@ pub fn load_declarations() -> Result<Declarations> {
     let mut d = Declarations::default();
     let q = "SELECT rel::oid::int8, role, predicate, via, mode FROM poco.scope ORDER BY rel::oid";
     for (oid, role, pred, via, mode) in rows(q, &[], |r| {
-        (oid_of(r, 1), s(r, 2), r.get::<String>(3).ok().flatten(), r.get::<String>(4).ok().flatten(), s(r, 5))
+        (
+            oid_of(r, 1),
+            s(r, 2),
+            r.get::<String>(3).ok().flatten(),
+            r.get::<String>(4).ok().flatten(),
+            s(r, 5),
+        )
     }) {
         match role.as_str() {
             "root" => d.root = Some((oid, pred.unwrap_or_default())),
@@ -111,9 +129,11 @@ pub fn load_declarations() -> Result<Declarations> {
             _ => d.reference.push((oid, RefMode::parse(&mode)?)),
         }
     }
-    d.excluded = rows("SELECT rel::oid::int8, col::text FROM poco.scope_exclusion ORDER BY 1, 2", &[], |r| {
-        (oid_of(r, 1), s(r, 2))
-    });
+    d.excluded = rows(
+        "SELECT rel::oid::int8, col::text FROM poco.scope_exclusion ORDER BY 1, 2",
+        &[],
+        |r| (oid_of(r, 1), s(r, 2)),
+    );
     Ok(d)
 }
 
@@ -156,13 +176,16 @@ fn canonicalize(key_type: &str, parent: &str) -> Result<String> {
     let key_type = key_type.to_string();
     let shown = truncate(parent, 80);
     PgTryBuilder::new(|| {
-        Ok(rows(&sql, &[parent.into()], |r| s(r, 1)).pop().unwrap_or_default())
+        Ok(rows(&sql, &[parent.into()], |r| s(r, 1))
+            .pop()
+            .unwrap_or_default())
     })
     .catch_others(move |e| {
         let data_error = match &e {
             // Any SQLSTATE of class 22 (data exception): the low 12 bits hold the class.
             CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
-                (r.sql_error_code() as i32) & 0xFFF == (PgSqlErrorCode::ERRCODE_DATA_EXCEPTION as i32) & 0xFFF
+                (r.sql_error_code() as i32) & 0xFFF
+                    == (PgSqlErrorCode::ERRCODE_DATA_EXCEPTION as i32) & 0xFFF
             }
             _ => false,
         };
@@ -188,13 +211,21 @@ fn truncate(s: &str, n: usize) -> String {
 
 /// The canonical parent id of an existing account (targets are only stored for accounts).
 pub fn existing_parent(parent: &str) -> Result<String> {
-    let Some(sc) = current()? else { return Ok(parent.to_string()) };
+    let Some(sc) = current()? else {
+        return Ok(parent.to_string());
+    };
     let p = canonical_with(&sc, parent)?;
     if root_rows(&sc, &p) == 0 {
-        let root = sc.table(sc.root).map(|t| t.ident.clone()).unwrap_or_default();
+        let root = sc
+            .table(sc.root)
+            .map(|t| t.ident.clone())
+            .unwrap_or_default();
         return Err(core_scope::scope_err(
             SqlState::UndefinedObject,
-            format!("parent {} has no account: no row of {root} matches the scope root's predicate", truncate(&p, 80)),
+            format!(
+                "parent {} has no account: no row of {root} matches the scope root's predicate",
+                truncate(&p, 80)
+            ),
             "Check the parent id; it is the root table's primary key value of the parent.",
         ));
     }
@@ -204,9 +235,11 @@ pub fn existing_parent(parent: &str) -> Result<String> {
 /// Number of root rows the parent has (0: no such account).
 pub fn root_rows(sc: &Scope, parent: &str) -> i64 {
     let root = sc.table(sc.root).expect("root is scoped");
-    rows(&root.count_sql, &[parent.into()], |r| r.get::<i64>(1).ok().flatten().unwrap_or(0))
-        .pop()
-        .unwrap_or(0)
+    rows(&root.count_sql, &[parent.into()], |r| {
+        r.get::<i64>(1).ok().flatten().unwrap_or(0)
+    })
+    .pop()
+    .unwrap_or(0)
 }
 
 /// Run the predicate once (no rows) so that PostgreSQL reports unknown columns, type errors
@@ -219,7 +252,9 @@ fn check_predicate_sql(sc: &Scope) {
         Ok(())
     })
     .catch_others(|e| match e {
-        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => Err((r.sql_error_code(), r.message().to_string())),
+        CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
+            Err((r.sql_error_code(), r.message().to_string()))
+        }
         other => other.rethrow(),
     })
     .execute();
@@ -243,27 +278,52 @@ fn checked_table(oid: pg_sys::Oid) -> String {
                     c.relispartition, c.relpersistence::text \
                FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1";
     let found = rows(q, &[oid.into()], |r| {
-        (s(r, 1), s(r, 2), s(r, 3), r.get::<bool>(4).ok().flatten().unwrap_or(false), s(r, 5))
+        (
+            s(r, 1),
+            s(r, 2),
+            s(r, 3),
+            r.get::<bool>(4).ok().flatten().unwrap_or(false),
+            s(r, 5),
+        )
     })
     .pop();
     let Some((name, kind, nsp, partition, persistence)) = found else {
-        raise(core_scope::scope_err(SqlState::UndefinedTable, format!("relation with OID {} does not exist", oid.to_u32()), "Pass an existing table."))
+        raise(core_scope::scope_err(
+            SqlState::UndefinedTable,
+            format!("relation with OID {} does not exist", oid.to_u32()),
+            "Pass an existing table.",
+        ))
     };
     let bad = |m: String, h: &str| raise(core_scope::scope_err(SqlState::WrongObjectType, m, h));
     if kind != "r" && kind != "p" {
-        bad(format!("{name} is not a table"), "Only tables and partitioned tables can be scoped.");
+        bad(
+            format!("{name} is not a table"),
+            "Only tables and partitioned tables can be scoped.",
+        );
     }
     if partition {
-        bad(format!("{name} is a partition"), "Scope the partitioned table it belongs to.");
+        bad(
+            format!("{name} is a partition"),
+            "Scope the partitioned table it belongs to.",
+        );
     }
-    if persistence == "t" || nsp.starts_with("pg_") || nsp == "information_schema" || nsp == "poco" {
-        bad(format!("{name} is a system, temporary or poco_sync table"), "Scope the platform's own tables.");
+    if persistence == "t" || nsp.starts_with("pg_") || nsp == "information_schema" || nsp == "poco"
+    {
+        bad(
+            format!("{name} is a system, temporary or poco_sync table"),
+            "Scope the platform's own tables.",
+        );
     }
     name
 }
 
 fn existing_role(oid: pg_sys::Oid) -> Option<String> {
-    rows("SELECT role FROM poco.scope WHERE rel = $1::oid::regclass", &[oid.into()], |r| s(r, 1)).pop()
+    rows(
+        "SELECT role FROM poco.scope WHERE rel = $1::oid::regclass",
+        &[oid.into()],
+        |r| s(r, 1),
+    )
+    .pop()
 }
 
 fn refuse_other_role(oid: pg_sys::Oid, name: &str, wanted: &str) {
@@ -272,7 +332,10 @@ fn refuse_other_role(oid: pg_sys::Oid, name: &str, wanted: &str) {
             raise(core_scope::scope_err(
                 SqlState::DuplicateObject,
                 format!("{name} is already declared as {role}"),
-                format!("A table has one role. Remove it first: SELECT poco_scope_remove('{}');", name.replace('\'', "''")),
+                format!(
+                    "A table has one role. Remove it first: SELECT poco_scope_remove('{}');",
+                    name.replace('\'', "''")
+                ),
             ));
         }
     }
@@ -285,6 +348,17 @@ fn validate_and_log(message: String, detail: serde_json::Value) {
         check_predicate_sql(sc);
     }
     catalog::log_event("scope_changed", None, None, &message, detail);
+    sync_follows_scope("the account scope changed");
+}
+
+/// Continuous targets follow a scope change: capture on exactly the new scoped tables, and a
+/// new snapshot of every target (its tables, rows and columns may all differ now).
+fn sync_follows_scope(why: &str) {
+    Spi::run_with_args(
+        "SELECT poco.refresh_capture(), poco.resnapshot_all($1) WHERE EXISTS (SELECT 1 FROM poco.target WHERE continuous)",
+        &[why.into()],
+    )
+    .or_raise();
 }
 
 #[pg_schema]
@@ -299,12 +373,22 @@ pub mod poco {
 
     /// Store one table's declaration (its role and that role's one setting), replacing what
     /// the table had; a new root replaces the old one. Returns the table's name.
-    fn declare(oid: pg_sys::Oid, role: &str, predicate: Option<&str>, via: Option<&str>, mode: Option<&str>) -> String {
+    fn declare(
+        oid: pg_sys::Oid,
+        role: &str,
+        predicate: Option<&str>,
+        via: Option<&str>,
+        mode: Option<&str>,
+    ) -> String {
         lock();
         let name = checked_table(oid);
         refuse_other_role(oid, &name, role);
         if role == "root" {
-            Spi::run_with_args("DELETE FROM poco.scope WHERE role = 'root' AND rel::oid <> $1", &[oid.into()]).or_raise();
+            Spi::run_with_args(
+                "DELETE FROM poco.scope WHERE role = 'root' AND rel::oid <> $1",
+                &[oid.into()],
+            )
+            .or_raise();
         }
         Spi::run_with_args(
             "INSERT INTO poco.scope (rel, role, predicate, via, mode) VALUES ($1::oid::regclass, $2, $3, $4, $5) \
@@ -322,20 +406,28 @@ pub mod poco {
         let pred = predicate.unwrap_or_else(|| raise(PocoError::NullArgument("predicate")));
         poco_core::predicate::Predicate::parse(pred).or_raise();
         let name = declare(oid, "root", Some(pred), None, None);
-        validate_and_log(format!("scope root: {name} WHERE {pred}"), json!({"table": name, "role": "root", "predicate": pred}));
+        validate_and_log(
+            format!("scope root: {name} WHERE {pred}"),
+            json!({"table": name, "role": "root", "predicate": pred}),
+        );
     }
 
     #[pg_extern(volatile, parallel_unsafe)]
     fn scope_table(tbl: Option<pg_sys::Oid>, via: Option<&str>) {
         let oid = tbl.unwrap_or_else(|| raise(PocoError::NullArgument("tbl")));
         let name = declare(oid, "owned", None, via, None);
-        validate_and_log(format!("scope: {name} is owned"), json!({"table": name, "role": "owned", "via": via}));
+        validate_and_log(
+            format!("scope: {name} is owned"),
+            json!({"table": name, "role": "owned", "via": via}),
+        );
     }
 
     #[pg_extern(volatile, parallel_unsafe)]
     fn scope_reference(tbl: Option<pg_sys::Oid>, mode: Option<&str>) {
         let oid = tbl.unwrap_or_else(|| raise(PocoError::NullArgument("tbl")));
-        let mode = RefMode::parse(mode.unwrap_or("referenced")).or_raise().as_str();
+        let mode = RefMode::parse(mode.unwrap_or("referenced"))
+            .or_raise()
+            .as_str();
         let name = declare(oid, "reference", None, None, Some(mode));
         validate_and_log(
             format!("scope: {name} is a reference table ({mode})"),
@@ -366,7 +458,10 @@ pub mod poco {
             &[oid.into(), col.into()],
         )
         .or_raise();
-        validate_and_log(format!("scope: column {col} of {name} is excluded"), json!({"table": name, "excluded": col}));
+        validate_and_log(
+            format!("scope: column {col} of {name} is excluded"),
+            json!({"table": name, "excluded": col}),
+        );
     }
 
     #[pg_extern(volatile, parallel_unsafe)]
@@ -381,7 +476,13 @@ pub mod poco {
         )
         .len();
         if n > 0 {
-            validate_and_log(format!("scope: column {col} of OID {} is no longer excluded", oid.to_u32()), json!({"included": col}));
+            validate_and_log(
+                format!(
+                    "scope: column {col} of OID {} is no longer excluded",
+                    oid.to_u32()
+                ),
+                json!({"included": col}),
+            );
         }
         n > 0
     }
@@ -390,15 +491,24 @@ pub mod poco {
     fn scope_remove(tbl: Option<pg_sys::Oid>) -> bool {
         let oid = tbl.unwrap_or_else(|| raise(PocoError::NullArgument("tbl")));
         lock();
-        let removed = rows("DELETE FROM poco.scope WHERE rel::oid = $1 RETURNING rel::text, role", &[oid.into()], |r| {
-            (s(r, 1), s(r, 2))
-        })
+        let removed = rows(
+            "DELETE FROM poco.scope WHERE rel::oid = $1 RETURNING rel::text, role",
+            &[oid.into()],
+            |r| (s(r, 1), s(r, 2)),
+        )
         .pop();
-        Spi::run_with_args("DELETE FROM poco.scope_exclusion WHERE rel::oid = $1", &[oid.into()]).or_raise();
+        Spi::run_with_args(
+            "DELETE FROM poco.scope_exclusion WHERE rel::oid = $1",
+            &[oid.into()],
+        )
+        .or_raise();
         match removed {
             None => false,
             Some((name, role)) => {
-                validate_and_log(format!("scope: {name} ({role}) removed"), json!({"table": name, "removed": role}));
+                validate_and_log(
+                    format!("scope: {name} ({role}) removed"),
+                    json!({"table": name, "removed": role}),
+                );
                 true
             }
         }
@@ -409,7 +519,14 @@ pub mod poco {
         lock();
         let n = rows("DELETE FROM poco.scope RETURNING 1", &[], |_| ()).len() as i64;
         Spi::run("DELETE FROM poco.scope_exclusion").or_raise();
-        catalog::log_event("scope_changed", None, None, &format!("scope cleared ({n} tables)"), json!({"cleared": n}));
+        catalog::log_event(
+            "scope_changed",
+            None,
+            None,
+            &format!("scope cleared ({n} tables)"),
+            json!({"cleared": n}),
+        );
+        sync_follows_scope("the account scope was cleared");
         n
     }
 
@@ -438,17 +555,23 @@ pub mod poco {
             .tables
             .iter()
             .map(|t| {
-                let n = rows(&t.count_sql, &[parent.as_str().into()], |r| r.get::<i64>(1).ok().flatten().unwrap_or(0))
-                    .pop()
-                    .unwrap_or(0);
+                let n = rows(&t.count_sql, &[parent.as_str().into()], |r| {
+                    r.get::<i64>(1).ok().flatten().unwrap_or(0)
+                })
+                .pop()
+                .unwrap_or(0);
                 let (sent, left): (Vec<_>, Vec<_>) = t.fks.iter().partition(|f| f.sent);
                 (
                     t.ident.clone(),
                     t.role.as_str().to_string(),
                     n,
                     t.path.clone(),
-                    sent.iter().map(|f| format!("{} ({})", f.text, f.reason)).collect(),
-                    left.iter().map(|f| format!("{} ({})", f.text, f.reason)).collect(),
+                    sent.iter()
+                        .map(|f| format!("{} ({})", f.text, f.reason))
+                        .collect(),
+                    left.iter()
+                        .map(|f| format!("{} ({})", f.text, f.reason))
+                        .collect(),
                     t.excluded.clone(),
                     t.warnings.clone(),
                 )
@@ -474,7 +597,16 @@ pub mod poco {
         TableIterator::new(
             sc.tables
                 .into_iter()
-                .map(|t| (t.ident, t.role.as_str().to_string(), t.path, t.select_sql, t.count_sql, t.owners_sql))
+                .map(|t| {
+                    (
+                        t.ident,
+                        t.role.as_str().to_string(),
+                        t.path,
+                        t.select_sql,
+                        t.count_sql,
+                        t.owners_sql,
+                    )
+                })
                 .collect::<Vec<_>>(),
         )
     }
@@ -482,7 +614,14 @@ pub mod poco {
     /// Problems a DBA should fix: FK columns on ownership paths without an index, tables
     /// without a primary key.
     #[pg_extern(volatile, parallel_unsafe)]
-    fn scope_check() -> TableIterator<'static, (name!(table_name, String), name!(severity, String), name!(message, String))> {
+    fn scope_check() -> TableIterator<
+        'static,
+        (
+            name!(table_name, String),
+            name!(severity, String),
+            name!(message, String),
+        ),
+    > {
         let sc = require().or_raise();
         let mut out = Vec::new();
         for t in &sc.tables {
@@ -490,7 +629,14 @@ pub mod poco {
                 out.push((t.ident.clone(), "warning".to_string(), w.clone()));
             }
             for f in t.fks.iter().filter(|f| !f.sent) {
-                out.push((t.ident.clone(), "info".to_string(), format!("foreign key left out on the learner: {} ({})", f.text, f.reason)));
+                out.push((
+                    t.ident.clone(),
+                    "info".to_string(),
+                    format!(
+                        "foreign key left out on the learner: {} ({})",
+                        f.text, f.reason
+                    ),
+                ));
             }
         }
         TableIterator::new(out)
@@ -520,9 +666,17 @@ pub mod poco {
                 .flatten()
                 .map(|p| canonical_with(&sc, &p).or_raise())
                 .collect(),
-            None => rows("SELECT DISTINCT parent_id FROM poco.target ORDER BY 1", &[], |r| s(r, 1)),
+            None => rows(
+                "SELECT DISTINCT parent_id FROM poco.target ORDER BY 1",
+                &[],
+                |r| s(r, 1),
+            ),
         };
-        let list: Vec<String> = candidates.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
+        let list: Vec<String> = candidates
+            .into_iter()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
         let out = rows(&t.owners_sql, &[list.into(), row.into()], |r| s(r, 1));
         SetOfIterator::new(out)
     }

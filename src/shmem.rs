@@ -44,7 +44,11 @@ impl Default for JobSlot {
 
 impl JobSlot {
     pub fn current_table(&self) -> Option<String> {
-        let end = self.current_table.iter().position(|&b| b == 0).unwrap_or(TABLE_NAME_LEN);
+        let end = self
+            .current_table
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(TABLE_NAME_LEN);
         (end > 0).then(|| String::from_utf8_lossy(&self.current_table[..end]).into_owned())
     }
     pub fn set_current_table(&mut self, name: &str) {
@@ -117,7 +121,11 @@ pub fn snapshot() -> WorkerShared {
 /// The slot of `job_id`, if it is running.
 pub fn slot_of(job_id: i64) -> Option<(usize, JobSlot)> {
     let g = WORKER.share();
-    g.slots.iter().enumerate().find(|(_, s)| s.job_id == job_id).map(|(i, s)| (i, *s))
+    g.slots
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.job_id == job_id)
+        .map(|(i, s)| (i, *s))
 }
 
 pub fn with_slot<R>(i: usize, f: impl FnOnce(&mut JobSlot) -> R) -> R {

@@ -50,7 +50,9 @@ pub extern "C-unwind" fn poco_stream_main(_arg: pg_sys::Datum) {
     });
     crate::shmem::update(|w| w.stream_pid = unsafe { pg_sys::MyProcPid });
     let mut st = State::default();
-    log!("poco_sync stream started (pid {})", unsafe { pg_sys::MyProcPid });
+    log!("poco_sync stream started (pid {})", unsafe {
+        pg_sys::MyProcPid
+    });
     let mut idle_passes = 0u32;
     while !stopping() {
         if BackgroundWorker::sighup_received() {
@@ -88,6 +90,11 @@ struct State {
     /// Prepared attribution queries, by SQL text (a scope change gives new texts; Postgres
     /// re-plans them by itself after DDL).
     plans: HashMap<String, pgrx::spi::OwnedPreparedStatement>,
+    /// Targets whose snapshot failed: when to try again, and how many times it was tried.
+    snapshot_retry: HashMap<i64, (Instant, u32)>,
+    /// The last run of maintain(), and whether any target synced continuously then.
+    maintained_at: Option<Instant>,
+    any_continuous: bool,
 }
 
 struct Target {
@@ -101,23 +108,31 @@ enum Outcome {
     /// Nothing for this target between its position and S.
     Advanced,
     /// A batch was applied on the learner (or found already applied there).
-    Applied { changes: i64 },
+    Applied {
+        changes: i64,
+    },
     /// TRUNCATE, or the learner holds another position: start over with a full snapshot.
     Resnapshot(String),
-    Failed { error: String, changes: i64 },
+    Failed {
+        error: String,
+        changes: i64,
+    },
 }
 
 /// One pass: (did work, is any target streaming).
 fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
     let installed = BackgroundWorker::transaction(|| {
-        Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'poco_sync')")
-            .ok()
-            .flatten()
-            .unwrap_or(false)
+        Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'poco_sync')",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false)
     });
     if !installed {
         return (false, false);
     }
+    let continuous = maintain(st);
     let result = crate::push::in_snapshot(|| {
         let s = Spi::get_one::<String>("SELECT pg_catalog.pg_current_snapshot()::text")
             .map_err(|e| JobError::new("XX000", e.to_string()))?
@@ -136,7 +151,11 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         // attribution.
         let mut groups: BTreeMap<String, Vec<Target>> = BTreeMap::new();
         for t in targets {
-            if st.retry_at.get(&t.id).is_some_and(|(at, _)| Instant::now() < *at) {
+            if st
+                .retry_at
+                .get(&t.id)
+                .is_some_and(|(at, _)| Instant::now() < *at)
+            {
                 continue;
             }
             groups.entry(t.position.clone()).or_default().push(t);
@@ -144,9 +163,17 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         let mut steps: Vec<(Target, Step)> = Vec::new();
         for (position, group) in groups {
             let changes = load_changes(&position);
-            let parents: Vec<String> = group.iter().map(|t| t.parent.clone()).collect::<BTreeSet<_>>().into_iter().collect();
-            let concerned =
-                if changes.is_empty() { Concerned::Some(BTreeSet::new()) } else { attribute(&mut st.plans, &sc, &changes, &parents) };
+            let parents: Vec<String> = group
+                .iter()
+                .map(|t| t.parent.clone())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let concerned = if changes.is_empty() {
+                Concerned::Some(BTreeSet::new())
+            } else {
+                attribute(&mut st.plans, &sc, &changes, &parents)
+            };
             for t in group {
                 let step = if concerned.includes(&t.parent) {
                     sync_target(&sc, &pks, &fks, &t, &changes)
@@ -167,15 +194,17 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                 log!("poco_sync stream: {}", e.message);
                 st.last_error = Some(e.message);
             }
-            return (false, true);
+            return (false, continuous);
         }
     };
     st.last_error = None;
-    let busy = results.iter().any(|(_, o)| matches!(o, Outcome::Applied { .. }));
+    let busy = results
+        .iter()
+        .any(|(_, o)| matches!(o, Outcome::Applied { .. }));
     if !results.is_empty() {
         BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| record(st, &s, &results)));
     }
-    (busy, any)
+    (busy, any || continuous)
 }
 
 fn streaming_targets() -> Vec<Target> {
@@ -213,7 +242,10 @@ fn scoped_references(sc: &Scope) -> BTreeSet<(u32, u32)> {
         )
         .map(|rows| {
             rows.filter_map(|r| {
-                Some((u32::from(r.get::<pg_sys::Oid>(1).ok()??), u32::from(r.get::<pg_sys::Oid>(2).ok()??)))
+                Some((
+                    u32::from(r.get::<pg_sys::Oid>(1).ok()??),
+                    u32::from(r.get::<pg_sys::Oid>(2).ok()??),
+                ))
             })
             .collect()
         })
@@ -320,7 +352,9 @@ fn attribute(
 ) -> Concerned {
     let mut found: BTreeSet<String> = BTreeSet::new();
     for (rel, op, old, new) in changes {
-        let Some(table) = sc.table(*rel) else { continue };
+        let Some(table) = sc.table(*rel) else {
+            continue;
+        };
         if op == "T" || matches!(table.role, Role::Reference(_)) {
             return Concerned::All;
         }
@@ -329,8 +363,14 @@ fn attribute(
                 return Concerned::Some(found);
             }
             if !plans.contains_key(&table.owners_sql) {
-                let types = [PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID), PgOid::BuiltIn(PgBuiltInOids::JSONBOID)];
-                if let Ok(p) = Spi::connect(|c| c.prepare(table.owners_sql.as_str(), &types).map(|p| p.keep())) {
+                let types = [
+                    PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
+                    PgOid::BuiltIn(PgBuiltInOids::JSONBOID),
+                ];
+                if let Ok(p) = Spi::connect(|c| {
+                    c.prepare(table.owners_sql.as_str(), &types)
+                        .map(|p| p.keep())
+                }) {
                     plans.insert(table.owners_sql.clone(), p);
                 }
             }
@@ -340,8 +380,11 @@ fn attribute(
                     Some(p) => c.select(p, None, &args),
                     None => c.select(table.owners_sql.as_str(), None, &args),
                 };
-                rows.map(|rows| rows.filter_map(|r| r.get::<String>(1).ok().flatten()).collect())
-                    .unwrap_or_else(|_| parents.to_vec()) // cannot tell: assume it concerns everyone
+                rows.map(|rows| {
+                    rows.filter_map(|r| r.get::<String>(1).ok().flatten())
+                        .collect()
+                })
+                .unwrap_or_else(|_| parents.to_vec()) // cannot tell: assume it concerns everyone
             });
             found.extend(owners);
         }
@@ -366,7 +409,10 @@ fn sync_keys(
     for (rel, op, old, new) in changes {
         let Some(pk) = pks.get(rel) else { continue };
         if pk.is_empty() {
-            return Step::Done(Outcome::Failed { error: format!("table {rel} has no primary key: it cannot be synced"), changes: n });
+            return Step::Done(Outcome::Failed {
+                error: format!("table {rel} has no primary key: it cannot be synced"),
+                changes: n,
+            });
         }
         for img in [old, new].into_iter().flatten() {
             let k = key_of(pk, img);
@@ -384,10 +430,16 @@ fn sync_keys(
     let mut recheck: BTreeSet<u32> = BTreeSet::new();
     loop {
         let before = recheck.len();
-        for table in sc.tables.iter().filter(|t| matches!(t.role, Role::Reference(_))) {
+        for table in sc
+            .tables
+            .iter()
+            .filter(|t| matches!(t.role, Role::Reference(_)))
+        {
             let r = table.oid;
             if touched.contains_key(&r)
-                || fks.iter().any(|(from, to)| *to == r && *from != r && (touched.contains_key(from) || recheck.contains(from)))
+                || fks.iter().any(|(from, to)| {
+                    *to == r && *from != r && (touched.contains_key(from) || recheck.contains(from))
+                })
             {
                 recheck.insert(r);
             }
@@ -400,11 +452,25 @@ fn sync_keys(
     let mut stmts: Vec<String> = Vec::new();
     for table in &sc.tables {
         let pk = &pks[&table.oid];
-        let pk_list = pk.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ");
-        let k_list = pk.iter().map(|c| format!("k.{}", quote_ident(c))).collect::<Vec<_>>().join(", ");
-        let t_list = pk.iter().map(|c| format!("t.{}", quote_ident(c))).collect::<Vec<_>>().join(", ");
+        let pk_list = pk
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let k_list = pk
+            .iter()
+            .map(|c| format!("k.{}", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let t_list = pk
+            .iter()
+            .map(|c| format!("t.{}", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
         let reference = matches!(table.role, Role::Reference(_));
-        let keys: Option<String> = touched.get(&table.oid).map(|k| format!("[{}]", k.iter().cloned().collect::<Vec<_>>().join(",")));
+        let keys: Option<String> = touched
+            .get(&table.oid)
+            .map(|k| format!("[{}]", k.iter().cloned().collect::<Vec<_>>().join(",")));
         if (keys.is_none() && !reference) || (reference && !recheck.contains(&table.oid)) {
             continue;
         }
@@ -421,19 +487,31 @@ fn sync_keys(
         };
         let rows = Spi::get_one_with_args::<pgrx::JsonB>(
             &rows_sql,
-            &[t.parent.as_str().into(), keys.clone().unwrap_or_else(|| "[]".into()).as_str().into()],
+            &[
+                t.parent.as_str().into(),
+                keys.clone().unwrap_or_else(|| "[]".into()).as_str().into(),
+            ],
         );
         let rows: Value = match rows {
             Ok(v) => v.map(|j| j.0).unwrap_or(Value::Array(vec![])),
-            Err(e) => return Step::Done(Outcome::Failed { error: format!("reading {}: {e}", table.ident), changes: n }),
+            Err(e) => {
+                return Step::Done(Outcome::Failed {
+                    error: format!("reading {}: {e}", table.ident),
+                    changes: n,
+                })
+            }
         };
         let rows_lit = literal(&rows.to_string());
         if let (false, Some(upd)) = (reference, updated.get(&table.oid)) {
-            let upd: BTreeSet<String> =
-                upd.difference(inserted.get(&table.oid).unwrap_or(&BTreeSet::new())).cloned().collect();
+            let upd: BTreeSet<String> = upd
+                .difference(inserted.get(&table.oid).unwrap_or(&BTreeSet::new()))
+                .cloned()
+                .collect();
             if !upd.is_empty() {
-                let in_now: BTreeSet<String> =
-                    rows.as_array().map(|a| a.iter().map(|r| key_of(pk, r)).collect()).unwrap_or_default();
+                let in_now: BTreeSet<String> = rows
+                    .as_array()
+                    .map(|a| a.iter().map(|r| key_of(pk, r)).collect())
+                    .unwrap_or_default();
                 membership.push(MembershipCheck {
                     sql: format!(
                         "SELECT pg_catalog.jsonb_build_object({})::text FROM {} t \
@@ -459,9 +537,15 @@ fn sync_keys(
             // Delete only the touched keys that are out of scope now. A row still in scope is
             // upserted in place: deleting and re-inserting it would fire the learner's ON DELETE
             // CASCADE / SET NULL on rows this batch does not send again.
-            let in_now: BTreeSet<String> =
-                rows.as_array().map(|a| a.iter().map(|r| key_of(pk, r)).collect()).unwrap_or_default();
-            let gone: Vec<String> = touched[&table.oid].iter().filter(|k| !in_now.contains(*k)).cloned().collect();
+            let in_now: BTreeSet<String> = rows
+                .as_array()
+                .map(|a| a.iter().map(|r| key_of(pk, r)).collect())
+                .unwrap_or_default();
+            let gone: Vec<String> = touched[&table.oid]
+                .iter()
+                .filter(|k| !in_now.contains(*k))
+                .cloned()
+                .collect();
             if !gone.is_empty() {
                 stmts.push(format!(
                     "DELETE FROM {} t USING pg_catalog.jsonb_populate_recordset(NULL::{}, {}::pg_catalog.jsonb) k WHERE ({t_list}) = ({k_list})",
@@ -479,7 +563,11 @@ fn sync_keys(
                 .filter(|c| !pk.iter().any(|p| quote_ident(p) == **c || p == *c))
                 .map(|c| format!("{c} = EXCLUDED.{c}"))
                 .collect();
-            let action = if set.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", set.join(", ")) };
+            let action = if set.is_empty() {
+                "NOTHING".to_string()
+            } else {
+                format!("UPDATE SET {}", set.join(", "))
+            };
             stmts.push(format!(
                 "INSERT INTO {} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM pg_catalog.jsonb_populate_recordset(NULL::{}, {rows_lit}::pg_catalog.jsonb) \
                  ON CONFLICT ({pk_list}) DO {action}",
@@ -487,7 +575,11 @@ fn sync_keys(
             ));
         }
     }
-    Step::Send(Batch { stmts, membership, n })
+    Step::Send(Batch {
+        stmts,
+        membership,
+        n,
+    })
 }
 
 /// What a pass does for one target: an outcome already known, or a batch to send.
@@ -507,16 +599,24 @@ struct Batch {
 /// the same batch cannot help; anything else backs off and retries.
 fn refused(e: JobError, n: i64) -> Outcome {
     if e.sqlstate.starts_with("23") || (e.sqlstate.starts_with("42") && e.sqlstate != "42501") {
-        Outcome::Resnapshot(format!("the learner refused a batch ({}): {}", e.sqlstate, e.message))
+        Outcome::Resnapshot(format!(
+            "the learner refused a batch ({}): {}",
+            e.sqlstate, e.message
+        ))
     } else {
-        Outcome::Failed { error: e.message, changes: n }
+        Outcome::Failed {
+            error: e.message,
+            changes: n,
+        }
     }
 }
 
-
 /// The key of a row (or row image) as canonical JSON text: the primary key columns only.
 fn key_of(pk: &[String], row: &Value) -> String {
-    let key: serde_json::Map<String, Value> = pk.iter().map(|c| (c.clone(), row.get(c).cloned().unwrap_or(Value::Null))).collect();
+    let key: serde_json::Map<String, Value> = pk
+        .iter()
+        .map(|c| (c.clone(), row.get(c).cloned().unwrap_or(Value::Null)))
+        .collect();
     Value::Object(key).to_string()
 }
 
@@ -533,7 +633,12 @@ struct MembershipCheck {
 /// Send the pass's batches: every learner transaction in flight at once, two round trips each
 /// (begin + read the position + the moved-rows checks; then the statements + the new position +
 /// COMMIT, or ROLLBACK), with the decisions in between taken here, on the main thread.
-fn deliver(rt: &tokio::runtime::Runtime, st: &mut State, s: &str, steps: Vec<(Target, Step)>) -> Vec<(Target, Outcome)> {
+fn deliver(
+    rt: &tokio::runtime::Runtime,
+    st: &mut State,
+    s: &str,
+    steps: Vec<(Target, Step)>,
+) -> Vec<(Target, Outcome)> {
     let timeout = gucs::network_timeout();
     let mut out: Vec<(Target, Outcome)> = Vec::new();
     let mut sends: Vec<(Target, Batch)> = Vec::new();
@@ -542,7 +647,13 @@ fn deliver(rt: &tokio::runtime::Runtime, st: &mut State, s: &str, steps: Vec<(Ta
             Step::Done(o) => out.push((t, o)),
             Step::Send(b) => {
                 if let Err(e) = connect(rt, st, &t) {
-                    out.push((t, Outcome::Failed { error: e.message, changes: b.n }));
+                    out.push((
+                        t,
+                        Outcome::Failed {
+                            error: e.message,
+                            changes: b.n,
+                        },
+                    ));
                 } else {
                     sends.push((t, b));
                 }
@@ -595,9 +706,15 @@ fn deliver(rt: &tokio::runtime::Runtime, st: &mut State, s: &str, steps: Vec<(Ta
                 // The position table missing or unreadable: the learner is not a copy we know.
                 st.conns.remove(&t.id);
                 let o = if e.sqlstate.starts_with("42") && e.sqlstate != "42501" {
-                    Outcome::Resnapshot(format!("the learner's poco_sync.position cannot be read ({})", e.message))
+                    Outcome::Resnapshot(format!(
+                        "the learner's poco_sync.position cannot be read ({})",
+                        e.message
+                    ))
                 } else {
-                    Outcome::Failed { error: e.message, changes: b.n }
+                    Outcome::Failed {
+                        error: e.message,
+                        changes: b.n,
+                    }
                 };
                 out.push((t, o));
                 continue;
@@ -626,7 +743,11 @@ fn deliver(rt: &tokio::runtime::Runtime, st: &mut State, s: &str, steps: Vec<(Ta
         if !between {
             let why = format!(
                 "the learner's poco_sync.position is not the one last written ({})",
-                if at.is_some() { "another snapshot" } else { "missing" }
+                if at.is_some() {
+                    "another snapshot"
+                } else {
+                    "missing"
+                }
             );
             decided.insert(t.id, Outcome::Resnapshot(why));
             seconds.push((t, b, None));
@@ -642,7 +763,10 @@ fn deliver(rt: &tokio::runtime::Runtime, st: &mut State, s: &str, steps: Vec<(Ta
                 .map(|v| key_of(&m.pk, &v))
                 .collect();
             let moved_out = here.iter().any(|k| !m.in_now.contains(k));
-            let moved_in = m.updated.iter().any(|k| m.in_now.contains(k) && !here.contains(k));
+            let moved_in = m
+                .updated
+                .iter()
+                .any(|k| m.in_now.contains(k) && !here.contains(k));
             if moved_out || moved_in {
                 moved = Some(format!(
                     "a row of {} moved {} this family, with what it owns",
@@ -672,7 +796,10 @@ fn deliver(rt: &tokio::runtime::Runtime, st: &mut State, s: &str, steps: Vec<(Ta
             let client = &conns[&t.id];
             let sql = sql.clone().unwrap_or_else(|| "ROLLBACK".into());
             net::step("applying a batch", timeout, &stopping, async move {
-                client.batch_execute(&sql).await.map_err(|e| JobError::learner("applying a batch", &e))
+                client
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(|e| JobError::learner("applying a batch", &e))
             })
         });
         rt.block_on(futures_util::future::join_all(futs))
@@ -686,9 +813,15 @@ fn deliver(rt: &tokio::runtime::Runtime, st: &mut State, s: &str, steps: Vec<(Ta
             }
             (None, Ok(())) if sql.is_some() => {
                 // Failpoint for tests: the learner committed, the platform never hears of it.
-                if gucs::failpoint().as_deref() == Some("stream_ack_lost") && st.fired.insert("stream_ack_lost".into()) {
+                if gucs::failpoint().as_deref() == Some("stream_ack_lost")
+                    && st.fired.insert("stream_ack_lost".into())
+                {
                     st.conns.remove(&t.id);
-                    Outcome::Failed { error: "failpoint stream_ack_lost: the batch's acknowledgement was lost".into(), changes: b.n }
+                    Outcome::Failed {
+                        error: "failpoint stream_ack_lost: the batch's acknowledgement was lost"
+                            .into(),
+                        changes: b.n,
+                    }
                 } else {
                     Outcome::Applied { changes: b.n }
                 }
@@ -707,14 +840,21 @@ fn connect(rt: &tokio::runtime::Runtime, st: &mut State, t: &Target) -> Result<(
     }
     let timeout = gucs::network_timeout();
     let key = keys::current().map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
-    let target = catalog::load_target(t.id).map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
-    let password =
-        crate::targets::poco::open_credentials(t.id, &key).map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
+    let target = catalog::load_target(t.id)
+        .map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
+    let password = crate::targets::poco::open_credentials(t.id, &key)
+        .map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
     let client = rt.block_on(net::step(
         "connect",
         timeout * 2,
         &stopping,
-        net::connect(&target.spec, password.as_deref(), gucs::allow_private_targets(), timeout, "poco_sync stream"),
+        net::connect(
+            &target.spec,
+            password.as_deref(),
+            gucs::allow_private_targets(),
+            timeout,
+            "poco_sync stream",
+        ),
     ))?;
     st.conns.insert(t.id, client);
     Ok(())
@@ -727,7 +867,7 @@ fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
             Outcome::Advanced => {
                 st.retry_at.remove(&t.id);
                 Spi::run_with_args(
-                    "UPDATE poco.target SET sync_position = $2::pg_catalog.pg_snapshot, sync_lag = 0 \
+                    "UPDATE poco.target SET sync_position = $2::pg_catalog.pg_snapshot, sync_position_at = pg_catalog.now(), sync_lag = 0 \
                       WHERE id = $1 AND sync_state = 'streaming' AND sync_position::text = $3",
                     &[t.id.into(), s.into(), t.position.as_str().into()],
                 )
@@ -737,7 +877,7 @@ fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
                 st.retry_at.remove(&t.id);
                 Spi::run_with_args(
                     "UPDATE poco.target SET sync_position = $2::pg_catalog.pg_snapshot, learner_position = $2::pg_catalog.pg_snapshot, \
-                            last_applied_at = pg_catalog.now(), sync_lag = 0, last_sync_error = NULL \
+                            sync_position_at = pg_catalog.now(), last_applied_at = pg_catalog.now(), sync_lag = 0, last_sync_error = NULL \
                       WHERE id = $1 AND sync_state = 'streaming' AND sync_position::text = $3",
                     &[t.id.into(), s.into(), t.position.as_str().into()],
                 )
@@ -746,24 +886,14 @@ fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
             }
             Outcome::Resnapshot(why) => {
                 st.retry_at.remove(&t.id);
-                Spi::run_with_args(
-                    "UPDATE poco.target SET sync_state = 'snapshot', last_sync_error = $2 WHERE id = $1",
-                    &[t.id.into(), format!("re-snapshot: {why}").as_str().into()],
-                )
-                .ok();
-                Spi::run_with_args("SELECT poco_push($1, $2)", &[t.parent.as_str().into(), t.id.into()]).ok();
-                catalog::log_event(
-                    "sync_resnapshot",
-                    Some(&t.parent),
-                    Some(t.id),
-                    &format!("target {} is re-snapshotted: {why}", t.id),
-                    serde_json::json!({}),
-                );
+                resnapshot(t.id, why);
             }
             Outcome::Failed { error, changes } => {
                 let tries = st.retry_at.get(&t.id).map(|x| x.1).unwrap_or(0) + 1;
-                let wait = poco_core::learner::backoff_ms(gucs::retry_delay_ms(), tries).min(60_000);
-                st.retry_at.insert(t.id, (Instant::now() + Duration::from_millis(wait), tries));
+                let wait =
+                    poco_core::learner::backoff_ms(gucs::retry_delay_ms(), tries).min(60_000);
+                st.retry_at
+                    .insert(t.id, (Instant::now() + Duration::from_millis(wait), tries));
                 Spi::run_with_args(
                     "UPDATE poco.target SET last_sync_error = $2, sync_lag = $3 WHERE id = $1",
                     &[t.id.into(), error.as_str().into(), (*changes).into()],
@@ -775,10 +905,137 @@ fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
             }
         }
     }
-    // Changes every continuous target has are no longer needed.
+    prune();
+}
+
+/// Changes every continuous target has (or will not need: below the position of a target
+/// waiting for a snapshot) are no longer needed.
+fn prune() {
     Spi::run(
         "DELETE FROM poco.change WHERE txid < (SELECT pg_catalog.min(pg_catalog.pg_snapshot_xmin(sync_position)) \
            FROM poco.target WHERE continuous AND sync_position IS NOT NULL)",
     )
     .ok();
+}
+
+/// Start a target over with a full snapshot (poco.resnapshot: state, event, the push job).
+fn resnapshot(target: i64, why: &str) {
+    if let Err(e) = Spi::run_with_args(
+        "SELECT poco.resnapshot($1, $2)",
+        &[target.into(), why.into()],
+    ) {
+        log!("poco_sync stream: target {target}: could not queue its re-snapshot: {e}");
+    }
+}
+
+/// Once a second: targets whose snapshot failed are tried again (with backoff), and targets
+/// whose backlog passed poco.sync_max_backlog(_age) are re-snapshotted instead of holding the
+/// log. Returns whether any target syncs continuously.
+fn maintain(st: &mut State) -> bool {
+    if st
+        .maintained_at
+        .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+    {
+        return st.any_continuous;
+    }
+    st.maintained_at = Some(Instant::now());
+    let (max_rows, max_age) = gucs::sync_max_backlog();
+    BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
+        // (id, state, seconds since the position moved, position)
+        let rows: Vec<(i64, String, f64, String)> = Spi::connect(|c| {
+            c.select(
+                "SELECT t.id, t.sync_state, extract(epoch FROM pg_catalog.now() - coalesce(t.sync_position_at, pg_catalog.now()))::float8, \
+                        coalesce(t.sync_position::text, '') \
+                   FROM poco.target t \
+                  WHERE t.continuous AND t.sync_state IN ('streaming', 'error') \
+                    AND NOT EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = t.id AND j.state IN ('queued', 'running')) \
+                  ORDER BY t.id",
+                None,
+                &[],
+            )
+            .map(|rows| {
+                rows.map(|r| {
+                    (
+                        r.get::<i64>(1).ok().flatten().unwrap_or(0),
+                        r.get::<String>(2).ok().flatten().unwrap_or_default(),
+                        r.get::<f64>(3).ok().flatten().unwrap_or(0.0),
+                        r.get::<String>(4).ok().flatten().unwrap_or_default(),
+                    )
+                })
+                .collect()
+            })
+            .unwrap_or_default()
+        });
+        st.snapshot_retry.retain(|id, _| {
+            rows.iter()
+                .any(|(r, state, ..)| r == id && state == "error")
+        });
+        let mut counted: HashMap<String, i64> = HashMap::new();
+        for (id, state, behind_s, position) in rows {
+            if state == "error" {
+                // The snapshot failed (its own retries spent): try again, waiting longer each time.
+                let (at, tries) = *st.snapshot_retry.entry(id).or_insert_with(|| {
+                    (
+                        Instant::now()
+                            + Duration::from_millis(poco_core::learner::backoff_ms(
+                                gucs::retry_delay_ms(),
+                                1,
+                            )),
+                        1,
+                    )
+                });
+                if Instant::now() >= at {
+                    let wait = poco_core::learner::backoff_ms(gucs::retry_delay_ms(), tries + 1)
+                        .min(300_000);
+                    st.snapshot_retry.insert(
+                        id,
+                        (Instant::now() + Duration::from_millis(wait), tries + 1),
+                    );
+                    resnapshot(id, "trying the failed snapshot again");
+                }
+                continue;
+            }
+            if behind_s < 1.0 {
+                continue; // moved within the last second: not behind
+            }
+            if let Some(age) = max_age.filter(|a| behind_s >= a.as_secs_f64()) {
+                st.retry_at.remove(&id);
+                resnapshot(
+                    id,
+                    &format!(
+                        "its backlog is older than poco.sync_max_backlog_age ({} s)",
+                        age.as_secs()
+                    ),
+                );
+                continue;
+            }
+            if max_rows > 0 && !position.is_empty() {
+                let n = *counted.entry(position.clone()).or_insert_with(|| {
+                    Spi::get_one_with_args::<i64>(
+                        "SELECT count(*) FROM (SELECT 1 FROM poco.change \
+                          WHERE txid >= pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot) \
+                            AND NOT pg_catalog.pg_visible_in_snapshot(txid, $1::pg_catalog.pg_snapshot) LIMIT $2) x",
+                        &[position.as_str().into(), (max_rows + 1).into()],
+                    )
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0)
+                });
+                if n > max_rows {
+                    st.retry_at.remove(&id);
+                    resnapshot(
+                        id,
+                        &format!("its backlog passed poco.sync_max_backlog ({max_rows} changes)"),
+                    );
+                }
+            }
+        }
+        prune();
+        st.any_continuous =
+            Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM poco.target WHERE continuous)")
+                .ok()
+                .flatten()
+                .unwrap_or(false);
+        st.any_continuous
+    }))
 }

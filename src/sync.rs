@@ -23,10 +23,16 @@ pub mod poco {
     #[pg_trigger]
     fn capture_wake<'a>(
         _trigger: &'a pgrx::PgTrigger<'a>,
-    ) -> Result<Option<pgrx::heap_tuple::PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::heap_tuple::PgHeapTupleError> {
+    ) -> Result<
+        Option<pgrx::heap_tuple::PgHeapTuple<'a, pgrx::AllocatedByPostgres>>,
+        pgrx::heap_tuple::PgHeapTupleError,
+    > {
         let lxid = unsafe { (*pg_sys::MyProc).lxid };
         if WAKE_LXID.with(|w| w.replace(lxid)) != lxid {
-            pgrx::register_xact_callback(pgrx::PgXactCallbackEvent::Commit, crate::shmem::wake_stream);
+            pgrx::register_xact_callback(
+                pgrx::PgXactCallbackEvent::Commit,
+                crate::shmem::wake_stream,
+            );
         }
         Ok(None)
     }
@@ -37,7 +43,8 @@ pub mod poco {
     fn sync_wait(target_id: Option<i64>, snap: Option<String>, timeout_s: Option<f64>) -> bool {
         let target = target_id.unwrap_or_else(|| raise(PocoError::NullArgument("target_id")));
         let snap = snap.unwrap_or_default();
-        let timeout = Duration::from_secs_f64(timeout_s.unwrap_or(60.0).clamp(0.0, 86_400.0 * 365.0));
+        let timeout =
+            Duration::from_secs_f64(timeout_s.unwrap_or(60.0).clamp(0.0, 86_400.0 * 365.0));
         if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
             raise(scope_err(
                 SqlState::ObjectNotInPrerequisiteState,
@@ -48,7 +55,7 @@ pub mod poco {
         let start = Instant::now();
         loop {
             let row = Spi::get_two_with_args::<bool, bool>(
-                "SELECT continuous, poco.snapshot_covers(sync_position, $2::pg_catalog.pg_snapshot) \
+                "SELECT continuous, sync_state = 'streaming' AND poco.snapshot_covers(sync_position, $2::pg_catalog.pg_snapshot) \
                    FROM poco.target WHERE id = $1",
                 &[target.into(), snap.as_str().into()],
             )
@@ -70,11 +77,14 @@ pub mod poco {
             if start.elapsed() >= timeout {
                 return false;
             }
-            let left = timeout.saturating_sub(start.elapsed()).min(Duration::from_millis(2));
+            let left = timeout
+                .saturating_sub(start.elapsed())
+                .min(Duration::from_millis(2));
             unsafe {
                 pg_sys::WaitLatch(
                     pg_sys::MyLatch,
-                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                    (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH)
+                        as i32,
                     left.as_millis().max(1) as _,
                     pg_sys::PG_WAIT_EXTENSION,
                 );

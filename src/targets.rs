@@ -55,7 +55,11 @@ pub mod poco {
         };
         catalog::upsert_target(&t);
         let url = spec.redacted_url();
-        let (kind, what) = if existed { ("target_updated", "updated") } else { ("target_added", "added") };
+        let (kind, what) = if existed {
+            ("target_updated", "updated")
+        } else {
+            ("target_added", "added")
+        };
         catalog::log_event(
             kind,
             Some(parent_id),
@@ -126,7 +130,8 @@ pub mod poco {
     /// key aborts the rotation.
     #[pg_extern(volatile, parallel_unsafe)]
     fn rotate_key(old_key_file: Option<&str>) -> i64 {
-        let old_path = old_key_file.unwrap_or_else(|| raise(PocoError::NullArgument("old_key_file")));
+        let old_path =
+            old_key_file.unwrap_or_else(|| raise(PocoError::NullArgument("old_key_file")));
         let new = keys::current().or_raise();
         let old = load_key_file(old_path).or_raise();
         let mut n = 0;
@@ -148,7 +153,11 @@ pub mod poco {
             "key_rotated",
             None,
             None,
-            &format!("{n} target(s) re-encrypted from key {} to key {}", old.id_hex(), new.id_hex()),
+            &format!(
+                "{n} target(s) re-encrypted from key {} to key {}",
+                old.id_hex(),
+                new.id_hex()
+            ),
             json!({"from_key": old.id_hex(), "to_key": new.id_hex(), "targets": n}),
         );
         n

@@ -12,14 +12,19 @@ mod tests {
              PERFORM set_config('poco_test.state', SQLSTATE || ' ' || SQLERRM, false); END $$"
         );
         Spi::run(&q).unwrap();
-        Spi::get_one::<String>("SELECT current_setting('poco_test.state')").unwrap().unwrap()
+        Spi::get_one::<String>("SELECT current_setting('poco_test.state')")
+            .unwrap()
+            .unwrap()
     }
 
     #[pg_test]
     fn storing_a_target_without_a_key_file_fails_with_a_hint() {
         let s = sqlstate_of("PERFORM poco_add_target(1, 'postgresql://u:pw@db.example.com/d')");
         assert!(s.starts_with("55000 poco.key_file is not set"), "{s}");
-        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM poco.target").unwrap(), Some(0));
+        assert_eq!(
+            Spi::get_one::<i64>("SELECT count(*) FROM poco.target").unwrap(),
+            Some(0)
+        );
     }
 
     #[pg_test]
@@ -39,15 +44,24 @@ mod tests {
             let s = sqlstate_of(&format!("PERFORM poco_add_target(7, {arg})"));
             assert_eq!(s, want, "{arg}");
         }
-        let s = sqlstate_of("PERFORM poco_add_target(NULL::int, 'postgresql://u@db.example.com/d')");
+        let s =
+            sqlstate_of("PERFORM poco_add_target(NULL::int, 'postgresql://u@db.example.com/d')");
         assert!(s.starts_with("22004"), "{s}");
     }
 
     #[pg_test]
     fn parent_id_of_every_key_type_reaches_the_same_function() {
         // No key configured here, so each call fails at the key step: after overload resolution.
-        for arg in ["1", "1::bigint", "'5f1c8a7e-0000-4000-8000-000000000001'::uuid", "'abc'", "'abc'::text"] {
-            let s = sqlstate_of(&format!("PERFORM poco_add_target({arg}, 'postgresql://u@db.example.com/d')"));
+        for arg in [
+            "1",
+            "1::bigint",
+            "'5f1c8a7e-0000-4000-8000-000000000001'::uuid",
+            "'abc'",
+            "'abc'::text",
+        ] {
+            let s = sqlstate_of(&format!(
+                "PERFORM poco_add_target({arg}, 'postgresql://u@db.example.com/d')"
+            ));
             assert!(s.starts_with("55000"), "{arg}: {s}");
         }
     }
@@ -72,10 +86,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(public_exec, Some(0));
-        let key_setting_flags = Spi::get_one::<String>(
-            "SELECT context FROM pg_settings WHERE name = 'poco.key_file'",
-        )
-        .unwrap();
+        let key_setting_flags =
+            Spi::get_one::<String>("SELECT context FROM pg_settings WHERE name = 'poco.key_file'")
+                .unwrap();
         assert_eq!(key_setting_flags.as_deref(), Some("sighup"));
     }
 

@@ -6,8 +6,8 @@
 
 use crate::{catalog, gucs, keys, shmem};
 use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime, DynamicBackgroundWorker,
-    SignalWakeFlags,
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime,
+    DynamicBackgroundWorker, SignalWakeFlags,
 };
 use pgrx::prelude::*;
 use serde_json::json;
@@ -50,10 +50,12 @@ pub fn block_all_signals() {
 }
 
 fn extension_installed() -> bool {
-    Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'poco_sync')")
-        .ok()
-        .flatten()
-        .unwrap_or(false)
+    Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'poco_sync')",
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false)
 }
 
 #[pg_guard]
@@ -89,7 +91,10 @@ pub extern "C-unwind" fn poco_worker_main(_arg: pg_sys::Datum) {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             keys::forget();
             if gucs::database() != db {
-                log!("poco_sync worker: poco.database changed to \"{}\"; reconnecting", gucs::database());
+                log!(
+                    "poco_sync worker: poco.database changed to \"{}\"; reconnecting",
+                    gucs::database()
+                );
                 break; // exit code 1: the postmaster starts us again, connected to the new one
             }
         }
@@ -130,7 +135,11 @@ fn one_pass(_runtime: &tokio::runtime::Runtime, jobs: &mut Jobs) -> Duration {
     shmem::update(|w| {
         w.heartbeat_at = shmem::now();
         w.passes += 1;
-        w.state = if installed { shmem::STATE_IDLE } else { shmem::STATE_WAITING_FOR_EXTENSION };
+        w.state = if installed {
+            shmem::STATE_IDLE
+        } else {
+            shmem::STATE_WAITING_FOR_EXTENSION
+        };
     });
     if !installed {
         return gucs::naptime();
@@ -138,9 +147,22 @@ fn one_pass(_runtime: &tokio::runtime::Runtime, jobs: &mut Jobs) -> Duration {
     reap(jobs);
     let to_start = BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
         if !jobs.recovered {
-            let live: Vec<i64> = shmem::snapshot().slots.iter().filter(|s| s.job_id != 0).map(|s| s.job_id).collect();
-            for id in catalog::fail_orphans(&live, "the push was interrupted: the server or its poco_sync worker stopped while it ran") {
-                catalog::log_job_event("push_failed", id, &format!("job {id} failed: interrupted by a server restart"), json!({}));
+            let live: Vec<i64> = shmem::snapshot()
+                .slots
+                .iter()
+                .filter(|s| s.job_id != 0)
+                .map(|s| s.job_id)
+                .collect();
+            for id in catalog::fail_orphans(
+                &live,
+                "the push was interrupted: the server or its poco_sync worker stopped while it ran",
+            ) {
+                catalog::log_job_event(
+                    "push_failed",
+                    id,
+                    &format!("job {id} failed: interrupted by a server restart"),
+                    json!({}),
+                );
             }
             jobs.recovered = true;
         }
@@ -149,7 +171,13 @@ fn one_pass(_runtime: &tokio::runtime::Runtime, jobs: &mut Jobs) -> Duration {
             let w = shmem::snapshot();
             let running = w.slots.iter().filter(|s| s.job_id != 0).count();
             let room = gucs::max_jobs().saturating_sub(running);
-            w.slots.iter().enumerate().filter(|(_, s)| s.job_id == 0).map(|(i, _)| i).take(room).collect()
+            w.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.job_id == 0)
+                .map(|(i, _)| i)
+                .take(room)
+                .collect()
         };
         let claimed = catalog::claim_jobs(free.len());
         let pairs: Vec<(usize, i64)> = free.into_iter().zip(claimed).collect();
@@ -171,16 +199,28 @@ fn one_pass(_runtime: &tokio::runtime::Runtime, jobs: &mut Jobs) -> Duration {
             Err(()) => {
                 shmem::with_slot(slot, |s| *s = shmem::JobSlot::default());
                 BackgroundWorker::transaction(|| {
-                    catalog::requeue(id, 1000, "no background worker slot was free (max_worker_processes); waiting")
+                    catalog::requeue(
+                        id,
+                        1000,
+                        "no background worker slot was free (max_worker_processes); waiting",
+                    )
                 });
             }
         }
     }
     // The sync stream runs while any target syncs (it exits by itself when none does).
     let want_stream = BackgroundWorker::transaction(|| {
-        Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM poco.target WHERE continuous)").ok().flatten().unwrap_or(false)
+        Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM poco.target WHERE continuous)")
+            .ok()
+            .flatten()
+            .unwrap_or(false)
     });
-    if want_stream && !jobs.stream.as_ref().is_some_and(|h| !matches!(h.pid(), Err(BackgroundWorkerStatus::Stopped))) {
+    if want_stream
+        && !jobs
+            .stream
+            .as_ref()
+            .is_some_and(|h| !matches!(h.pid(), Err(BackgroundWorkerStatus::Stopped)))
+    {
         jobs.stream = BackgroundWorkerBuilder::new("poco_sync stream")
             .set_type(crate::stream::STREAM_WORKER_TYPE)
             .set_library("poco_sync")
@@ -231,11 +271,21 @@ fn reap(jobs: &mut Jobs) {
             jobs.published.remove(&s.job_id);
             BackgroundWorker::transaction(|| {
                 let ids = catalog::fail_orphans(
-                    &shmem::snapshot().slots.iter().filter(|x| x.job_id != 0).map(|x| x.job_id).collect::<Vec<_>>(),
+                    &shmem::snapshot()
+                        .slots
+                        .iter()
+                        .filter(|x| x.job_id != 0)
+                        .map(|x| x.job_id)
+                        .collect::<Vec<_>>(),
                     "the push's process exited before it finished",
                 );
                 for id in ids {
-                    catalog::log_job_event("push_failed", id, &format!("job {id} failed: its process exited"), json!({}));
+                    catalog::log_job_event(
+                        "push_failed",
+                        id,
+                        &format!("job {id} failed: its process exited"),
+                        json!({}),
+                    );
                 }
             });
         }
@@ -245,14 +295,24 @@ fn reap(jobs: &mut Jobs) {
 /// Publish running jobs' progress (row update and NOTIFY poco_progress), at most 5 times a
 /// second, and only what changed.
 fn publish(jobs: &mut Jobs) {
-    if jobs.last_publish.is_some_and(|t| t.elapsed() < Duration::from_millis(200)) {
+    if jobs
+        .last_publish
+        .is_some_and(|t| t.elapsed() < Duration::from_millis(200))
+    {
         return;
     }
     jobs.last_publish = Some(Instant::now());
     let now = shmem::now();
-    let running: Vec<shmem::JobSlot> = shmem::snapshot().slots.iter().filter(|s| s.job_id != 0 && s.pid != 0).copied().collect();
-    jobs.published.retain(|id, _| running.iter().any(|s| s.job_id == *id));
-    jobs.rows.retain(|id, _| running.iter().any(|s| s.job_id == *id));
+    let running: Vec<shmem::JobSlot> = shmem::snapshot()
+        .slots
+        .iter()
+        .filter(|s| s.job_id != 0 && s.pid != 0)
+        .copied()
+        .collect();
+    jobs.published
+        .retain(|id, _| running.iter().any(|s| s.job_id == *id));
+    jobs.rows
+        .retain(|id, _| running.iter().any(|s| s.job_id == *id));
     for s in running {
         let key = (s.tables_done, s.rows_done, s.bytes_done);
         if jobs.published.get(&s.job_id) == Some(&key) {
@@ -260,7 +320,9 @@ fn publish(jobs: &mut Jobs) {
         }
         jobs.published.insert(s.job_id, key);
         if !jobs.rows.contains_key(&s.job_id) {
-            let Some(row) = catalog::load_job(s.job_id) else { continue };
+            let Some(row) = catalog::load_job(s.job_id) else {
+                continue;
+            };
             jobs.rows.insert(s.job_id, row);
         }
         let job = &jobs.rows[&s.job_id];
@@ -271,7 +333,11 @@ fn publish(jobs: &mut Jobs) {
             _ if s.tables_total > 0 => (s.tables_done as f64 / s.tables_total as f64).min(0.99),
             _ => 0.0,
         };
-        let eta = if fraction > 0.01 { Some((elapsed_s * (1.0 - fraction) / fraction).round()) } else { None };
+        let eta = if fraction > 0.01 {
+            Some((elapsed_s * (1.0 - fraction) / fraction).round())
+        } else {
+            None
+        };
         let payload = json!({
             "job_id": s.job_id, "parent_id": job.parent_id, "target_id": job.target_id, "state": "running",
             "tables_total": s.tables_total, "tables_done": s.tables_done, "rows_done": s.rows_done,

@@ -80,7 +80,13 @@ impl Key {
         let cipher = Aes256Gcm::new_from_slice(&self.bytes).expect("32-byte key");
         let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
         let ct = cipher
-            .encrypt(&nonce, Payload { msg: plaintext, aad })
+            .encrypt(
+                &nonce,
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
             .expect("AES-GCM encryption of a short message cannot fail");
         let mut out = Vec::with_capacity(HEADER + ct.len());
         out.extend_from_slice(MAGIC);
@@ -107,7 +113,13 @@ impl Key {
         let cipher = Aes256Gcm::new_from_slice(&self.bytes).expect("32-byte key");
         let nonce = Nonce::from_slice(&blob[2 + ID_LEN..HEADER]);
         cipher
-            .decrypt(nonce, Payload { msg: &blob[HEADER..], aad })
+            .decrypt(
+                nonce,
+                Payload {
+                    msg: &blob[HEADER..],
+                    aad,
+                },
+            )
             .map_err(|_| PocoError::Tampered(target_id))
     }
 }
@@ -119,13 +131,21 @@ pub fn load_key_file(path: &str) -> Result<Key> {
     if path.trim().is_empty() {
         return Err(PocoError::NoKeyConfigured);
     }
-    let unreadable = |e: std::io::Error| PocoError::KeyFileUnreadable(path.to_string(), e.kind().to_string());
+    let unreadable =
+        |e: std::io::Error| PocoError::KeyFileUnreadable(path.to_string(), e.kind().to_string());
     let meta = std::fs::metadata(path).map_err(unreadable)?;
     if !meta.is_file() {
-        return Err(PocoError::KeyFileUnreadable(path.to_string(), "not a regular file".into()));
+        return Err(PocoError::KeyFileUnreadable(
+            path.to_string(),
+            "not a regular file".into(),
+        ));
     }
     let mode = meta.mode() & 0o777;
-    let ok = if meta.uid() == 0 { mode & 0o037 == 0 } else { mode & 0o077 == 0 };
+    let ok = if meta.uid() == 0 {
+        mode & 0o037 == 0
+    } else {
+        mode & 0o077 == 0
+    };
     if !ok {
         return Err(PocoError::KeyFileMode(path.to_string()));
     }

@@ -146,7 +146,11 @@ pub enum PocoError {
     ScopePredicate(String),
     /// A scope declaration error whose hint depends on the schema (candidate paths, names).
     #[error("{message}")]
-    Scope { state: SqlState, message: String, hint: String },
+    Scope {
+        state: SqlState,
+        message: String,
+        hint: String,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -247,13 +251,20 @@ mod tests {
             PocoError::NotPreloaded,
             PocoError::Connect(1, "refused".into()),
             PocoError::ScopePredicate("x".into()),
-            PocoError::Scope { state: SqlState::InvalidForeignKey, message: "m".into(), hint: "h".into() },
+            PocoError::Scope {
+                state: SqlState::InvalidForeignKey,
+                message: "m".into(),
+                hint: "h".into(),
+            },
         ];
         for e in all {
             assert!(e.hint().is_some(), "{e:?} has no hint");
             assert_ne!(e.sqlstate().code(), "XX000", "{e:?} is an internal error");
             assert_eq!(e.sqlstate().code().len(), 5);
         }
-        assert!(PocoError::NotPreloaded.hint().unwrap().contains("shared_preload_libraries"));
+        assert!(PocoError::NotPreloaded
+            .hint()
+            .unwrap()
+            .contains("shared_preload_libraries"));
     }
 }

@@ -37,13 +37,16 @@ impl Predicate {
             match c {
                 b'\'' => {
                     // E'..' allows backslash escapes; the prefix letter was already passed.
-                    let escapes = i > 0 && matches!(b[i - 1], b'e' | b'E') && (i < 2 || !is_ident(b[i - 2]));
-                    i = skip_quoted(b, i, b'\'', escapes).ok_or_else(|| bad("unterminated string constant"))?;
+                    let escapes =
+                        i > 0 && matches!(b[i - 1], b'e' | b'E') && (i < 2 || !is_ident(b[i - 2]));
+                    i = skip_quoted(b, i, b'\'', escapes)
+                        .ok_or_else(|| bad("unterminated string constant"))?;
                     nonblank = true;
                     continue;
                 }
                 b'"' => {
-                    i = skip_quoted(b, i, b'"', false).ok_or_else(|| bad("unterminated quoted identifier"))?;
+                    i = skip_quoted(b, i, b'"', false)
+                        .ok_or_else(|| bad("unterminated quoted identifier"))?;
                     nonblank = true;
                     continue;
                 }

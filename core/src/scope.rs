@@ -68,7 +68,11 @@ impl Table {
     }
     fn idents(&self, cols: &[i16]) -> Vec<String> {
         cols.iter()
-            .map(|a| self.column(*a).map(|c| c.ident.clone()).unwrap_or_else(|| format!("#{a}")))
+            .map(|a| {
+                self.column(*a)
+                    .map(|c| c.ident.clone())
+                    .unwrap_or_else(|| format!("#{a}"))
+            })
             .collect()
     }
     fn from_item(&self) -> String {
@@ -202,8 +206,16 @@ pub fn canonical_parent_sql(key_type: &str) -> String {
     format!("SELECT (($1::pg_catalog.text)::{key_type})::pg_catalog.text")
 }
 
-pub fn scope_err(state: SqlState, message: impl Into<String>, hint: impl Into<String>) -> PocoError {
-    PocoError::Scope { state, message: message.into(), hint: hint.into() }
+pub fn scope_err(
+    state: SqlState,
+    message: impl Into<String>,
+    hint: impl Into<String>,
+) -> PocoError {
+    PocoError::Scope {
+        state,
+        message: message.into(),
+        hint: hint.into(),
+    }
 }
 
 struct Ctx<'a> {
@@ -226,10 +238,16 @@ impl<'a> Ctx<'a> {
         })
     }
     fn name(&self, oid: Oid) -> String {
-        self.cat.tables.get(&oid).map(|t| t.ident.clone()).unwrap_or_else(|| format!("OID {oid}"))
+        self.cat
+            .tables
+            .get(&oid)
+            .map(|t| t.ident.clone())
+            .unwrap_or_else(|| format!("OID {oid}"))
     }
     fn is_excluded(&self, oid: Oid, attnum: i16) -> bool {
-        let Some(set) = self.excluded.get(&oid) else { return false };
+        let Some(set) = self.excluded.get(&oid) else {
+            return false;
+        };
         self.cat
             .tables
             .get(&oid)
@@ -274,7 +292,9 @@ impl<'a> Ctx<'a> {
         out: &mut Vec<Vec<usize>>,
         steps: &mut usize,
     ) {
-        let Some(edges) = self.by_child.get(&node) else { return };
+        let Some(edges) = self.by_child.get(&node) else {
+            return;
+        };
         for &i in edges {
             *steps += 1;
             if out.len() >= MAX_CANDIDATES || *steps > MAX_SEARCH_STEPS {
@@ -305,13 +325,18 @@ impl<'a> Ctx<'a> {
             return true;
         }
         let t = &self.cat.tables[&fk.child];
-        fk.child_cols.iter().any(|a| t.column(*a).is_some_and(|c| c.name == via))
+        fk.child_cols
+            .iter()
+            .any(|a| t.column(*a).is_some_and(|c| c.name == via))
     }
 
     /// What to pass as via for this FK: its column when it has one, else the constraint.
     fn via_name(&self, fk: &ForeignKey) -> String {
         match fk.child_cols.as_slice() {
-            [a] => self.cat.tables[&fk.child].column(*a).map(|c| c.name.clone()).unwrap_or_else(|| fk.name.clone()),
+            [a] => self.cat.tables[&fk.child]
+                .column(*a)
+                .map(|c| c.name.clone())
+                .unwrap_or_else(|| fk.name.clone()),
             _ => fk.name.clone(),
         }
     }
@@ -321,17 +346,31 @@ impl<'a> Ctx<'a> {
         let tname = self.name(t);
         let all = self.segments(t);
         let list = |segs: &[Vec<usize>]| -> String {
-            segs.iter().map(|s| self.describe_chain(s)).collect::<Vec<_>>().join("; ")
+            segs.iter()
+                .map(|s| self.describe_chain(s))
+                .collect::<Vec<_>>()
+                .join("; ")
         };
         let segs: Vec<Vec<usize>> = match via {
             None => all.clone(),
             Some(v) => {
-                let own_fks: Vec<&ForeignKey> =
-                    self.by_child.get(&t).into_iter().flatten().map(|&i| &self.cat.fks[i]).collect();
+                let own_fks: Vec<&ForeignKey> = self
+                    .by_child
+                    .get(&t)
+                    .into_iter()
+                    .flatten()
+                    .map(|&i| &self.cat.fks[i])
+                    .collect();
                 if !own_fks.iter().any(|fk| self.fk_matches_via(fk, v)) {
                     let names: Vec<String> = own_fks
                         .iter()
-                        .map(|fk| format!("{} ({})", fk.name, self.fk_cols_text(fk.child, &fk.child_cols)))
+                        .map(|fk| {
+                            format!(
+                                "{} ({})",
+                                fk.name,
+                                self.fk_cols_text(fk.child, &fk.child_cols)
+                            )
+                        })
                         .collect();
                     return Err(scope_err(
                         SqlState::UndefinedColumn,
@@ -343,12 +382,18 @@ impl<'a> Ctx<'a> {
                         },
                     ));
                 }
-                let f: Vec<Vec<usize>> =
-                    all.iter().filter(|s| self.fk_matches_via(&self.cat.fks[s[0]], v)).cloned().collect();
+                let f: Vec<Vec<usize>> = all
+                    .iter()
+                    .filter(|s| self.fk_matches_via(&self.cat.fks[s[0]], v))
+                    .cloned()
+                    .collect();
                 if f.is_empty() {
                     return Err(scope_err(
                         SqlState::InvalidForeignKey,
-                        format!("foreign key \"{v}\" of {tname} does not lead to the account root {}", self.name(root)),
+                        format!(
+                            "foreign key \"{v}\" of {tname} does not lead to the account root {}",
+                            self.name(root)
+                        ),
                         if all.is_empty() {
                             format!("{tname} has no foreign key path to the root at all.")
                         } else {
@@ -377,7 +422,11 @@ impl<'a> Ctx<'a> {
                 ),
             ));
         }
-        let cands: Vec<Vec<usize>> = if direct.len() > 1 { direct.into_iter().cloned().collect() } else { segs.clone() };
+        let cands: Vec<Vec<usize>> = if direct.len() > 1 {
+            direct.into_iter().cloned().collect()
+        } else {
+            segs.clone()
+        };
         Err(scope_err(
             SqlState::AmbiguousColumn,
             format!("several foreign key paths lead from {tname} to the account root: {}", list(&cands)),
@@ -411,7 +460,14 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
     for (t, c) in &decls.excluded {
         excluded.entry(*t).or_default().insert(c.clone());
     }
-    let cx = Ctx { cat, decls, roles, root: decls.root.as_ref().map(|r| r.0), by_child, excluded };
+    let cx = Ctx {
+        cat,
+        decls,
+        roles,
+        root: decls.root.as_ref().map(|r| r.0),
+        by_child,
+        excluded,
+    };
 
     // Every declared table exists and is a table.
     for oid in cx.roles.keys() {
@@ -437,7 +493,10 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
         if t.pk.as_ref().is_some_and(|pk| pk.contains(&c.attnum)) {
             return Err(scope_err(
                 SqlState::InvalidParameterValue,
-                format!("column {} of {} is part of its primary key and cannot be excluded", c.ident, t.ident),
+                format!(
+                    "column {} of {} is part of its primary key and cannot be excluded",
+                    c.ident, t.ident
+                ),
                 "The learner needs the key to identify rows. Exclude other columns.",
             ));
         }
@@ -488,7 +547,10 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
                 let names: Vec<String> = seen.iter().map(|o| cx.name(*o)).collect();
                 return Err(scope_err(
                     SqlState::InvalidObjectDefinition,
-                    format!("the ownership paths of {} lead to each other, never to the account root", names.join(", ")),
+                    format!(
+                        "the ownership paths of {} lead to each other, never to the account root",
+                        names.join(", ")
+                    ),
                     "Give one of them a via (column or constraint) whose path ends at the root.",
                 ));
             }
@@ -499,7 +561,10 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
     }
     check_reference_cycles(&cx)?;
     for (t, m) in &decls.reference {
-        if *m == RefMode::Referenced && !self_edges(&cx, *t).is_empty() && cx.table(*t)?.pk.is_none() {
+        if *m == RefMode::Referenced
+            && !self_edges(&cx, *t).is_empty()
+            && cx.table(*t)?.pk.is_none()
+        {
             return Err(scope_err(
                 SqlState::InvalidTableDefinition,
                 format!("reference table {} refers to itself but has no primary key", cx.name(*t)),
@@ -509,7 +574,12 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
     }
 
     let key_type = key_col.type_sql.clone();
-    let g = Gen { cx: &cx, chains: &chains, pred: &pred, key_type: &key_type };
+    let g = Gen {
+        cx: &cx,
+        chains: &chains,
+        pred: &pred,
+        key_type: &key_type,
+    };
 
     let mut order: Vec<(Oid, Role)> = vec![(root, Role::Root)];
     let mut owned: Vec<Oid> = decls.owned.iter().map(|o| o.0).collect();
@@ -522,12 +592,24 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
     let mut tables = Vec::new();
     for (oid, role) in order {
         let t = cx.table(oid)?;
-        let cols: Vec<&Column> = t.columns.iter().filter(|c| !cx.is_excluded(oid, c.attnum)).collect();
-        let excl: Vec<String> = t.columns.iter().filter(|c| cx.is_excluded(oid, c.attnum)).map(|c| c.ident.clone()).collect();
+        let cols: Vec<&Column> = t
+            .columns
+            .iter()
+            .filter(|c| !cx.is_excluded(oid, c.attnum))
+            .collect();
+        let excl: Vec<String> = t
+            .columns
+            .iter()
+            .filter(|c| cx.is_excluded(oid, c.attnum))
+            .map(|c| c.ident.clone())
+            .collect();
         let col_list = if cols.is_empty() {
             "NULL".to_string()
         } else {
-            cols.iter().map(|c| format!("t.{}", c.ident)).collect::<Vec<_>>().join(", ")
+            cols.iter()
+                .map(|c| format!("t.{}", c.ident))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
         let mut forward = g.member(oid, "t", &g.param_forward(), &mut Counter::default());
         if !forward.contains("$1") {
@@ -559,7 +641,10 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
                     s.dedup();
                     let mut text = format!("rows referenced by {}", s.join(", "));
                     if !selfs.is_empty() {
-                        let own: Vec<String> = selfs.iter().map(|&i| cx.fk_cols_text(oid, &cat.fks[i].child_cols)).collect();
+                        let own: Vec<String> = selfs
+                            .iter()
+                            .map(|&i| cx.fk_cols_text(oid, &cat.fks[i].child_cols))
+                            .collect();
                         text.push_str(&format!(", and recursively by {}", own.join(", ")));
                     }
                     text
@@ -585,7 +670,12 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
             ),
         });
     }
-    Ok(Some(Scope { root, key_column: key_col.ident.clone(), key_type, tables }))
+    Ok(Some(Scope {
+        root,
+        key_column: key_col.ident.clone(),
+        key_type,
+        tables,
+    }))
 }
 
 /// Foreign keys from other scoped tables into reference table `r` that pull rows in
@@ -610,7 +700,9 @@ fn self_edges(cx: &Ctx, r: Oid) -> Vec<usize> {
         .fks
         .iter()
         .enumerate()
-        .filter(|(_, fk)| fk.parent == r && fk.child == r && !fk.child_cols.iter().any(|a| cx.is_excluded(r, *a)))
+        .filter(|(_, fk)| {
+            fk.parent == r && fk.child == r && !fk.child_cols.iter().any(|a| cx.is_excluded(r, *a))
+        })
         .map(|(i, _)| i)
         .collect()
 }
@@ -626,10 +718,21 @@ fn check_reference_cycles(cx: &Ctx) -> Result<()> {
         .collect();
     // Edge r -> s when rows of s are pulled by rows of r (r's FK points at s).
     let mut state: BTreeMap<Oid, u8> = BTreeMap::new();
-    fn visit(cx: &Ctx, refs: &BTreeSet<Oid>, n: Oid, state: &mut BTreeMap<Oid, u8>, stack: &mut Vec<Oid>) -> Option<Vec<Oid>> {
+    fn visit(
+        cx: &Ctx,
+        refs: &BTreeSet<Oid>,
+        n: Oid,
+        state: &mut BTreeMap<Oid, u8>,
+        stack: &mut Vec<Oid>,
+    ) -> Option<Vec<Oid>> {
         state.insert(n, 1);
         stack.push(n);
-        for fk in cx.cat.fks.iter().filter(|f| f.child == n && f.parent != n && refs.contains(&f.parent)) {
+        for fk in cx
+            .cat
+            .fks
+            .iter()
+            .filter(|f| f.child == n && f.parent != n && refs.contains(&f.parent))
+        {
             if fk.child_cols.iter().any(|a| cx.is_excluded(n, *a)) {
                 continue;
             }
@@ -679,23 +782,39 @@ fn fk_verdicts(cx: &Ctx, oid: Oid, role: Role, chain: Option<&Vec<usize>>) -> Ve
             cx.fk_cols_text(fk.parent, &fk.parent_cols)
         );
         let prole = cx.roles.get(&fk.parent).copied();
-        let (sent, reason) = if let Some(c) = fk.child_cols.iter().find(|a| cx.is_excluded(oid, **a)) {
-            let n = cx.cat.tables[&oid].column(*c).map(|c| c.ident.clone()).unwrap_or_default();
-            (false, format!("column {n} is excluded"))
-        } else if prole.is_none() {
-            (false, format!("{} is not in the scope", cx.name(fk.parent)))
-        } else if fk.parent_cols.iter().any(|a| cx.is_excluded(fk.parent, *a)) {
-            (false, "a referenced column is excluded".to_string())
-        } else if role == Role::Owned && chain.is_some_and(|c| c.first() == Some(&i)) {
-            (true, "ownership path".to_string())
-        } else if let Some(Role::Reference(_)) = prole {
-            (true, "reference table".to_string())
-        } else if let Role::Reference(_) = role {
-            (false, "a reference table pointing into an account".to_string())
-        } else {
-            (false, "not guaranteed by the scope: the referenced row may belong to another account".to_string())
-        };
-        out.push(FkVerdict { name: fk.name.clone(), text, sent, reason });
+        let (sent, reason) =
+            if let Some(c) = fk.child_cols.iter().find(|a| cx.is_excluded(oid, **a)) {
+                let n = cx.cat.tables[&oid]
+                    .column(*c)
+                    .map(|c| c.ident.clone())
+                    .unwrap_or_default();
+                (false, format!("column {n} is excluded"))
+            } else if prole.is_none() {
+                (false, format!("{} is not in the scope", cx.name(fk.parent)))
+            } else if fk.parent_cols.iter().any(|a| cx.is_excluded(fk.parent, *a)) {
+                (false, "a referenced column is excluded".to_string())
+            } else if role == Role::Owned && chain.is_some_and(|c| c.first() == Some(&i)) {
+                (true, "ownership path".to_string())
+            } else if let Some(Role::Reference(_)) = prole {
+                (true, "reference table".to_string())
+            } else if let Role::Reference(_) = role {
+                (
+                    false,
+                    "a reference table pointing into an account".to_string(),
+                )
+            } else {
+                (
+                    false,
+                    "not guaranteed by the scope: the referenced row may belong to another account"
+                        .to_string(),
+                )
+            };
+        out.push(FkVerdict {
+            name: fk.name.clone(),
+            text,
+            sent,
+            reason,
+        });
     }
     out
 }
@@ -704,7 +823,10 @@ fn warnings(cx: &Ctx, oid: Oid, role: Role, chain: Option<&Vec<usize>>) -> Vec<S
     let mut w = Vec::new();
     let t = &cx.cat.tables[&oid];
     if t.pk.is_none() {
-        w.push(format!("{} has no primary key: continuous sync needs one to identify rows", t.ident));
+        w.push(format!(
+            "{} has no primary key: continuous sync needs one to identify rows",
+            t.ident
+        ));
     }
     if role == Role::Owned {
         for &i in chain.into_iter().flatten() {
@@ -712,10 +834,9 @@ fn warnings(cx: &Ctx, oid: Oid, role: Role, chain: Option<&Vec<usize>>) -> Vec<S
             let c = &cx.cat.tables[&fk.child];
             let n = fk.child_cols.len();
             let want: BTreeSet<i16> = fk.child_cols.iter().copied().collect();
-            let indexed = c
-                .indexes
-                .iter()
-                .any(|ix| ix.len() >= n && ix[..n].iter().copied().collect::<BTreeSet<i16>>() == want);
+            let indexed = c.indexes.iter().any(|ix| {
+                ix.len() >= n && ix[..n].iter().copied().collect::<BTreeSet<i16>>() == want
+            });
             if !indexed {
                 let cols = c.idents(&fk.child_cols).join(", ");
                 w.push(format!(
@@ -783,7 +904,9 @@ impl Gen<'_> {
                     return self.pulled(oid, alias, param, n);
                 }
                 // Rows pulled from outside, then everything they reach through the self-keys.
-                let pk = t.pk.clone().expect("checked: self-referencing reference table has a pk");
+                let pk =
+                    t.pk.clone()
+                        .expect("checked: self-referencing reference table has a pk");
                 let pk_ids = t.idents(&pk);
                 let cte = n.next("poco_rec");
                 let base = n.next("b");
@@ -795,7 +918,8 @@ impl Gen<'_> {
                     let child = t.idents(&fk.child_cols);
                     let start = carried.len();
                     carried.extend(child.iter().cloned());
-                    let names: Vec<String> = (start..carried.len()).map(|k| format!("c{k}")).collect();
+                    let names: Vec<String> =
+                        (start..carried.len()).map(|k| format!("c{k}")).collect();
                     let parent = t.idents(&fk.parent_cols);
                     let conds: Vec<String> = parent
                         .iter()
@@ -805,7 +929,13 @@ impl Gen<'_> {
                     joins.push(format!("({})", conds.join(" AND ")));
                 }
                 let colnames: Vec<String> = (0..carried.len()).map(|k| format!("c{k}")).collect();
-                let sel = |a: &str| carried.iter().map(|c| format!("{a}.{c}")).collect::<Vec<_>>().join(", ");
+                let sel = |a: &str| {
+                    carried
+                        .iter()
+                        .map(|c| format!("{a}.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
                 let pkc: Vec<String> = (0..pk_ids.len()).map(|k| format!("{cte}.c{k}")).collect();
                 // The recursive step is a LATERAL subquery kept apart by OFFSET 0, so each
                 // reached row costs one index probe instead of a hash join over the table.
@@ -836,12 +966,19 @@ impl Gen<'_> {
             let child = &cat.tables[&fk.child];
             let a = n.next("s");
             let cond = self.member(fk.child, &a, param, n);
-            let cols: Vec<String> = child.idents(&fk.child_cols).iter().map(|c| format!("{a}.{c}")).collect();
-            groups.entry(fk.parent_cols.clone()).or_default().push(format!(
-                "SELECT {} FROM {} {a} WHERE {cond}",
-                cols.join(", "),
-                child.from_item()
-            ));
+            let cols: Vec<String> = child
+                .idents(&fk.child_cols)
+                .iter()
+                .map(|c| format!("{a}.{c}"))
+                .collect();
+            groups
+                .entry(fk.parent_cols.clone())
+                .or_default()
+                .push(format!(
+                    "SELECT {} FROM {} {a} WHERE {cond}",
+                    cols.join(", "),
+                    child.from_item()
+                ));
         }
         if groups.is_empty() {
             return "false".to_string();
@@ -878,7 +1015,11 @@ impl Gen<'_> {
             .zip(ccols.iter())
             .map(|(p, c)| format!("{a}.{p} = {alias}.{c}"))
             .collect();
-        format!("SELECT {r}.* FROM {} {a} CROSS JOIN LATERAL ({inner}) {r} WHERE {}", parent.from_item(), conds.join(" AND "))
+        format!(
+            "SELECT {r}.* FROM {} {a} CROSS JOIN LATERAL ({inner}) {r} WHERE {}",
+            parent.from_item(),
+            conds.join(" AND ")
+        )
     }
 
     /// The row `alias` of owned table `oid` reaches, up its ownership path, a root row for
@@ -911,8 +1052,16 @@ impl Gen<'_> {
         } else {
             self.chain_member(&chain[1..], &a, param, n)
         };
-        let pcols: Vec<String> = parent.idents(&fk.parent_cols).iter().map(|c| format!("{a}.{c}")).collect();
-        let sub = format!("SELECT {} FROM {} {a} WHERE {inner}", pcols.join(", "), parent.from_item());
+        let pcols: Vec<String> = parent
+            .idents(&fk.parent_cols)
+            .iter()
+            .map(|c| format!("{a}.{c}"))
+            .collect();
+        let sub = format!(
+            "SELECT {} FROM {} {a} WHERE {inner}",
+            pcols.join(", "),
+            parent.from_item()
+        );
         in_set(alias, &child.idents(&fk.child_cols), &sub)
     }
 }

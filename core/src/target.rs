@@ -219,11 +219,17 @@ fn parse_host(raw: &str) -> Result<TargetHost> {
         Ok(url::Host::Ipv6(a)) => Ok(TargetHost::V6(a)),
         Ok(url::Host::Domain(d)) => {
             if d.is_empty() || d.split('.').any(|l| l.is_empty() || l.len() > 63) || d.len() > 253 {
-                return Err(PocoError::BadUrl(format!("invalid host name \"{}\"", shorten(h))));
+                return Err(PocoError::BadUrl(format!(
+                    "invalid host name \"{}\"",
+                    shorten(h)
+                )));
             }
             Ok(TargetHost::Name(d))
         }
-        Err(_) => Err(PocoError::BadUrl(format!("invalid host name \"{}\"", shorten(h)))),
+        Err(_) => Err(PocoError::BadUrl(format!(
+            "invalid host name \"{}\"",
+            shorten(h)
+        ))),
     }
 }
 
@@ -317,13 +323,18 @@ fn parse_url_into(p: &mut Partial, input: &str) -> Result<()> {
     } else if lower.starts_with("postgres://") {
         &s[11..]
     } else {
-        return Err(PocoError::BadUrl("it must start with postgresql:// or postgres://".into()));
+        return Err(PocoError::BadUrl(
+            "it must start with postgresql:// or postgres://".into(),
+        ));
     };
     // Look at the authority ourselves first: the url crate reads "h1:5432,h2" as a bad port
     // and we want to say "several hosts" instead.
     let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let authority = &rest[..auth_end];
-    let hostport = authority.rsplit_once('@').map(|(_, h)| h).unwrap_or(authority);
+    let hostport = authority
+        .rsplit_once('@')
+        .map(|(_, h)| h)
+        .unwrap_or(authority);
     if hostport.contains(',') {
         return Err(PocoError::SeveralHosts);
     }
@@ -332,7 +343,10 @@ fn parse_url_into(p: &mut Partial, input: &str) -> Result<()> {
     const NO_HOST: &str = "poco-no-host.invalid";
     let normalized = if hostport.is_empty() || hostport.starts_with(':') {
         let userinfo = &authority[..authority.len() - hostport.len()];
-        format!("postgresql://{userinfo}{NO_HOST}{hostport}{}", &rest[auth_end..])
+        format!(
+            "postgresql://{userinfo}{NO_HOST}{hostport}{}",
+            &rest[auth_end..]
+        )
     } else {
         format!("postgresql://{rest}")
     };
@@ -345,7 +359,9 @@ fn parse_url_into(p: &mut Partial, input: &str) -> Result<()> {
         other => PocoError::BadUrl(other.to_string()),
     })?;
     if url.fragment().is_some() {
-        return Err(PocoError::BadUrl("a URL fragment (#...) is not allowed".into()));
+        return Err(PocoError::BadUrl(
+            "a URL fragment (#...) is not allowed".into(),
+        ));
     }
     if !url.username().is_empty() {
         p.user = Some(decode(url.username())?);
@@ -368,7 +384,9 @@ fn parse_url_into(p: &mut Partial, input: &str) -> Result<()> {
     if !db.is_empty() {
         let db = decode(db)?;
         if db.contains('/') {
-            return Err(PocoError::BadUrl("the path must be a single database name".into()));
+            return Err(PocoError::BadUrl(
+                "the path must be a single database name".into(),
+            ));
         }
         p.dbname = Some(db);
     }
@@ -406,8 +424,15 @@ pub fn parse_json(v: &Value) -> Result<TargetSpec> {
             Some(_) => Err(PocoError::BadJsonValue(k.to_string())),
         }
     };
-    const KEYS: &[&str] =
-        &["DATABASE_URL", "PGHOST", "PGPORT", "PGUSER", "PGPASSWORD", "PGDATABASE", "PGSSLMODE"];
+    const KEYS: &[&str] = &[
+        "DATABASE_URL",
+        "PGHOST",
+        "PGPORT",
+        "PGUSER",
+        "PGPASSWORD",
+        "PGDATABASE",
+        "PGSSLMODE",
+    ];
     for k in obj.keys() {
         if !KEYS.contains(&k.as_str()) {
             return Err(PocoError::UnknownJsonKey(shorten(k)));
@@ -518,7 +543,9 @@ fn classify_name(n: &str) -> Option<&'static str> {
         Some("loopback")
     } else if n.ends_with(".local") {
         Some("link-local (mDNS)")
-    } else if [".internal", ".lan", ".home.arpa", ".intranet", ".corp"].iter().any(|s| n.ends_with(s))
+    } else if [".internal", ".lan", ".home.arpa", ".intranet", ".corp"]
+        .iter()
+        .any(|s| n.ends_with(s))
     {
         Some("private-network")
     } else if !n.contains('.') {
@@ -571,9 +598,27 @@ impl TargetSpec {
     /// A URL safe to show anywhere: the password replaced by `***` if there is one.
     pub fn redacted_url(&self) -> String {
         const USERINFO: &AsciiSet = &CONTROLS
-            .add(b' ').add(b'"').add(b'#').add(b'%').add(b'/').add(b':').add(b'<').add(b'>')
-            .add(b'?').add(b'@').add(b'[').add(b'\\').add(b']').add(b'^').add(b'`').add(b'{')
-            .add(b'|').add(b'}').add(b'&').add(b'=').add(b'+');
+            .add(b' ')
+            .add(b'"')
+            .add(b'#')
+            .add(b'%')
+            .add(b'/')
+            .add(b':')
+            .add(b'<')
+            .add(b'>')
+            .add(b'?')
+            .add(b'@')
+            .add(b'[')
+            .add(b'\\')
+            .add(b']')
+            .add(b'^')
+            .add(b'`')
+            .add(b'{')
+            .add(b'|')
+            .add(b'}')
+            .add(b'&')
+            .add(b'=')
+            .add(b'+');
         let user = utf8_percent_encode(&self.user, USERINFO);
         let pw = if self.password.is_some() { ":***" } else { "" };
         let db = utf8_percent_encode(&self.dbname, USERINFO);

@@ -36,11 +36,19 @@ fn predicate_refuses_what_could_escape_its_parentheses() {
     assert!(pred_err("id = $1 /* x").contains("unterminated /*"));
     assert!(pred_err("id = $1 AND x = $t$ y").contains("dollar"));
     assert!(pred_err("\"id = $1").contains("quoted identifier"));
-    assert_eq!(PocoError::ScopePredicate("x".into()).sqlstate().code(), "42601");
+    assert_eq!(
+        PocoError::ScopePredicate("x".into()).sqlstate().code(),
+        "42601"
+    );
 }
 
 fn col(attnum: i16, name: &str) -> Column {
-    Column { attnum, name: name.into(), ident: name.into(), type_sql: "bigint".into() }
+    Column {
+        attnum,
+        name: name.into(),
+        ident: name.into(),
+        type_sql: "bigint".into(),
+    }
 }
 
 fn table(oid: u32, name: &str, cols: &[&str], pk: usize) -> Table {
@@ -48,14 +56,28 @@ fn table(oid: u32, name: &str, cols: &[&str], pk: usize) -> Table {
         oid,
         ident: format!("public.{name}"),
         relkind: 'r',
-        columns: cols.iter().enumerate().map(|(i, c)| col(i as i16 + 1, c)).collect(),
-        pk: if pk == 0 { None } else { Some((1..=pk as i16).collect()) },
+        columns: cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| col(i as i16 + 1, c))
+            .collect(),
+        pk: if pk == 0 {
+            None
+        } else {
+            Some((1..=pk as i16).collect())
+        },
         indexes: vec![(1..=pk.max(1) as i16).collect()],
     }
 }
 
 fn fk(name: &str, child: u32, cc: &[i16], parent: u32, pc: &[i16]) -> ForeignKey {
-    ForeignKey { name: name.into(), child, child_cols: cc.to_vec(), parent, parent_cols: pc.to_vec() }
+    ForeignKey {
+        name: name.into(),
+        child,
+        child_cols: cc.to_vec(),
+        parent,
+        parent_cols: pc.to_vec(),
+    }
 }
 
 /// users(1) <- enrollments(2) <- progress(3) -> lessons(4) -> courses(5) -> users (author);
@@ -91,7 +113,10 @@ fn elearning() -> Catalog {
 fn decls(owned: &[(u32, Option<&str>)], refs: &[(u32, RefMode)]) -> Declarations {
     Declarations {
         root: Some((1, "id = $1 OR parent_id = $1".into())),
-        owned: owned.iter().map(|(o, v)| (*o, v.map(String::from))).collect(),
+        owned: owned
+            .iter()
+            .map(|(o, v)| (*o, v.map(String::from)))
+            .collect(),
         reference: refs.to_vec(),
         excluded: vec![],
     }
@@ -99,7 +124,11 @@ fn decls(owned: &[(u32, Option<&str>)], refs: &[(u32, RefMode)]) -> Declarations
 
 fn err(c: &Catalog, d: &Declarations) -> (String, String, String) {
     match compile(c, d).unwrap_err() {
-        e @ PocoError::Scope { .. } => (e.sqlstate().code().to_string(), e.to_string(), e.hint().unwrap()),
+        e @ PocoError::Scope { .. } => (
+            e.sqlstate().code().to_string(),
+            e.to_string(),
+            e.hint().unwrap(),
+        ),
         e => panic!("unexpected {e:?}"),
     }
 }
@@ -111,23 +140,41 @@ fn a_chain_through_an_undeclared_table_resolves_and_a_declared_hop_wins() {
     // progress alone: its only path not through a reference table is via enrollments.
     let s = compile(&c, &decls(&[(3, None)], &refs)).unwrap().unwrap();
     let p = s.table(3).unwrap();
-    assert_eq!(p.path, "public.progress(enrollment_id) → public.enrollments(learner_id) → public.users");
-    assert!(p.fks.iter().any(|f| f.name == "prog_enr_fk" && !f.sent), "enrollments is not sent");
+    assert_eq!(
+        p.path,
+        "public.progress(enrollment_id) → public.enrollments(learner_id) → public.users"
+    );
+    assert!(
+        p.fks.iter().any(|f| f.name == "prog_enr_fk" && !f.sent),
+        "enrollments is not sent"
+    );
     assert!(p.fks.iter().any(|f| f.name == "prog_lesson_fk" && f.sent));
     // With enrollments declared, its FK becomes an ownership edge the learner gets.
-    let s = compile(&c, &decls(&[(3, None), (2, None)], &refs)).unwrap().unwrap();
-    assert!(s.table(3).unwrap().fks.iter().any(|f| f.name == "prog_enr_fk" && f.sent));
+    let s = compile(&c, &decls(&[(3, None), (2, None)], &refs))
+        .unwrap()
+        .unwrap();
+    assert!(s
+        .table(3)
+        .unwrap()
+        .fks
+        .iter()
+        .any(|f| f.name == "prog_enr_fk" && f.sent));
     assert_eq!(s.key_type, "bigint");
     // Reference tables pointing into the account keep the row but not the FK.
     let courses = s.table(5).unwrap();
-    assert!(courses.fks.iter().any(|f| f.name == "course_author_fk" && !f.sent && f.reason.contains("pointing into an account")));
+    assert!(courses.fks.iter().any(|f| f.name == "course_author_fk"
+        && !f.sent
+        && f.reason.contains("pointing into an account")));
     let lessons = s.table(4).unwrap();
     assert!(lessons.path.contains("recursively"), "{}", lessons.path);
     assert!(lessons.select_sql.contains("WITH RECURSIVE"));
     // The root's self-reference is not guaranteed by an arbitrary predicate.
     let users = s.table(1).unwrap();
     assert_eq!(users.role, Role::Root);
-    assert!(users.fks.iter().any(|f| f.name == "users_parent_fk" && !f.sent));
+    assert!(users
+        .fks
+        .iter()
+        .any(|f| f.name == "users_parent_fk" && !f.sent));
 }
 
 #[test]
@@ -135,14 +182,24 @@ fn ambiguity_lists_the_candidates_and_via_resolves_it() {
     let c = elearning();
     let (code, msg, hint) = err(&c, &decls(&[(6, None)], &[]));
     assert_eq!(code, "42702");
-    assert!(msg.contains("public.notes(author_id) → public.users"), "{msg}");
-    assert!(msg.contains("public.notes(reviewer_id) → public.users"), "{msg}");
+    assert!(
+        msg.contains("public.notes(author_id) → public.users"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("public.notes(reviewer_id) → public.users"),
+        "{msg}"
+    );
     assert!(hint.contains("via"), "{hint}");
     for via in ["author_id", "note_author_fk"] {
-        let s = compile(&c, &decls(&[(6, Some(via))], &[])).unwrap().unwrap();
+        let s = compile(&c, &decls(&[(6, Some(via))], &[]))
+            .unwrap()
+            .unwrap();
         let n = s.table(6).unwrap();
         assert_eq!(n.path, "public.notes(author_id) → public.users");
-        assert!(n.fks.iter().any(|f| f.name == "note_reviewer_fk" && !f.sent && f.reason.contains("another account")));
+        assert!(n.fks.iter().any(|f| f.name == "note_reviewer_fk"
+            && !f.sent
+            && f.reason.contains("another account")));
     }
     let (code, msg, _) = err(&c, &decls(&[(6, Some("nope"))], &[]));
     assert_eq!(code, "42703");
@@ -150,7 +207,10 @@ fn ambiguity_lists_the_candidates_and_via_resolves_it() {
     // Without the reference declarations progress has two paths (one via a course's author).
     let (code, msg, _) = err(&c, &decls(&[(3, None)], &[]));
     assert_eq!(code, "42702");
-    assert!(msg.contains("public.courses(author_id) → public.users"), "{msg}");
+    assert!(
+        msg.contains("public.courses(author_id) → public.users"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -158,20 +218,34 @@ fn no_path_no_root_cycles_and_bad_exclusions_are_refused() {
     let c = elearning();
     let (code, msg, hint) = err(&c, &decls(&[(7, None)], &[]));
     assert_eq!(code, "42830");
-    assert!(msg.contains("no foreign key path leads from public.secrets"), "{msg}");
+    assert!(
+        msg.contains("no foreign key path leads from public.secrets"),
+        "{msg}"
+    );
     assert!(hint.contains("poco_scope_reference"));
     let mut d = decls(&[(2, None)], &[]);
     d.root = None;
     assert_eq!(err(&c, &d).0, "55000");
     // A cycle of referenced tables: lessons -> courses -> lessons (add courses.intro_lesson).
     let mut c2 = c.clone();
-    c2.tables.get_mut(&5).unwrap().columns.push(col(3, "intro_lesson_id"));
+    c2.tables
+        .get_mut(&5)
+        .unwrap()
+        .columns
+        .push(col(3, "intro_lesson_id"));
     c2.fks.push(fk("course_intro_fk", 5, &[3], 4, &[1]));
-    let (code, msg, hint) = err(&c2, &decls(&[], &[(4, RefMode::Referenced), (5, RefMode::Referenced)]));
+    let (code, msg, hint) = err(
+        &c2,
+        &decls(&[], &[(4, RefMode::Referenced), (5, RefMode::Referenced)]),
+    );
     assert_eq!(code, "42P17");
     assert!(msg.contains("cycle"), "{msg}");
     assert!(hint.contains("'all'"));
-    assert!(compile(&c2, &decls(&[], &[(4, RefMode::Referenced), (5, RefMode::All)])).is_ok());
+    assert!(compile(
+        &c2,
+        &decls(&[], &[(4, RefMode::Referenced), (5, RefMode::All)])
+    )
+    .is_ok());
     // Excluding a key column or a missing column.
     let mut d = decls(&[], &[]);
     d.excluded = vec![(1, "id".into())];
@@ -189,8 +263,14 @@ fn exclusions_drop_the_column_its_fk_and_its_pull() {
     let e = s.table(2).unwrap();
     assert_eq!(e.columns, vec!["id", "learner_id"]);
     assert_eq!(e.excluded, vec!["course_id"]);
-    assert!(e.fks.iter().any(|f| f.name == "enr_course_fk" && !f.sent && f.reason.contains("excluded")));
-    assert!(s.table(5).unwrap().path.contains("no rows"), "an excluded column pulls nothing");
+    assert!(e
+        .fks
+        .iter()
+        .any(|f| f.name == "enr_course_fk" && !f.sent && f.reason.contains("excluded")));
+    assert!(
+        s.table(5).unwrap().path.contains("no rows"),
+        "an excluded column pulls nothing"
+    );
 }
 
 #[test]
@@ -198,7 +278,11 @@ fn missing_indexes_on_ownership_paths_are_reported() {
     let c = elearning();
     let s = compile(&c, &decls(&[(2, None)], &[])).unwrap().unwrap();
     let w = &s.table(2).unwrap().warnings;
-    assert!(w.iter().any(|w| w.contains("no index on public.enrollments(learner_id)")), "{w:?}");
+    assert!(
+        w.iter()
+            .any(|w| w.contains("no index on public.enrollments(learner_id)")),
+        "{w:?}"
+    );
     let mut c2 = c.clone();
     c2.tables.get_mut(&2).unwrap().indexes.push(vec![2, 3]);
     let s = compile(&c2, &decls(&[(2, None)], &[])).unwrap().unwrap();
@@ -215,7 +299,12 @@ fn ownership_cycles_and_unkeyed_self_references_are_refused() {
     c.fks.push(fk("b_a_fk", 9, &[2], 8, &[1]));
     let (code, msg, hint) = err(&c, &decls(&[(8, None), (9, None)], &[]));
     assert_eq!(code, "42P17");
-    assert!(msg.contains("public.a") && msg.contains("public.b") && msg.contains("never to the account root"), "{msg}");
+    assert!(
+        msg.contains("public.a")
+            && msg.contains("public.b")
+            && msg.contains("never to the account root"),
+        "{msg}"
+    );
     assert!(hint.contains("via"));
     // A referenced table that refers to itself needs a primary key to follow the recursion.
     c.tables.get_mut(&4).unwrap().pk = None;

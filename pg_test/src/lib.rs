@@ -31,7 +31,10 @@ fn is_root() -> bool {
 
 pub fn bindir() -> PathBuf {
     let pg_config = std::env::var("POCO_PG_CONFIG").unwrap_or_else(|_| "pg_config".into());
-    let out = Command::new(&pg_config).arg("--bindir").output().expect("pg_config");
+    let out = Command::new(&pg_config)
+        .arg("--bindir")
+        .output()
+        .expect("pg_config");
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
@@ -44,7 +47,10 @@ fn run_as_user(bin: &Path, args: &[&str]) -> Output {
     } else {
         Command::new(bin)
     };
-    cmd.args(args).env("LC_ALL", "C.UTF-8").output().expect("run server binary")
+    cmd.args(args)
+        .env("LC_ALL", "C.UTF-8")
+        .output()
+        .expect("run server binary")
 }
 
 fn check(out: Output, what: &str) -> String {
@@ -60,18 +66,29 @@ fn check(out: Output, what: &str) -> String {
 
 fn chown_to_test_user(p: &Path) {
     if is_root() {
-        let st = Command::new("chown").arg("-R").arg(test_user()).arg(p).status().unwrap();
+        let st = Command::new("chown")
+            .arg("-R")
+            .arg(test_user())
+            .arg(p)
+            .status()
+            .unwrap();
         assert!(st.success(), "chown {p:?}");
     }
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A 32-byte key as 64 hex digits, different for every seed.
 pub fn hex_key(seed: u8) -> String {
-    (0..32u8).map(|i| format!("{:02x}", i.wrapping_mul(31).wrapping_add(seed))).collect()
+    (0..32u8)
+        .map(|i| format!("{:02x}", i.wrapping_mul(31).wrapping_add(seed)))
+        .collect()
 }
 
 #[derive(Clone)]
@@ -96,7 +113,13 @@ impl Options {
         }
     }
     pub fn learner() -> Options {
-        Options { preload: false, key: None, allow_private: false, extra_conf: vec![], create_extension: false }
+        Options {
+            preload: false,
+            key: None,
+            allow_private: false,
+            extra_conf: vec![],
+            create_extension: false,
+        }
     }
 }
 
@@ -110,7 +133,8 @@ pub struct Server {
 impl Server {
     pub fn start(name: &str, opts: &Options) -> Server {
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("poco_e2e_{}_{}_{n}", name, std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("poco_e2e_{}_{}_{n}", name, std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         chown_to_test_user(&dir);
@@ -119,11 +143,25 @@ impl Server {
         check(
             run_as_user(
                 &bindir.join("initdb"),
-                &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8"],
+                &[
+                    "-D",
+                    data.to_str().unwrap(),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                ],
             ),
             "initdb",
         );
-        let mut server = Server { name: name.into(), dir: dir.clone(), port: 0, bindir };
+        let mut server = Server {
+            name: name.into(),
+            dir: dir.clone(),
+            port: 0,
+            bindir,
+        };
         let mut conf = vec![
             "listen_addresses = '127.0.0.1'".to_string(),
             format!("unix_socket_directories = '{}'", dir.display()),
@@ -209,7 +247,8 @@ impl Server {
     }
 
     pub fn start_again(&self) {
-        self.pg_ctl_start().unwrap_or_else(|e| panic!("restart {}: {e}\n{}", self.name, self.log()));
+        self.pg_ctl_start()
+            .unwrap_or_else(|e| panic!("restart {}: {e}\n{}", self.name, self.log()));
     }
 
     /// `pg_ctl stop -m <mode>`; returns how long it took.
@@ -217,7 +256,16 @@ impl Server {
         let t = Instant::now();
         let _ = run_as_user(
             &self.bindir.join("pg_ctl"),
-            &["stop", "-w", "-t", "60", "-m", mode, "-D", self.data_dir().to_str().unwrap()],
+            &[
+                "stop",
+                "-w",
+                "-t",
+                "60",
+                "-m",
+                mode,
+                "-D",
+                self.data_dir().to_str().unwrap(),
+            ],
         );
         t.elapsed()
     }
@@ -227,27 +275,53 @@ impl Server {
     }
 
     pub fn conninfo(&self, db: &str) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={db} connect_timeout=10", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={db} connect_timeout=10",
+            self.port
+        )
     }
 
     /// A URL for this server as a poco target (plaintext: test servers have no TLS).
     pub fn target_url(&self, db: &str, user: &str, password: &str) -> String {
-        format!("postgresql://{user}:{password}@127.0.0.1:{}/{db}?sslmode=disable", self.port)
+        format!(
+            "postgresql://{user}:{password}@127.0.0.1:{}/{db}?sslmode=disable",
+            self.port
+        )
     }
 
     /// Run SQL with psql (as the postgres superuser over TCP); panics on error.
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let out = Command::new(self.bindir.join("psql"))
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", &self.conninfo(db), "-c", sql])
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                &self.conninfo(db),
+                "-c",
+                sql,
+            ])
             .output()
             .unwrap();
-        check(out, &format!("psql on {}: {}", self.name, redact(sql))).trim().to_string()
+        check(out, &format!("psql on {}: {}", self.name, redact(sql)))
+            .trim()
+            .to_string()
     }
 
     /// Run a server binary (pg_dump, pg_dumpall...) against this server; returns stdout.
     pub fn tool(&self, bin: &str, args: &[&str]) -> String {
         let out = Command::new(self.bindir.join(bin))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
             .args(args)
             .output()
             .unwrap();
@@ -265,7 +339,10 @@ impl Server {
 
     /// Connect as another (non-superuser) role.
     pub fn connect_as(&self, user: &str, db: &str) -> Db {
-        Db::connect(&format!("host=127.0.0.1 port={} user={user} dbname={db} connect_timeout=10", self.port))
+        Db::connect(&format!(
+            "host=127.0.0.1 port={} user={user} dbname={db} connect_timeout=10",
+            self.port
+        ))
     }
 
     pub fn postmaster_pid(&self) -> i32 {
@@ -291,7 +368,9 @@ pub fn redact(sql: &str) -> String {
     while let Some(i) = rest.find("://") {
         let (head, tail) = rest.split_at(i + 3);
         out.push_str(head);
-        let end = tail.find(|c: char| c == '/' || c == '\'' || c == '"' || c.is_whitespace()).unwrap_or(tail.len());
+        let end = tail
+            .find(|c: char| c == '/' || c == '\'' || c == '"' || c.is_whitespace())
+            .unwrap_or(tail.len());
         let auth = &tail[..end];
         match (auth.rfind('@'), auth.find(':')) {
             (Some(at), Some(colon)) if colon < at => {
@@ -329,7 +408,10 @@ impl Db {
     }
 
     pub fn try_connect(conninfo: &str) -> Result<Db, String> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let client = rt.block_on(async {
             let (client, conn) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls)
                 .await
@@ -345,34 +427,71 @@ impl Db {
     pub fn query(&self, sql: &str) -> Vec<Row> {
         self.rt
             .block_on(self.client.query(sql, &[]))
-            .unwrap_or_else(|e| panic!("{}: {}", redact(sql), e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {}",
+                    redact(sql),
+                    e.as_db_error()
+                        .map(|d| d.message().to_string())
+                        .unwrap_or(e.to_string())
+                )
+            })
     }
 
     /// The first column of the first row as text, or the error (no panic).
     pub fn try_value(&self, sql: &str) -> Result<Option<String>, String> {
-        let rows = self.rt.block_on(self.client.simple_query(sql)).map_err(|e| e.to_string())?;
-        Ok(rows.into_iter().find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_string)),
-            _ => None,
-        }).flatten())
+        let rows = self
+            .rt
+            .block_on(self.client.simple_query(sql))
+            .map_err(|e| e.to_string())?;
+        Ok(rows
+            .into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_string)),
+                _ => None,
+            })
+            .flatten())
     }
 
     /// A query with parameters; panics with the server's message on error.
-    pub fn query_with(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Vec<Row> {
+    pub fn query_with(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Vec<Row> {
         self.rt
             .block_on(self.client.query(sql, params))
-            .unwrap_or_else(|e| panic!("{}: {}", redact(sql), e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {}",
+                    redact(sql),
+                    e.as_db_error()
+                        .map(|d| d.message().to_string())
+                        .unwrap_or(e.to_string())
+                )
+            })
     }
 
     pub fn execute(&self, sql: &str) {
         self.rt
             .block_on(self.client.batch_execute(sql))
-            .unwrap_or_else(|e| panic!("{}: {}", redact(sql), e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {}",
+                    redact(sql),
+                    e.as_db_error()
+                        .map(|d| d.message().to_string())
+                        .unwrap_or(e.to_string())
+                )
+            });
     }
 
     /// The first column of the first row, as text (NULL as None).
     pub fn value(&self, sql: &str) -> Option<String> {
-        let rows = self.rt.block_on(self.client.simple_query(sql)).unwrap_or_else(|e| panic!("{}: {e}", redact(sql)));
+        let rows = self
+            .rt
+            .block_on(self.client.simple_query(sql))
+            .unwrap_or_else(|e| panic!("{}: {e}", redact(sql)));
         rows.into_iter().find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).map(str::to_string)),
             _ => None,
@@ -383,14 +502,21 @@ impl Db {
     pub fn error(&self, sql: &str) -> DbError {
         match self.rt.block_on(self.client.batch_execute(sql)) {
             Ok(()) => panic!("expected an error from: {}", redact(sql)),
-            Err(e) => e.as_db_error().cloned().unwrap_or_else(|| panic!("{}: not a server error: {e}", redact(sql))),
+            Err(e) => e
+                .as_db_error()
+                .cloned()
+                .unwrap_or_else(|| panic!("{}: not a server error: {e}", redact(sql))),
         }
     }
 }
 
 /// A path inside the repository.
 pub fn repo(path: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path).to_string_lossy().into_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// A platform server with the sample schema, `parents` families and the sample scope (sample/).
@@ -399,7 +525,18 @@ pub fn sample_platform(name: &str, parents: u32) -> (Server, Db) {
     for f in ["sample/schema.sql", "sample/data.sql", "sample/scope.sql"] {
         let out = platform.tool(
             "psql",
-            &["-X", "-q", "-v", "ON_ERROR_STOP=1", "-v", &format!("parents={parents}"), "-d", "platform", "-f", &repo(f)],
+            &[
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-v",
+                &format!("parents={parents}"),
+                "-d",
+                "platform",
+                "-f",
+                &repo(f),
+            ],
         );
         assert!(!out.contains("ERROR"), "{f}: {out}");
     }
@@ -428,7 +565,10 @@ mod tests {
         let sql = r#"SELECT poco_add_target(1, 'postgresql://u:Se:cr@t@127.0.0.1:5/d'), '{"PGPASSWORD": "pw1", "PGUSER": "x"}'"#;
         let r = super::redact(sql);
         assert!(!r.contains("Se:cr") && !r.contains("pw1"), "{r}");
-        assert!(r.contains("postgresql://u:***@127.0.0.1:5/d") && r.contains(r#""PGPASSWORD": "***""#), "{r}");
+        assert!(
+            r.contains("postgresql://u:***@127.0.0.1:5/d") && r.contains(r#""PGPASSWORD": "***""#),
+            "{r}"
+        );
     }
 }
 
@@ -436,7 +576,8 @@ mod tests {
 /// on the platform (compared as sorted row texts), and the learner has no other table of
 /// the platform's.
 pub fn assert_learner_equals_scope(platform: &Db, learner: &Db, parent: &str) -> usize {
-    let tables = platform.query("SELECT table_name, select_sql FROM poco.scope_tables ORDER BY table_name");
+    let tables =
+        platform.query("SELECT table_name, select_sql FROM poco.scope_tables ORDER BY table_name");
     let mut total = 0;
     for t in &tables {
         let name: String = t.get(0);
@@ -446,11 +587,18 @@ pub fn assert_learner_equals_scope(platform: &Db, learner: &Db, parent: &str) ->
             .iter()
             .map(|r| r.get::<_, String>(0))
             .collect();
-        let mut got: Vec<String> =
-            learner.query(&format!("SELECT s::text FROM {name} s")).iter().map(|r| r.get::<_, String>(0)).collect();
+        let mut got: Vec<String> = learner
+            .query(&format!("SELECT s::text FROM {name} s"))
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect();
         want.sort();
         got.sort();
-        assert_eq!(got.len(), want.len(), "{name}: row count for parent {parent}");
+        assert_eq!(
+            got.len(),
+            want.len(),
+            "{name}: row count for parent {parent}"
+        );
         assert!(got == want, "{name}: rows differ for parent {parent}");
         total += got.len();
     }

@@ -40,7 +40,9 @@ impl FaultProxy {
                     break;
                 }
                 let Ok(client) = client else { continue };
-                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)) else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)) else {
+                    continue;
+                };
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let st_up = st.clone();
                 thread::spawn(move || pump_up(client, server, st_up));

@@ -108,9 +108,29 @@ struct Dataset {
     parents: Vec<V>,
 }
 
-const TABLE_NAMES: &[&str] =
-    &["users", "Lesson Progress", "élève", "Quiz\"Attempt", "select", "o'neil", "CamelCase", "with space", "日本語", "x.y", "order"];
-const COL_NAMES: &[&str] = &["ref", "Owner", "from", "värde", "a\"b", "MiXeD", "with space", "user"];
+const TABLE_NAMES: &[&str] = &[
+    "users",
+    "Lesson Progress",
+    "élève",
+    "Quiz\"Attempt",
+    "select",
+    "o'neil",
+    "CamelCase",
+    "with space",
+    "日本語",
+    "x.y",
+    "order",
+];
+const COL_NAMES: &[&str] = &[
+    "ref",
+    "Owner",
+    "from",
+    "värde",
+    "a\"b",
+    "MiXeD",
+    "with space",
+    "user",
+];
 
 fn key_value(ty: &str, n: i64) -> V {
     match ty {
@@ -124,28 +144,51 @@ impl Dataset {
     fn generate(seed: u64) -> Dataset {
         let mut r = Rng(seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ 0x5DEE_CE66);
         let key_ty = ["integer", "bigint", "text", "uuid"][r.below(4)];
-        let schema = if r.chance(50) { format!("iso {seed} Ä") } else { format!("iso_{seed}") };
+        let schema = if r.chance(50) {
+            format!("iso {seed} Ä")
+        } else {
+            format!("iso_{seed}")
+        };
         let mut tables: Vec<Tbl> = Vec::new();
         let mut col_counter = 0usize;
         let mut colname = |r: &mut Rng| {
             col_counter += 1;
             format!("{}{col_counter}", COL_NAMES[r.below(COL_NAMES.len())])
         };
-        let tname = |r: &mut Rng, i: usize| format!("{} {i}", TABLE_NAMES[r.below(TABLE_NAMES.len())]);
+        let tname =
+            |r: &mut Rng, i: usize| format!("{} {i}", TABLE_NAMES[r.below(TABLE_NAMES.len())]);
 
         // Root: id, parent (self-reference), rid, payload.
         tables.push(Tbl {
             name: tname(&mut r, 0),
             kind: Kind::Root,
             cols: vec![
-                Col { name: "id".into(), ty: key_ty },
-                Col { name: "Parent Id".into(), ty: key_ty },
-                Col { name: "rid".into(), ty: "integer" },
-                Col { name: colname(&mut r), ty: "text" },
+                Col {
+                    name: "id".into(),
+                    ty: key_ty,
+                },
+                Col {
+                    name: "Parent Id".into(),
+                    ty: key_ty,
+                },
+                Col {
+                    name: "rid".into(),
+                    ty: "integer",
+                },
+                Col {
+                    name: colname(&mut r),
+                    ty: "text",
+                },
             ],
             pk: vec![0],
             rid: 2,
-            fks: vec![Fk { name: "root parent".into(), cols: vec![1], target: 0, tcols: vec![0], kind: FkKind::RootParent }],
+            fks: vec![Fk {
+                name: "root parent".into(),
+                cols: vec![1],
+                target: 0,
+                tcols: vec![0],
+                kind: FkKind::RootParent,
+            }],
             via: None,
             excluded: BTreeSet::new(),
             rows: vec![],
@@ -158,9 +201,18 @@ impl Dataset {
                 name: tname(&mut r, idx),
                 kind: Kind::Ref { all: r.chance(25) },
                 cols: vec![
-                    Col { name: "id".into(), ty: "integer" },
-                    Col { name: "rid".into(), ty: "integer" },
-                    Col { name: colname(&mut r), ty: "text" },
+                    Col {
+                        name: "id".into(),
+                        ty: "integer",
+                    },
+                    Col {
+                        name: "rid".into(),
+                        ty: "integer",
+                    },
+                    Col {
+                        name: colname(&mut r),
+                        ty: "text",
+                    },
                 ],
                 pk: vec![0],
                 rid: 1,
@@ -170,26 +222,62 @@ impl Dataset {
                 rows: vec![],
             };
             if r.chance(40) {
-                t.cols.push(Col { name: colname(&mut r), ty: "integer" });
-                t.fks.push(Fk { name: format!("self ref {idx}"), cols: vec![t.cols.len() - 1], target: idx, tcols: vec![0], kind: FkKind::SelfRef });
+                t.cols.push(Col {
+                    name: colname(&mut r),
+                    ty: "integer",
+                });
+                t.fks.push(Fk {
+                    name: format!("self ref {idx}"),
+                    cols: vec![t.cols.len() - 1],
+                    target: idx,
+                    tcols: vec![0],
+                    kind: FkKind::SelfRef,
+                });
             }
             if i > 0 && r.chance(60) {
                 let target = 1 + r.below(i);
-                t.cols.push(Col { name: colname(&mut r), ty: "integer" });
-                t.fks.push(Fk { name: format!("ref {idx}→{target}"), cols: vec![t.cols.len() - 1], target, tcols: vec![0], kind: FkKind::Ref });
+                t.cols.push(Col {
+                    name: colname(&mut r),
+                    ty: "integer",
+                });
+                t.fks.push(Fk {
+                    name: format!("ref {idx}→{target}"),
+                    cols: vec![t.cols.len() - 1],
+                    target,
+                    tcols: vec![0],
+                    kind: FkKind::Ref,
+                });
             }
             if r.chance(40) {
-                t.cols.push(Col { name: colname(&mut r), ty: key_ty });
-                t.fks.push(Fk { name: format!("author {idx}"), cols: vec![t.cols.len() - 1], target: 0, tcols: vec![0], kind: FkKind::Author });
+                t.cols.push(Col {
+                    name: colname(&mut r),
+                    ty: key_ty,
+                });
+                t.fks.push(Fk {
+                    name: format!("author {idx}"),
+                    cols: vec![t.cols.len() - 1],
+                    target: 0,
+                    tcols: vec![0],
+                    kind: FkKind::Author,
+                });
             }
             tables.push(t);
         }
         let refs: Vec<usize> = (1..=nref).collect();
         if r.chance(40) {
             let target = refs[r.below(refs.len())];
-            tables[0].cols.push(Col { name: colname(&mut r), ty: "integer" });
+            tables[0].cols.push(Col {
+                name: colname(&mut r),
+                ty: "integer",
+            });
             let c = tables[0].cols.len() - 1;
-            tables[0].fks.push(Fk { name: "root ref".into(), cols: vec![c], target, tcols: vec![0], kind: FkKind::Ref });
+            tables[0].fks.push(Fk {
+                name: "root ref".into(),
+                cols: vec![c],
+                target,
+                tcols: vec![0],
+                kind: FkKind::Ref,
+            });
         }
         // Owned and link tables, each owned (through its owner key) by an earlier table.
         let nown = r.range(2, 6);
@@ -210,16 +298,31 @@ impl Dataset {
                 rows: vec![],
             };
             if composite {
-                t.cols.push(Col { name: colname(&mut r), ty: "integer" });
-                t.cols.push(Col { name: colname(&mut r), ty: "integer" });
+                t.cols.push(Col {
+                    name: colname(&mut r),
+                    ty: "integer",
+                });
+                t.cols.push(Col {
+                    name: colname(&mut r),
+                    ty: "integer",
+                });
                 t.pk = vec![0, 1];
             } else {
-                t.cols.push(Col { name: "id".into(), ty: "integer" });
+                t.cols.push(Col {
+                    name: "id".into(),
+                    ty: "integer",
+                });
                 t.pk = vec![0];
             }
-            t.cols.push(Col { name: "rid".into(), ty: "integer" });
+            t.cols.push(Col {
+                name: "rid".into(),
+                ty: "integer",
+            });
             t.rid = t.cols.len() - 1;
-            t.cols.push(Col { name: colname(&mut r), ty: "text" });
+            t.cols.push(Col {
+                name: colname(&mut r),
+                ty: "text",
+            });
             // Owner: the root or an earlier owned (or, for owned tables, link) table.
             let candidates: Vec<usize> = (0..idx)
                 .filter(|&i| match tables[i].kind {
@@ -229,30 +332,79 @@ impl Dataset {
                 })
                 .collect();
             let owner = candidates[r.below(candidates.len())];
-            let add_key = |t: &mut Tbl, r: &mut Rng, target: usize, kind: FkKind, name: String, tables: &Vec<Tbl>, colname: &mut dyn FnMut(&mut Rng) -> String| {
+            let add_key = |t: &mut Tbl,
+                           r: &mut Rng,
+                           target: usize,
+                           kind: FkKind,
+                           name: String,
+                           tables: &Vec<Tbl>,
+                           colname: &mut dyn FnMut(&mut Rng) -> String| {
                 let tgt = if target == idx { &*t } else { &tables[target] };
                 let tys: Vec<&'static str> = tgt.pk.iter().map(|c| tgt.cols[*c].ty).collect();
                 let tcols = tgt.pk.clone();
                 let mut cols = vec![];
                 for ty in tys {
-                    t.cols.push(Col { name: colname(r), ty });
+                    t.cols.push(Col {
+                        name: colname(r),
+                        ty,
+                    });
                     cols.push(t.cols.len() - 1);
                 }
-                t.fks.push(Fk { name, cols, target, tcols, kind });
+                t.fks.push(Fk {
+                    name,
+                    cols,
+                    target,
+                    tcols,
+                    kind,
+                });
             };
-            add_key(&mut t, &mut r, owner, FkKind::Owner, format!("owner {idx}"), &tables, &mut colname);
+            add_key(
+                &mut t,
+                &mut r,
+                owner,
+                FkKind::Owner,
+                format!("owner {idx}"),
+                &tables,
+                &mut colname,
+            );
             if !link {
                 for k in 0..r.below(3) {
-                    let cands: Vec<usize> = (0..idx).filter(|&i| matches!(tables[i].kind, Kind::Root | Kind::Owned)).collect();
+                    let cands: Vec<usize> = (0..idx)
+                        .filter(|&i| matches!(tables[i].kind, Kind::Root | Kind::Owned))
+                        .collect();
                     let target = cands[r.below(cands.len())];
-                    add_key(&mut t, &mut r, target, FkKind::Cross, format!("cross {idx}.{k}"), &tables, &mut colname);
+                    add_key(
+                        &mut t,
+                        &mut r,
+                        target,
+                        FkKind::Cross,
+                        format!("cross {idx}.{k}"),
+                        &tables,
+                        &mut colname,
+                    );
                 }
                 for k in 0..r.below(3) {
                     let target = refs[r.below(refs.len())];
-                    add_key(&mut t, &mut r, target, FkKind::Ref, format!("ref {idx}.{k}"), &tables, &mut colname);
+                    add_key(
+                        &mut t,
+                        &mut r,
+                        target,
+                        FkKind::Ref,
+                        format!("ref {idx}.{k}"),
+                        &tables,
+                        &mut colname,
+                    );
                 }
                 if r.chance(25) {
-                    add_key(&mut t, &mut r, idx, FkKind::SelfRef, format!("self {idx}"), &tables, &mut colname);
+                    add_key(
+                        &mut t,
+                        &mut r,
+                        idx,
+                        FkKind::SelfRef,
+                        format!("self {idx}"),
+                        &tables,
+                        &mut colname,
+                    );
                 }
                 let owner_fk = t.owner().unwrap();
                 let needs_via = t.fks.iter().any(|f| f.kind == FkKind::Cross);
@@ -270,7 +422,9 @@ impl Dataset {
         // Exclusions: any column but the primary key and rid.
         for t in tables.iter_mut() {
             if t.kind != Kind::Link && r.chance(30) {
-                let eligible: Vec<usize> = (0..t.cols.len()).filter(|c| !t.pk.contains(c) && *c != t.rid).collect();
+                let eligible: Vec<usize> = (0..t.cols.len())
+                    .filter(|c| !t.pk.contains(c) && *c != t.rid)
+                    .collect();
                 if !eligible.is_empty() {
                     t.excluded.insert(eligible[r.below(eligible.len())]);
                 }
@@ -290,11 +444,21 @@ impl Dataset {
             n += 1;
             let fam = key_value(key_ty, n);
             parents.push(fam.clone());
-            let row = vec![fam.clone(), V::Null, next_rid(), V::Text(format!("root {n}"))];
+            let row = vec![
+                fam.clone(),
+                V::Null,
+                next_rid(),
+                V::Text(format!("root {n}")),
+            ];
             tables[0].rows.push(row);
             for _ in 0..r.below(4) {
                 n += 1;
-                let row = vec![key_value(key_ty, n), fam.clone(), next_rid(), V::Text(format!("child {n}"))];
+                let row = vec![
+                    key_value(key_ty, n),
+                    fam.clone(),
+                    next_rid(),
+                    V::Text(format!("child {n}")),
+                ];
                 tables[0].rows.push(row);
             }
         }
@@ -307,7 +471,11 @@ impl Dataset {
         parents.push(key_value(key_ty, 9999));
         for i in 1..=nref {
             for k in 0..r.range(3, 8) {
-                let row = vec![V::Int(k as i64 + 1), next_rid(), V::Text(format!("ref {i}.{k}"))];
+                let row = vec![
+                    V::Int(k as i64 + 1),
+                    next_rid(),
+                    V::Text(format!("ref {i}.{k}")),
+                ];
                 tables[i].rows.push(row);
             }
         }
@@ -341,7 +509,11 @@ impl Dataset {
                     if kind == FkKind::RootParent {
                         continue; // set with the rows above
                     }
-                    let pool = if target == i { k } else { tables[target].rows.len() };
+                    let pool = if target == i {
+                        k
+                    } else {
+                        tables[target].rows.len()
+                    };
                     let null_pct = match kind {
                         FkKind::Owner => 15,
                         _ => 30,
@@ -350,14 +522,24 @@ impl Dataset {
                         continue;
                     }
                     let pick = r.below(pool);
-                    let vals: Vec<V> = tcols.iter().map(|c| tables[target].rows[pick][*c].clone()).collect();
+                    let vals: Vec<V> = tcols
+                        .iter()
+                        .map(|c| tables[target].rows[pick][*c].clone())
+                        .collect();
                     for (c, v) in cols.iter().zip(vals) {
                         tables[i].rows[k][*c] = v;
                     }
                 }
             }
         }
-        Dataset { seed, schema, key_ty, pred_with_parent: r.chance(75), tables, parents }
+        Dataset {
+            seed,
+            schema,
+            key_ty,
+            pred_with_parent: r.chance(75),
+            tables,
+            parents,
+        }
     }
 
     fn rel(&self, t: usize) -> String {
@@ -367,18 +549,35 @@ impl Dataset {
     fn ddl(&self) -> String {
         let mut s = format!("CREATE SCHEMA {};\n", qi(&self.schema));
         for (i, t) in self.tables.iter().enumerate() {
-            let cols: Vec<String> = t.cols.iter().map(|c| format!("{} {}", qi(&c.name), c.ty)).collect();
+            let cols: Vec<String> = t
+                .cols
+                .iter()
+                .map(|c| format!("{} {}", qi(&c.name), c.ty))
+                .collect();
             let pk: Vec<String> = t.pk.iter().map(|c| qi(&t.cols[*c].name)).collect();
-            s.push_str(&format!("CREATE TABLE {} ({}, PRIMARY KEY ({}));\n", self.rel(i), cols.join(", "), pk.join(", ")));
+            s.push_str(&format!(
+                "CREATE TABLE {} ({}, PRIMARY KEY ({}));\n",
+                self.rel(i),
+                cols.join(", "),
+                pk.join(", ")
+            ));
             for row in &t.rows {
                 let vals: Vec<String> = row.iter().map(V::sql).collect();
-                s.push_str(&format!("INSERT INTO {} VALUES ({});\n", self.rel(i), vals.join(", ")));
+                s.push_str(&format!(
+                    "INSERT INTO {} VALUES ({});\n",
+                    self.rel(i),
+                    vals.join(", ")
+                ));
             }
         }
         for (i, t) in self.tables.iter().enumerate() {
             for fk in &t.fks {
                 let c: Vec<String> = fk.cols.iter().map(|c| qi(&t.cols[*c].name)).collect();
-                let tc: Vec<String> = fk.tcols.iter().map(|c| qi(&self.tables[fk.target].cols[*c].name)).collect();
+                let tc: Vec<String> = fk
+                    .tcols
+                    .iter()
+                    .map(|c| qi(&self.tables[fk.target].cols[*c].name))
+                    .collect();
                 s.push_str(&format!(
                     "ALTER TABLE {} ADD CONSTRAINT {} FOREIGN KEY ({}) REFERENCES {} ({});\n",
                     self.rel(i),
@@ -396,26 +595,46 @@ impl Dataset {
     /// tables from the root outwards; exclusions before or after, at random.
     fn declarations(&self, r: &mut Rng) -> Vec<String> {
         let mut out = vec![];
-        let pred = if self.pred_with_parent { "id = $1 OR \"Parent Id\" = $1" } else { "id = $1" };
+        let pred = if self.pred_with_parent {
+            "id = $1 OR \"Parent Id\" = $1"
+        } else {
+            "id = $1"
+        };
         let mut excl = vec![];
         for (i, t) in self.tables.iter().enumerate() {
             for c in &t.excluded {
-                excl.push(format!("SELECT poco_scope_exclude_column({}, {})", lit(&self.rel(i)), lit(&t.cols[*c].name)));
+                excl.push(format!(
+                    "SELECT poco_scope_exclude_column({}, {})",
+                    lit(&self.rel(i)),
+                    lit(&t.cols[*c].name)
+                ));
             }
         }
         let early = r.chance(50);
         if early {
             out.append(&mut excl.clone());
         }
-        out.push(format!("SELECT poco_scope_root({}, {})", lit(&self.rel(0)), lit(pred)));
-        let mut refs: Vec<usize> = (0..self.tables.len()).filter(|&i| matches!(self.tables[i].kind, Kind::Ref { .. })).collect();
+        out.push(format!(
+            "SELECT poco_scope_root({}, {})",
+            lit(&self.rel(0)),
+            lit(pred)
+        ));
+        let mut refs: Vec<usize> = (0..self.tables.len())
+            .filter(|&i| matches!(self.tables[i].kind, Kind::Ref { .. }))
+            .collect();
         for k in (1..refs.len()).rev() {
             refs.swap(k, r.below(k + 1));
         }
         for i in refs {
-            let Kind::Ref { all } = self.tables[i].kind else { unreachable!() };
+            let Kind::Ref { all } = self.tables[i].kind else {
+                unreachable!()
+            };
             out.push(if all || r.chance(50) {
-                format!("SELECT poco_scope_reference({}, {})", lit(&self.rel(i)), lit(if all { "all" } else { "referenced" }))
+                format!(
+                    "SELECT poco_scope_reference({}, {})",
+                    lit(&self.rel(i)),
+                    lit(if all { "all" } else { "referenced" })
+                )
             } else {
                 format!("SELECT poco_scope_reference({})", lit(&self.rel(i)))
             });
@@ -423,7 +642,11 @@ impl Dataset {
         for (i, t) in self.tables.iter().enumerate() {
             if t.kind == Kind::Owned {
                 out.push(match &t.via {
-                    Some(v) => format!("SELECT poco_scope_table({}, via => {})", lit(&self.rel(i)), lit(v)),
+                    Some(v) => format!(
+                        "SELECT poco_scope_table({}, via => {})",
+                        lit(&self.rel(i)),
+                        lit(v)
+                    ),
                     None => format!("SELECT poco_scope_table({})", lit(&self.rel(i))),
                 });
             }
@@ -436,7 +659,11 @@ impl Dataset {
 
     /// The oracle: which rows of each table are in `parent`'s scope, by walking the rows.
     fn oracle(&self, parent: &V) -> Vec<Vec<bool>> {
-        let mut m: Vec<Vec<bool>> = self.tables.iter().map(|t| vec![false; t.rows.len()]).collect();
+        let mut m: Vec<Vec<bool>> = self
+            .tables
+            .iter()
+            .map(|t| vec![false; t.rows.len()])
+            .collect();
         for (k, row) in self.tables[0].rows.iter().enumerate() {
             m[0][k] = &row[0] == parent || (self.pred_with_parent && &row[1] == parent);
         }
@@ -451,7 +678,12 @@ impl Dataset {
                 }
                 let target = &self.tables[fk.target];
                 m[i][k] = (0..target.rows.len()).any(|q| {
-                    m[fk.target][q] && fk.tcols.iter().zip(&vals).all(|(tc, v)| &target.rows[q][*tc] == *v)
+                    m[fk.target][q]
+                        && fk
+                            .tcols
+                            .iter()
+                            .zip(&vals)
+                            .all(|(tc, v)| &target.rows[q][*tc] == *v)
                 });
             }
         }
@@ -485,7 +717,13 @@ impl Dataset {
                         }
                         let target = &self.tables[fk.target];
                         for q in 0..target.rows.len() {
-                            if !m[fk.target][q] && fk.tcols.iter().zip(&vals).all(|(tc, v)| &target.rows[q][*tc] == *v) {
+                            if !m[fk.target][q]
+                                && fk
+                                    .tcols
+                                    .iter()
+                                    .zip(&vals)
+                                    .all(|(tc, v)| &target.rows[q][*tc] == *v)
+                            {
                                 m[fk.target][q] = true;
                                 changed = true;
                             }
@@ -517,12 +755,15 @@ fn run_dataset(db: &Db, ds: &Dataset, tally: &mut Tally) {
     let mut r = Rng(ds.seed ^ 0xD1B5_4A32_D192_ED03);
     db.execute(&ds.ddl());
     for stmt in ds.declarations(&mut r) {
-        if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| db.execute(&stmt))) {
+        if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| db.execute(&stmt)))
+        {
             let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
             panic!("seed {}: declaration failed: {msg}", ds.seed);
         }
     }
-    let scoped: Vec<usize> = (0..ds.tables.len()).filter(|&i| ds.tables[i].scoped()).collect();
+    let scoped: Vec<usize> = (0..ds.tables.len())
+        .filter(|&i| ds.tables[i].scoped())
+        .collect();
     let mut sql_of = BTreeMap::new();
     let mut oid_of = BTreeMap::new();
     for &i in &scoped {
@@ -531,12 +772,23 @@ fn run_dataset(db: &Db, ds: &Dataset, tally: &mut Tally) {
             lit(&ds.rel(i)),
             lit(&ds.rel(i))
         ));
-        assert_eq!(row.len(), 1, "seed {}: {} missing from poco.scope_tables", ds.seed, ds.rel(i));
+        assert_eq!(
+            row.len(),
+            1,
+            "seed {}: {} missing from poco.scope_tables",
+            ds.seed,
+            ds.rel(i)
+        );
         sql_of.insert(i, row[0].get::<_, String>(0));
         oid_of.insert(row[0].get::<_, i64>(1), i);
     }
     let n_scoped: i64 = db.query("SELECT count(*) FROM poco.scope_tables")[0].get(0);
-    assert_eq!(n_scoped as usize, scoped.len(), "seed {}: link tables must not be scoped", ds.seed);
+    assert_eq!(
+        n_scoped as usize,
+        scoped.len(),
+        "seed {}: link tables must not be scoped",
+        ds.seed
+    );
     tally.tables += scoped.len();
     let parent_texts: Vec<String> = ds.parents.iter().map(V::text).collect();
     let mut oracles = vec![];
@@ -546,8 +798,16 @@ fn run_dataset(db: &Db, ds: &Dataset, tally: &mut Tally) {
         // Compiled queries against the oracle, row by row (rid identifies a row).
         for &i in &scoped {
             let t = &ds.tables[i];
-            let q = format!("SELECT q.{}::int4 FROM ({}) q", qi(&t.cols[t.rid].name), sql_of[&i]);
-            let got: BTreeSet<i32> = db.query_with(&q, &[&p]).iter().map(|r| r.get::<_, i32>(0)).collect();
+            let q = format!(
+                "SELECT q.{}::int4 FROM ({}) q",
+                qi(&t.cols[t.rid].name),
+                sql_of[&i]
+            );
+            let got: BTreeSet<i32> = db
+                .query_with(&q, &[&p])
+                .iter()
+                .map(|r| r.get::<_, i32>(0))
+                .collect();
             let want: BTreeSet<i32> = t
                 .rows
                 .iter()
@@ -573,12 +833,19 @@ fn run_dataset(db: &Db, ds: &Dataset, tally: &mut Tally) {
             }
         }
         // The preview's counts are those of the compiled queries, i.e. the oracle's.
-        for row in db.query_with("SELECT table_name::regclass::oid::int8, rows FROM poco_scope_preview($1::text)", &[&p]) {
+        for row in db.query_with(
+            "SELECT table_name::regclass::oid::int8, rows FROM poco_scope_preview($1::text)",
+            &[&p],
+        ) {
             let i = oid_of[&row.get::<_, i64>(0)];
             let want = m[i].iter().filter(|x| **x).count() as i64;
             let got: i64 = row.get(1);
             if got != want {
-                tally.failures.push(format!("seed {} preview {} parent {p}: {got} rows, oracle {want}", ds.seed, ds.rel(i)));
+                tally.failures.push(format!(
+                    "seed {} preview {} parent {p}: {got} rows, oracle {want}",
+                    ds.seed,
+                    ds.rel(i)
+                ));
             }
         }
         oracles.push(m);
@@ -588,7 +855,9 @@ fn run_dataset(db: &Db, ds: &Dataset, tally: &mut Tally) {
         let t = &ds.tables[i];
         for _ in 0..2.min(t.rows.len()) {
             let k = r.below(t.rows.len());
-            let V::Int(rid) = t.rows[k][t.rid] else { unreachable!() };
+            let V::Int(rid) = t.rows[k][t.rid] else {
+                unreachable!()
+            };
             let q = format!(
                 "SELECT coalesce(array_agg(o ORDER BY o), '{{}}') FROM poco_scope_owners({}, \
                    (SELECT to_jsonb(x) FROM {} x WHERE {} = {rid}), $1::text[]) o",
@@ -597,23 +866,41 @@ fn run_dataset(db: &Db, ds: &Dataset, tally: &mut Tally) {
                 qi(&t.cols[t.rid].name)
             );
             let got: Vec<String> = db.query_with(&q, &[&parent_texts])[0].get(0);
-            let mut want: Vec<String> =
-                ds.parents.iter().zip(&oracles).filter(|(_, m)| m[i][k]).map(|(p, _)| p.text()).collect();
+            let mut want: Vec<String> = ds
+                .parents
+                .iter()
+                .zip(&oracles)
+                .filter(|(_, m)| m[i][k])
+                .map(|(p, _)| p.text())
+                .collect();
             want.sort();
             tally.owner_checks += 1;
             if got != want {
-                tally.failures.push(format!("seed {} owners of {} rid {rid}: {got:?}, oracle {want:?}", ds.seed, ds.rel(i)));
+                tally.failures.push(format!(
+                    "seed {} owners of {} rid {rid}: {got:?}, oracle {want:?}",
+                    ds.seed,
+                    ds.rel(i)
+                ));
             }
         }
     }
-    db.execute(&format!("SELECT poco_scope_clear(); DROP SCHEMA {} CASCADE;", qi(&ds.schema)));
+    db.execute(&format!(
+        "SELECT poco_scope_clear(); DROP SCHEMA {} CASCADE;",
+        qi(&ds.schema)
+    ));
     tally.datasets += 1;
 }
 
 #[test]
 fn compiled_scope_matches_the_oracle_on_random_datasets() {
-    let n: u64 = std::env::var("POCO_ISOLATION_DATASETS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
-    let first: u64 = std::env::var("POCO_ISOLATION_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+    let n: u64 = std::env::var("POCO_ISOLATION_DATASETS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let first: u64 = std::env::var("POCO_ISOLATION_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let platform = Server::start("isolation", &Options::platform());
     let db = platform.connect("platform");
     let mut tally = Tally::default();
@@ -648,13 +935,40 @@ fn compiled_scope_matches_the_oracle_on_random_datasets() {
         tally.datasets, tally.tables, tally.checks, tally.rows_compared, tally.owner_checks, tally.leaked, tally.missing
     );
     eprintln!("shapes: {shapes:?}");
-    assert!(tally.failures.is_empty(), "{} mismatches, first ones:\n{}", tally.failures.len(), tally.failures.iter().take(10).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(
+        tally.failures.is_empty(),
+        "{} mismatches, first ones:\n{}",
+        tally.failures.len(),
+        tally
+            .failures
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     assert_eq!((tally.leaked, tally.missing), (0, 0));
     assert!(tally.datasets as u64 == n && n >= 1);
     // The generator really produced every shape it claims to.
-    for shape in ["link tables", "reference (all)", "reference (referenced)", "composite keys", "via", "self-references", "cross-family keys", "excluded columns", "uuid", "text", "integer", "bigint"] {
+    for shape in [
+        "link tables",
+        "reference (all)",
+        "reference (referenced)",
+        "composite keys",
+        "via",
+        "self-references",
+        "cross-family keys",
+        "excluded columns",
+        "uuid",
+        "text",
+        "integer",
+        "bigint",
+    ] {
         if n >= 50 {
-            assert!(shapes.get(shape).copied().unwrap_or(0) > 0, "no dataset had {shape}");
+            assert!(
+                shapes.get(shape).copied().unwrap_or(0) > 0,
+                "no dataset had {shape}"
+            );
         }
     }
 }

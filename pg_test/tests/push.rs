@@ -5,7 +5,6 @@
 use poco_e2e::{assert_learner_equals_scope, sample_platform, wait_for, Db, Options, Server};
 use std::time::Duration;
 
-
 fn learner(name: &str, dbname: &str) -> Server {
     let s = Server::start(name, &Options::learner());
     s.psql("postgres", &format!("CREATE DATABASE {dbname}"));
@@ -13,8 +12,11 @@ fn learner(name: &str, dbname: &str) -> Server {
 }
 
 fn push_and_wait(db: &Db, parent: &str) -> Vec<(i64, String)> {
-    let ids: Vec<i64> =
-        db.query(&format!("SELECT poco_push({parent})")).iter().map(|r| r.get::<_, i64>(0)).collect();
+    let ids: Vec<i64> = db
+        .query(&format!("SELECT poco_push({parent})"))
+        .iter()
+        .map(|r| r.get::<_, i64>(0))
+        .collect();
     assert!(!ids.is_empty());
     ids.into_iter()
         .map(|id| {
@@ -25,7 +27,10 @@ fn push_and_wait(db: &Db, parent: &str) -> Vec<(i64, String)> {
 }
 
 fn job_error(db: &Db, id: i64) -> String {
-    db.value(&format!("SELECT coalesce(error, '') FROM poco.jobs WHERE job_id = {id}")).unwrap_or_default()
+    db.value(&format!(
+        "SELECT coalesce(error, '') FROM poco.jobs WHERE job_id = {id}"
+    ))
+    .unwrap_or_default()
 }
 
 #[test]
@@ -33,8 +38,12 @@ fn a_push_copies_exactly_the_scope_and_a_second_parent_replaces_the_first() {
     let (_platform, db) = sample_platform("push_sample", 40);
     let l = learner("push_sample_learner", "family");
     let url = l.target_url("family", "postgres", "pw");
-    db.execute(&format!("SELECT poco_add_target(21, '{url}', 'first family')"));
-    db.execute(&format!("SELECT poco_add_target(22, '{url}', 'second family')"));
+    db.execute(&format!(
+        "SELECT poco_add_target(21, '{url}', 'first family')"
+    ));
+    db.execute(&format!(
+        "SELECT poco_add_target(22, '{url}', 'second family')"
+    ));
 
     let res = push_and_wait(&db, "21");
     assert_eq!(res.len(), 1);
@@ -45,13 +54,27 @@ fn a_push_copies_exactly_the_scope_and_a_second_parent_replaces_the_first() {
     assert!(rows > 50, "the family has rows ({rows})");
     // Never the excluded column, never the unscoped table.
     assert_eq!(
-        ldb.value("SELECT count(*) FROM information_schema.columns WHERE column_name = 'password_hash'").as_deref(),
+        ldb.value(
+            "SELECT count(*) FROM information_schema.columns WHERE column_name = 'password_hash'"
+        )
+        .as_deref(),
         Some("0")
     );
-    assert_eq!(ldb.value("SELECT to_regclass('elearning.platform_secrets') IS NULL").as_deref(), Some("t"));
+    assert_eq!(
+        ldb.value("SELECT to_regclass('elearning.platform_secrets') IS NULL")
+            .as_deref(),
+        Some("t")
+    );
     // Bookkeeping in the same transaction.
-    assert_eq!(ldb.value("SELECT parent_id || '/' || job_id FROM poco_sync.snapshot").unwrap(), format!("21/{job}"));
-    let job_rows: i64 = db.query(&format!("SELECT rows_done FROM poco.jobs WHERE job_id = {job}"))[0].get(0);
+    assert_eq!(
+        ldb.value("SELECT parent_id || '/' || job_id FROM poco_sync.snapshot")
+            .unwrap(),
+        format!("21/{job}")
+    );
+    let job_rows: i64 = db.query(&format!(
+        "SELECT rows_done FROM poco.jobs WHERE job_id = {job}"
+    ))[0]
+        .get(0);
     assert_eq!(job_rows as usize, rows, "poco.jobs counts every row sent");
     // Keys and foreign keys exist on the learner.
     let fks: i64 = ldb.query("SELECT count(*) FROM pg_constraint WHERE contype = 'f' AND connamespace = 'elearning'::regnamespace")[0].get(0);
@@ -65,7 +88,10 @@ fn a_push_copies_exactly_the_scope_and_a_second_parent_replaces_the_first() {
           WHERE c.relnamespace = 'elearning'::regnamespace AND c.relkind = 'r' \
             AND (v.all_visible, v.all_frozen) <> (pg_relation_size(c.oid) / 8192, pg_relation_size(c.oid) / 8192)",
     );
-    assert_eq!(unfrozen, None, "tables with pages not all-visible and all-frozen");
+    assert_eq!(
+        unfrozen, None,
+        "tables with pages not all-visible and all-frozen"
+    );
     let pages: i64 = ldb.query("SELECT sum(pg_relation_size(c.oid) / 8192)::int8 FROM pg_class c WHERE c.relnamespace = 'elearning'::regnamespace AND c.relkind = 'r'")[0].get(0);
     assert!(pages >= 8, "the family's tables have pages ({pages})");
 
@@ -73,7 +99,11 @@ fn a_push_copies_exactly_the_scope_and_a_second_parent_replaces_the_first() {
     let res = push_and_wait(&db, "22");
     assert_eq!(res[0].1, "succeeded", "{}", job_error(&db, res[0].0));
     assert_learner_equals_scope(&db, &ldb, "22");
-    assert_eq!(ldb.value("SELECT count(*) FROM elearning.users WHERE id = 21 OR parent_id = 21").as_deref(), Some("0"));
+    assert_eq!(
+        ldb.value("SELECT count(*) FROM elearning.users WHERE id = 21 OR parent_id = 21")
+            .as_deref(),
+        Some("0")
+    );
 
     // The push was logged with who asked, rows, bytes and duration.
     let ev = db.value(&format!(
@@ -81,7 +111,11 @@ fn a_push_copies_exactly_the_scope_and_a_second_parent_replaces_the_first() {
            FROM poco.events WHERE kind = 'push_succeeded' AND job_id = {}",
         res[0].0
     ));
-    assert!(ev.as_deref().is_some_and(|e| e.starts_with("postgres ") && e.ends_with(" true true")), "{ev:?}");
+    assert!(
+        ev.as_deref()
+            .is_some_and(|e| e.starts_with("postgres ") && e.ends_with(" true true")),
+        "{ev:?}"
+    );
 }
 
 #[test]
@@ -98,20 +132,43 @@ fn a_rolled_back_push_sends_nothing_and_the_platform_never_pushes_into_itself() 
     assert_eq!(e.code().code(), "55000", "{e:?}");
     db.execute("ROLLBACK");
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(db.value(&format!("SELECT count(*) FROM poco.job WHERE id = {job}")).as_deref(), Some("0"));
+    assert_eq!(
+        db.value(&format!("SELECT count(*) FROM poco.job WHERE id = {job}"))
+            .as_deref(),
+        Some("0")
+    );
     let ldb = l.connect("family");
-    assert_eq!(ldb.value("SELECT to_regclass('poco_sync.snapshot') IS NULL").as_deref(), Some("t"), "nothing arrived");
+    assert_eq!(
+        ldb.value("SELECT to_regclass('poco_sync.snapshot') IS NULL")
+            .as_deref(),
+        Some("t"),
+        "nothing arrived"
+    );
 
     // A target that is the platform database itself is refused; the platform is untouched.
-    let before = db.value("SELECT md5(string_agg(u::text, ',' ORDER BY id)) FROM elearning.users u").unwrap();
+    let before = db
+        .value("SELECT md5(string_agg(u::text, ',' ORDER BY id)) FROM elearning.users u")
+        .unwrap();
     let self_url = platform.target_url("platform", "postgres", "pw");
     let t: i64 = db.query(&format!("SELECT poco_add_target(3, '{self_url}')"))[0].get(0);
     let job: i64 = db.query(&format!("SELECT poco_push(3, {t})"))[0].get(0);
-    assert_eq!(db.value(&format!("SELECT poco_wait({job}, '1 min')")).as_deref(), Some("failed"));
+    assert_eq!(
+        db.value(&format!("SELECT poco_wait({job}, '1 min')"))
+            .as_deref(),
+        Some("failed")
+    );
     let err = job_error(&db, job);
     assert!(err.contains("platform database itself"), "{err}");
-    assert_eq!(db.value("SELECT md5(string_agg(u::text, ',' ORDER BY id)) FROM elearning.users u").unwrap(), before);
-    assert_eq!(db.value("SELECT to_regclass('poco_sync.snapshot') IS NULL").as_deref(), Some("t"));
+    assert_eq!(
+        db.value("SELECT md5(string_agg(u::text, ',' ORDER BY id)) FROM elearning.users u")
+            .unwrap(),
+        before
+    );
+    assert_eq!(
+        db.value("SELECT to_regclass('poco_sync.snapshot') IS NULL")
+            .as_deref(),
+        Some("t")
+    );
 
     // Errors at enqueue time carry SQLSTATE and hint.
     let e = db.error("SELECT poco_push(99999)");
@@ -189,7 +246,10 @@ fn every_type_round_trips_and_odd_names_cycles_and_self_references_load() {
     let db = platform.connect("platform");
     db.execute(TYPES_SCHEMA);
     let l = learner("push_types_learner", "family");
-    db.execute(&format!("SELECT poco_add_target(1, '{}')", l.target_url("family", "postgres", "pw")));
+    db.execute(&format!(
+        "SELECT poco_add_target(1, '{}')",
+        l.target_url("family", "postgres", "pw")
+    ));
     let res = push_and_wait(&db, "1");
     assert_eq!(res[0].1, "succeeded", "{}", job_error(&db, res[0].0));
     let ldb = l.connect("family");
@@ -212,8 +272,16 @@ fn every_type_round_trips_and_odd_names_cycles_and_self_references_load() {
     let types = "SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod) || ' ' || attnotnull, ', ' ORDER BY attnum) \
                  FROM pg_attribute WHERE attrelid = '\"Ünï Sch\".things'::regclass AND attnum > 0 AND NOT attisdropped";
     assert_eq!(ldb.value(types), db.value(types));
-    assert_eq!(ldb.value("SELECT count(*) FROM \"Ünï Sch\".things WHERE t = '\\N'").as_deref(), Some("1"));
-    assert_eq!(ldb.value("SELECT count(*) FROM \"Ünï Sch\".things WHERE t IS NULL").as_deref(), Some("0"));
+    assert_eq!(
+        ldb.value("SELECT count(*) FROM \"Ünï Sch\".things WHERE t = '\\N'")
+            .as_deref(),
+        Some("1")
+    );
+    assert_eq!(
+        ldb.value("SELECT count(*) FROM \"Ünï Sch\".things WHERE t IS NULL")
+            .as_deref(),
+        Some("0")
+    );
     // Constraints, indexes, identity, sequences past the data, enum order, the domain's check.
     assert_eq!(
         ldb.value("SELECT string_agg(conname, ',' ORDER BY conname) FROM pg_constraint WHERE conrelid = '\"Ünï Sch\".things'::regclass"),
@@ -223,7 +291,8 @@ fn every_type_round_trips_and_odd_names_cycles_and_self_references_load() {
         ldb.value("SELECT string_agg(indexname, ',' ORDER BY indexname) FROM pg_indexes WHERE tablename = 'things'"),
         Some("things lower t,things_pkey,things_u".into())
     );
-    let next: i64 = ldb.query("SELECT nextval(pg_get_serial_sequence('\"Ünï Sch\".things', 'id'))")[0].get(0);
+    let next: i64 =
+        ldb.query("SELECT nextval(pg_get_serial_sequence('\"Ünï Sch\".things', 'id'))")[0].get(0);
     assert!(next > 3, "serial sequence set past the data ({next})");
     let e = ldb.error("INSERT INTO \"Ünï Sch\".things (fam, n) VALUES (1, 42)");
     assert_eq!(e.code().code(), "23514", "the check constraint came along");
@@ -234,9 +303,20 @@ fn every_type_round_trips_and_odd_names_cycles_and_self_references_load() {
         Some("happy,sad,it's complicated".into())
     );
     // The self-reference and the cycle loaded (their rows are all there); nothing of family 2.
-    assert_eq!(ldb.value("SELECT string_agg(id::text, ',' ORDER BY id) FROM \"Ünï Sch\".nodes").as_deref(), Some("1,2,3"));
-    assert_eq!(ldb.value("SELECT label FROM \"Ünï Sch\".b").as_deref(), Some("cycle one"));
-    assert_eq!(ldb.value("SELECT count(*) FROM \"Ünï Sch\".things WHERE fam = 2").as_deref(), Some("0"));
+    assert_eq!(
+        ldb.value("SELECT string_agg(id::text, ',' ORDER BY id) FROM \"Ünï Sch\".nodes")
+            .as_deref(),
+        Some("1,2,3")
+    );
+    assert_eq!(
+        ldb.value("SELECT label FROM \"Ünï Sch\".b").as_deref(),
+        Some("cycle one")
+    );
+    assert_eq!(
+        ldb.value("SELECT count(*) FROM \"Ünï Sch\".things WHERE fam = 2")
+            .as_deref(),
+        Some("0")
+    );
 
     // A second push over the first works the same (types and tables replaced), here with
     // binary COPY turned off: every table as text, the same values.
@@ -291,7 +371,15 @@ fn set_conf(platform: &Server, db: &Db, settings: &[(&str, &str)]) {
 #[test]
 fn the_learner_keeps_its_copy_when_a_push_fails_midway_or_is_cancelled() {
     let (platform, db) = sample_platform("push_fault", 20);
-    set_conf(&platform, &db, &[("poco.push_attempts", "2"), ("poco.retry_delay", "200ms"), ("poco.copy_chunk", "16kB")]);
+    set_conf(
+        &platform,
+        &db,
+        &[
+            ("poco.push_attempts", "2"),
+            ("poco.retry_delay", "200ms"),
+            ("poco.copy_chunk", "16kB"),
+        ],
+    );
     // A family big enough that its COPY takes many chunks.
     db.execute(
         "INSERT INTO elearning.audit_log (user_id, action, detail) \
@@ -299,14 +387,24 @@ fn the_learner_keeps_its_copy_when_a_push_fails_midway_or_is_cancelled() {
     );
     let l = learner("push_fault_learner", "family");
     let proxy = poco_e2e::FaultProxy::start(l.port);
-    let url = format!("postgresql://postgres:pw@127.0.0.1:{}/family?sslmode=disable", proxy.port);
+    let url = format!(
+        "postgresql://postgres:pw@127.0.0.1:{}/family?sslmode=disable",
+        proxy.port
+    );
     db.execute(&format!("SELECT poco_add_target(21, '{url}')"));
     let res = push_and_wait(&db, "21");
     assert_eq!(res[0].1, "succeeded", "{}", job_error(&db, res[0].0));
     let ldb = l.connect("family");
     let before = learner_digest(&ldb);
-    let bytes: i64 = db.query(&format!("SELECT bytes_done FROM poco.jobs WHERE job_id = {}", res[0].0))[0].get(0);
-    assert!(bytes > 600_000, "the family's COPY data is large ({bytes} bytes)");
+    let bytes: i64 = db.query(&format!(
+        "SELECT bytes_done FROM poco.jobs WHERE job_id = {}",
+        res[0].0
+    ))[0]
+        .get(0);
+    assert!(
+        bytes > 600_000,
+        "the family's COPY data is large ({bytes} bytes)"
+    );
     // The platform changes: a push that got through would change the learner.
     db.execute("UPDATE elearning.users SET display_name = display_name || ' v2' WHERE id = 21 OR parent_id = 21");
 
@@ -315,12 +413,25 @@ fn the_learner_keeps_its_copy_when_a_push_fails_midway_or_is_cancelled() {
     let res = push_and_wait(&db, "21");
     let job = res[0].0;
     assert_eq!(res[0].1, "failed", "{}", job_error(&db, job));
-    assert_eq!(db.value(&format!("SELECT attempts FROM poco.jobs WHERE job_id = {job}")).as_deref(), Some("2"));
     assert_eq!(
-        db.value(&format!("SELECT count(*) FROM poco.events WHERE job_id = {job} AND kind = 'push_retry'")).as_deref(),
+        db.value(&format!(
+            "SELECT attempts FROM poco.jobs WHERE job_id = {job}"
+        ))
+        .as_deref(),
+        Some("2")
+    );
+    assert_eq!(
+        db.value(&format!(
+            "SELECT count(*) FROM poco.events WHERE job_id = {job} AND kind = 'push_retry'"
+        ))
+        .as_deref(),
         Some("1")
     );
-    assert!(proxy.cuts() >= 2, "both attempts were cut ({})", proxy.cuts());
+    assert!(
+        proxy.cuts() >= 2,
+        "both attempts were cut ({})",
+        proxy.cuts()
+    );
     assert_eq!(learner_digest(&ldb), before, "the learner kept its copy");
     proxy.cut_after(0);
 
@@ -337,8 +448,17 @@ fn the_learner_keeps_its_copy_when_a_push_fails_midway_or_is_cancelled() {
     assert_eq!(res[0].1, "failed");
     let err = job_error(&db, job);
     assert!(err.contains("late failure injected"), "{err}");
-    assert_eq!(db.value(&format!("SELECT attempts || ' ' || error_sqlstate FROM poco.jobs WHERE job_id = {job}")).as_deref(), Some("1 P0001"));
-    let done: i64 = db.query(&format!("SELECT tables_done::bigint FROM poco.jobs WHERE job_id = {job}"))[0].get(0);
+    assert_eq!(
+        db.value(&format!(
+            "SELECT attempts || ' ' || error_sqlstate FROM poco.jobs WHERE job_id = {job}"
+        ))
+        .as_deref(),
+        Some("1 P0001")
+    );
+    let done: i64 = db.query(&format!(
+        "SELECT tables_done::bigint FROM poco.jobs WHERE job_id = {job}"
+    ))[0]
+        .get(0);
     assert_eq!(done, 8, "every table's rows had been sent");
     assert_eq!(learner_digest(&ldb), before);
     ldb.execute("DROP EVENT TRIGGER fail_late");
@@ -347,12 +467,25 @@ fn the_learner_keeps_its_copy_when_a_push_fails_midway_or_is_cancelled() {
     proxy.delay_per_8k(40);
     let job: i64 = db.query("SELECT poco_push(21)")[0].get(0);
     let running = wait_for(Duration::from_secs(30), || {
-        db.value(&format!("SELECT 1 FROM poco.jobs WHERE job_id = {job} AND state = 'running' AND bytes_done > 0"))
+        db.value(&format!(
+            "SELECT 1 FROM poco.jobs WHERE job_id = {job} AND state = 'running' AND bytes_done > 0"
+        ))
     });
     assert!(running.is_some(), "the job started streaming");
-    assert_eq!(db.value(&format!("SELECT poco_cancel({job})")).as_deref(), Some("t"));
-    assert_eq!(db.value(&format!("SELECT poco_wait({job}, '30 s')")).as_deref(), Some("cancelled"));
-    assert_eq!(db.value(&format!("SELECT poco_cancel({job})")).as_deref(), Some("f"), "nothing left to cancel");
+    assert_eq!(
+        db.value(&format!("SELECT poco_cancel({job})")).as_deref(),
+        Some("t")
+    );
+    assert_eq!(
+        db.value(&format!("SELECT poco_wait({job}, '30 s')"))
+            .as_deref(),
+        Some("cancelled")
+    );
+    assert_eq!(
+        db.value(&format!("SELECT poco_cancel({job})")).as_deref(),
+        Some("f"),
+        "nothing left to cancel"
+    );
     assert_eq!(learner_digest(&ldb), before);
     proxy.delay_per_8k(0);
 
@@ -373,11 +506,16 @@ fn a_job_whose_process_is_killed_ends_failed_and_the_next_push_works() {
     let l = learner("push_crash_learner", "family");
     let proxy = poco_e2e::FaultProxy::start(l.port);
     proxy.delay_per_8k(50);
-    let url = format!("postgresql://postgres:pw@127.0.0.1:{}/family?sslmode=disable", proxy.port);
+    let url = format!(
+        "postgresql://postgres:pw@127.0.0.1:{}/family?sslmode=disable",
+        proxy.port
+    );
     db.execute(&format!("SELECT poco_add_target(3, '{url}')"));
     let job: i64 = db.query("SELECT poco_push(3)")[0].get(0);
     let pid = wait_for(Duration::from_secs(30), || {
-        db.value(&format!("SELECT pid FROM poco.jobs WHERE job_id = {job} AND bytes_done > 0"))
+        db.value(&format!(
+            "SELECT pid FROM poco.jobs WHERE job_id = {job} AND bytes_done > 0"
+        ))
     })
     .expect("the job is streaming");
     // SIGKILL of a server process: the postmaster restarts the whole server.
@@ -392,9 +530,17 @@ fn a_job_whose_process_is_killed_ends_failed_and_the_next_push_works() {
             .flatten()
     });
     let state = state.expect("the job ended");
-    assert!(state.starts_with("failed: ") && state.contains("interrupted"), "{state}");
+    assert!(
+        state.starts_with("failed: ") && state.contains("interrupted"),
+        "{state}"
+    );
     let ldb = l.connect("family");
-    assert_eq!(ldb.value("SELECT to_regclass('poco_sync.snapshot') IS NULL").as_deref(), Some("t"), "nothing committed");
+    assert_eq!(
+        ldb.value("SELECT to_regclass('poco_sync.snapshot') IS NULL")
+            .as_deref(),
+        Some("t"),
+        "nothing committed"
+    );
 
     proxy.delay_per_8k(0);
     let db = platform.connect("platform");
@@ -411,10 +557,17 @@ struct Listener {
 }
 
 fn listen(platform: &Server) -> Listener {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let client = rt.block_on(async {
-        let (client, mut conn) = tokio_postgres::connect(&platform.conninfo("platform"), tokio_postgres::NoTls).await.unwrap();
+        let (client, mut conn) =
+            tokio_postgres::connect(&platform.conninfo("platform"), tokio_postgres::NoTls)
+                .await
+                .unwrap();
         tokio::spawn(async move {
             while let Some(Ok(m)) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
                 if let tokio_postgres::AsyncMessage::Notification(n) = m {
@@ -425,7 +578,11 @@ fn listen(platform: &Server) -> Listener {
         client.batch_execute("LISTEN poco_progress").await.unwrap();
         client
     });
-    Listener { _rt: rt, _client: client, rx }
+    Listener {
+        _rt: rt,
+        _client: client,
+        rx,
+    }
 }
 
 #[test]
@@ -437,12 +594,19 @@ fn progress_advances_while_a_push_runs_and_is_announced() {
     );
     let l = learner("push_progress_learner", "family");
     let proxy = poco_e2e::FaultProxy::start(l.port);
-    let url = format!("postgresql://postgres:pw@127.0.0.1:{}/family?sslmode=disable", proxy.port);
+    let url = format!(
+        "postgresql://postgres:pw@127.0.0.1:{}/family?sslmode=disable",
+        proxy.port
+    );
     db.execute(&format!("SELECT poco_add_target(3, '{url}')"));
     // A first push gives the estimate (rows of the last push) for the second.
     let res = push_and_wait(&db, "3");
     assert_eq!(res[0].1, "succeeded", "{}", job_error(&db, res[0].0));
-    let total: i64 = db.query(&format!("SELECT rows_done FROM poco.jobs WHERE job_id = {}", res[0].0))[0].get(0);
+    let total: i64 = db.query(&format!(
+        "SELECT rows_done FROM poco.jobs WHERE job_id = {}",
+        res[0].0
+    ))[0]
+        .get(0);
 
     let listener = listen(&platform);
     proxy.delay_per_8k(30);
@@ -455,7 +619,10 @@ fn progress_advances_while_a_push_runs_and_is_announced() {
         if state == "running" {
             let rb = (r[0].get::<_, i64>(1), r[0].get::<_, i64>(2));
             if rb.1 > 0 && seen.last() != Some(&rb) {
-                assert!(r[0].get::<_, Option<String>>(3).is_some(), "a current table while streaming");
+                assert!(
+                    r[0].get::<_, Option<String>>(3).is_some(),
+                    "a current table while streaming"
+                );
                 seen.push(rb);
             }
         } else if state != "queued" {
@@ -464,8 +631,16 @@ fn progress_advances_while_a_push_runs_and_is_announced() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(seen.len() >= 2, "progress advanced in poco.jobs: {seen:?}");
-    assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1), "{seen:?}");
-    assert_eq!(db.value(&format!("SELECT poco_wait({job}, '1 min')")).as_deref(), Some("succeeded"));
+    assert!(
+        seen.windows(2)
+            .all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1),
+        "{seen:?}"
+    );
+    assert_eq!(
+        db.value(&format!("SELECT poco_wait({job}, '1 min')"))
+            .as_deref(),
+        Some("succeeded")
+    );
 
     std::thread::sleep(Duration::from_millis(300));
     let notes: Vec<serde_json::Value> = listener
@@ -474,16 +649,30 @@ fn progress_advances_while_a_push_runs_and_is_announced() {
         .map(|p| serde_json::from_str::<serde_json::Value>(&p).expect("JSON payload"))
         .filter(|v| v["job_id"] == job)
         .collect();
-    let running: Vec<&serde_json::Value> = notes.iter().filter(|v| v["state"] == "running").collect();
-    assert!(running.len() >= 2, "several progress notifications: {notes:?}");
+    let running: Vec<&serde_json::Value> =
+        notes.iter().filter(|v| v["state"] == "running").collect();
+    assert!(
+        running.len() >= 2,
+        "several progress notifications: {notes:?}"
+    );
     for v in &running {
-        for k in ["tables_total", "tables_done", "rows_done", "bytes_done", "percent", "elapsed_s"] {
+        for k in [
+            "tables_total",
+            "tables_done",
+            "rows_done",
+            "bytes_done",
+            "percent",
+            "elapsed_s",
+        ] {
             assert!(v.get(k).is_some_and(|x| !x.is_null()), "{k} in {v}");
         }
         assert_eq!(v["rows_expected"], total);
         assert!(v["percent"].as_f64().unwrap() < 100.0);
     }
-    assert!(running.iter().any(|v| v["eta_s"].is_number()), "an estimate of time left: {running:?}");
+    assert!(
+        running.iter().any(|v| v["eta_s"].is_number()),
+        "an estimate of time left: {running:?}"
+    );
     let last = notes.last().unwrap();
     assert_eq!(last["state"], "succeeded", "{last}");
     assert_eq!(last["percent"], 100.0);
@@ -493,41 +682,81 @@ fn progress_advances_while_a_push_runs_and_is_announced() {
 #[test]
 fn transient_failures_are_retried_with_backoff_and_addresses_are_checked_when_connecting() {
     let (platform, db) = sample_platform("push_retry", 5);
-    set_conf(&platform, &db, &[("poco.push_attempts", "3"), ("poco.retry_delay", "300ms")]);
+    set_conf(
+        &platform,
+        &db,
+        &[("poco.push_attempts", "3"), ("poco.retry_delay", "300ms")],
+    );
     // A closed loopback port: connection refused, three attempts 300 ms then 600 ms apart.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    db.execute(&format!("SELECT poco_add_target(2, 'postgresql://u:p@127.0.0.1:{closed}/x?sslmode=disable')"));
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    db.execute(&format!(
+        "SELECT poco_add_target(2, 'postgresql://u:p@127.0.0.1:{closed}/x?sslmode=disable')"
+    ));
     let t0 = std::time::Instant::now();
     let res = push_and_wait(&db, "2");
     let took = t0.elapsed();
     let job = res[0].0;
     assert_eq!(res[0].1, "failed");
-    assert_eq!(db.value(&format!("SELECT attempts || ' ' || error_sqlstate FROM poco.jobs WHERE job_id = {job}")).as_deref(), Some("3 08001"));
+    assert_eq!(
+        db.value(&format!(
+            "SELECT attempts || ' ' || error_sqlstate FROM poco.jobs WHERE job_id = {job}"
+        ))
+        .as_deref(),
+        Some("3 08001")
+    );
     let delays = db.value(&format!(
         "SELECT string_agg((detail->>'attempt') || ':' || (message ~ 'retrying in (300|600) ms')::text, ',' ORDER BY id) \
            FROM poco.events WHERE job_id = {job} AND kind = 'push_retry'"
     ));
-    assert_eq!(delays.as_deref(), Some("1:true,2:true"), "exponential backoff");
-    assert!(took >= Duration::from_millis(900), "the backoff was waited ({took:?})");
+    assert_eq!(
+        delays.as_deref(),
+        Some("1:true,2:true"),
+        "exponential backoff"
+    );
+    assert!(
+        took >= Duration::from_millis(900),
+        "the backoff was waited ({took:?})"
+    );
     db.execute("DELETE FROM poco.target");
 
     // Stored while private targets were allowed, pushed after they no longer are: the
     // resolved address is checked when connecting, and the job fails at once.
     let l = learner("push_retry_learner", "family");
-    db.execute(&format!("SELECT poco_add_target(2, 'postgresql://postgres:p@localhost:{}/family?sslmode=require')", l.port));
+    db.execute(&format!(
+        "SELECT poco_add_target(2, 'postgresql://postgres:p@localhost:{}/family?sslmode=require')",
+        l.port
+    ));
     set_conf(&platform, &db, &[("poco.allow_private_targets", "off")]);
     let res = push_and_wait(&db, "2");
     assert_eq!(res[0].1, "failed");
     let err = job_error(&db, res[0].0);
-    assert!(err.contains("resolves to") && err.contains("loopback"), "{err}");
-    assert_eq!(db.value(&format!("SELECT attempts FROM poco.jobs WHERE job_id = {}", res[0].0)).as_deref(), Some("1"));
+    assert!(
+        err.contains("resolves to") && err.contains("loopback"),
+        "{err}"
+    );
+    assert_eq!(
+        db.value(&format!(
+            "SELECT attempts FROM poco.jobs WHERE job_id = {}",
+            res[0].0
+        ))
+        .as_deref(),
+        Some("1")
+    );
 }
 
 #[test]
 fn backups_keep_the_previous_copies_and_one_call_restores_one() {
     let (_platform, db) = sample_platform("push_backup", 10);
     let l = learner("push_backup_learner", "family");
-    let t: i64 = db.query(&format!("SELECT poco_add_target(3, '{}')", l.target_url("family", "postgres", "pw")))[0].get(0);
+    let t: i64 = db.query(&format!(
+        "SELECT poco_add_target(3, '{}')",
+        l.target_url("family", "postgres", "pw")
+    ))[0]
+        .get(0);
     db.execute(&format!("SELECT poco_set_backups({t}, 2)"));
     let e = db.error(&format!("SELECT poco_set_backups({t}, -1)"));
     assert_eq!(e.code().code(), "22023");
@@ -535,34 +764,83 @@ fn backups_keep_the_previous_copies_and_one_call_restores_one() {
     let mut digests = Vec::new();
     let mut backups = Vec::new();
     for round in 1..=4 {
-        db.execute(&format!("UPDATE elearning.users SET display_name = 'round {round}' WHERE id = 3"));
+        db.execute(&format!(
+            "UPDATE elearning.users SET display_name = 'round {round}' WHERE id = 3"
+        ));
         let res = push_and_wait(&db, "3");
         assert_eq!(res[0].1, "succeeded", "{}", job_error(&db, res[0].0));
-        backups.push(db.value(&format!("SELECT backup_schema FROM poco.jobs WHERE job_id = {}", res[0].0)));
+        backups.push(db.value(&format!(
+            "SELECT backup_schema FROM poco.jobs WHERE job_id = {}",
+            res[0].0
+        )));
         digests.push(learner_digest(&ldb));
     }
     assert_eq!(backups[0], None, "nothing to keep before the first push");
-    assert!(backups[1..].iter().all(|b| b.as_deref().is_some_and(|s| s.starts_with("poco_backup_"))), "{backups:?}");
+    assert!(
+        backups[1..]
+            .iter()
+            .all(|b| b.as_deref().is_some_and(|s| s.starts_with("poco_backup_"))),
+        "{backups:?}"
+    );
     // The last two kept; each holds the copy its push replaced.
     let kept: Vec<String> = ldb
-        .query("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'poco_backup_%' ORDER BY 1")
+        .query(
+            "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'poco_backup_%' ORDER BY 1",
+        )
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(kept, [backups[2].clone().unwrap(), backups[3].clone().unwrap()]);
-    assert_eq!(ldb.value(&format!("SELECT count(*) FROM {}.poco_objects WHERE kind = 'type'", kept[1])).as_deref(), Some("1"), "the enum was kept too");
-    assert_eq!(ldb.value("SELECT display_name FROM elearning.users WHERE id = 3").as_deref(), Some("round 4"));
+    assert_eq!(
+        kept,
+        [backups[2].clone().unwrap(), backups[3].clone().unwrap()]
+    );
+    assert_eq!(
+        ldb.value(&format!(
+            "SELECT count(*) FROM {}.poco_objects WHERE kind = 'type'",
+            kept[1]
+        ))
+        .as_deref(),
+        Some("1"),
+        "the enum was kept too"
+    );
+    assert_eq!(
+        ldb.value("SELECT display_name FROM elearning.users WHERE id = 3")
+            .as_deref(),
+        Some("round 4")
+    );
 
     // Restore the latest: the copy of round 3 is back, in one transaction, and its backup is gone.
     let job: i64 = db.query(&format!("SELECT poco_restore({t})"))[0].get(0);
-    assert_eq!(db.value(&format!("SELECT poco_wait({job})")).as_deref(), Some("succeeded"), "{}", job_error(&db, job));
+    assert_eq!(
+        db.value(&format!("SELECT poco_wait({job})")).as_deref(),
+        Some("succeeded"),
+        "{}",
+        job_error(&db, job)
+    );
     assert_eq!(learner_digest(&ldb), digests[2]);
-    assert_eq!(ldb.value("SELECT display_name FROM elearning.users WHERE id = 3").as_deref(), Some("round 3"));
-    assert_eq!(ldb.value("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'poco_backup_%'").as_deref(), Some("1"));
-    assert!(ldb.value("SELECT 1 FROM pg_type WHERE typname = 'user_role'").is_some(), "the enum type is back");
+    assert_eq!(
+        ldb.value("SELECT display_name FROM elearning.users WHERE id = 3")
+            .as_deref(),
+        Some("round 3")
+    );
+    assert_eq!(
+        ldb.value("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'poco_backup_%'")
+            .as_deref(),
+        Some("1")
+    );
+    assert!(
+        ldb.value("SELECT 1 FROM pg_type WHERE typname = 'user_role'")
+            .is_some(),
+        "the enum type is back"
+    );
     // Restore a named one: round 2's copy.
     let job: i64 = db.query(&format!("SELECT poco_restore({t}, '{}')", kept[0]))[0].get(0);
-    assert_eq!(db.value(&format!("SELECT poco_wait({job})")).as_deref(), Some("succeeded"), "{}", job_error(&db, job));
+    assert_eq!(
+        db.value(&format!("SELECT poco_wait({job})")).as_deref(),
+        Some("succeeded"),
+        "{}",
+        job_error(&db, job)
+    );
     assert_eq!(learner_digest(&ldb), digests[1]);
     // A push after restores works as usual.
     let res = push_and_wait(&db, "3");
@@ -572,7 +850,17 @@ fn backups_keep_the_previous_copies_and_one_call_restores_one() {
     // Errors: a name that is not a backup; no such backup.
     let e = db.error(&format!("SELECT poco_restore({t}, 'public; DROP TABLE x')"));
     assert_eq!(e.code().code(), "22023");
-    let job: i64 = db.query(&format!("SELECT poco_restore({t}, 'poco_backup_20000101t000000_1')"))[0].get(0);
-    assert_eq!(db.value(&format!("SELECT poco_wait({job})")).as_deref(), Some("failed"));
-    assert!(job_error(&db, job).contains("no backup"), "{}", job_error(&db, job));
+    let job: i64 = db.query(&format!(
+        "SELECT poco_restore({t}, 'poco_backup_20000101t000000_1')"
+    ))[0]
+        .get(0);
+    assert_eq!(
+        db.value(&format!("SELECT poco_wait({job})")).as_deref(),
+        Some("failed")
+    );
+    assert!(
+        job_error(&db, job).contains("no backup"),
+        "{}",
+        job_error(&db, job)
+    );
 }

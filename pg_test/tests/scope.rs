@@ -3,20 +3,27 @@
 
 use poco_e2e::{sample_platform, Db, Options, Server};
 
-
 fn count(db: &Db, sql: &str) -> i64 {
     db.query(sql)[0].get(0)
 }
 
 fn preview_rows(db: &Db, parent: i64, table: &str) -> i64 {
-    count(db, &format!("SELECT rows FROM poco_scope_preview({parent}::bigint) WHERE table_name = '{table}'"))
+    count(
+        db,
+        &format!(
+            "SELECT rows FROM poco_scope_preview({parent}::bigint) WHERE table_name = '{table}'"
+        ),
+    )
 }
 
 #[test]
 fn the_sample_scope_selects_one_family_and_nothing_else() {
     let (_platform, db) = sample_platform("scope_sample", 40);
-    let tables: Vec<String> =
-        db.query("SELECT table_name FROM poco_scope_preview(21)").iter().map(|r| r.get::<_, String>(0)).collect();
+    let tables: Vec<String> = db
+        .query("SELECT table_name FROM poco_scope_preview(21)")
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect();
     assert_eq!(
         tables,
         [
@@ -30,11 +37,18 @@ fn the_sample_scope_selects_one_family_and_nothing_else() {
             "elearning.quizzes"
         ]
     );
-    assert_eq!(count(&db, "SELECT count(*) FROM poco_scope_preview(21) WHERE table_name LIKE '%secrets%'"), 0);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM poco_scope_preview(21) WHERE table_name LIKE '%secrets%'"
+        ),
+        0
+    );
 
     // For several families, the preview equals hand-written queries over the sample's meaning.
     for parent in [21i64, 22, 23, 40, 60] {
-        let fam = format!("(SELECT id FROM elearning.users WHERE id = {parent} OR parent_id = {parent})");
+        let fam =
+            format!("(SELECT id FROM elearning.users WHERE id = {parent} OR parent_id = {parent})");
         let learners = format!("(SELECT id FROM elearning.users WHERE parent_id = {parent})");
         let expect = [
             ("elearning.users", format!("SELECT count(*) FROM {fam} f")),
@@ -63,28 +77,46 @@ fn the_sample_scope_selects_one_family_and_nothing_else() {
             ),
         ];
         for (table, sql) in &expect {
-            assert_eq!(preview_rows(&db, parent, table), count(&db, sql), "parent {parent}, {table}");
+            assert_eq!(
+                preview_rows(&db, parent, table),
+                count(&db, sql),
+                "parent {parent}, {table}"
+            );
         }
         assert!(preview_rows(&db, parent, "elearning.courses") > 0);
     }
     // Every row the compiled queries return belongs to the family, for every owned table.
-    for row in db.query("SELECT table_name, select_sql FROM poco.scope_tables WHERE role = 'owned'") {
+    for row in db.query("SELECT table_name, select_sql FROM poco.scope_tables WHERE role = 'owned'")
+    {
         let (table, sql): (String, String) = (row.get(0), row.get(1));
-        let n = db.query_with(&format!("SELECT count(*) FROM ({sql}) q"), &[&"22"])[0].get::<_, i64>(0);
+        let n =
+            db.query_with(&format!("SELECT count(*) FROM ({sql}) q"), &[&"22"])[0].get::<_, i64>(0);
         assert!(n > 0, "{table}");
     }
-    let sql: String = db.query("SELECT select_sql FROM poco.scope_tables WHERE table_name = 'elearning.quiz_attempts'")[0].get(0);
+    let sql: String = db.query(
+        "SELECT select_sql FROM poco.scope_tables WHERE table_name = 'elearning.quiz_attempts'",
+    )[0]
+    .get(0);
     let outsiders = db.query_with(
         &format!("SELECT count(*) FROM ({sql}) q WHERE q.learner_id NOT IN (SELECT id FROM elearning.users WHERE parent_id = 22)"),
         &[&"22"],
     );
-    assert_eq!(outsiders[0].get::<_, i64>(0), 0, "an attempt of another family left");
+    assert_eq!(
+        outsiders[0].get::<_, i64>(0),
+        0,
+        "an attempt of another family left"
+    );
 
     // The excluded column never appears in what is selected; the FK verdicts are explained.
-    let users_sql: String = db.query("SELECT select_sql FROM poco.scope_tables WHERE table_name = 'elearning.users'")[0].get(0);
+    let users_sql: String = db
+        .query("SELECT select_sql FROM poco.scope_tables WHERE table_name = 'elearning.users'")[0]
+        .get(0);
     assert!(!users_sql.contains("password_hash"), "{users_sql}");
     let cols = db.query_with(&format!("SELECT * FROM ({users_sql}) q LIMIT 1"), &[&"21"]);
-    assert!(cols[0].columns().iter().all(|c| c.name() != "password_hash"));
+    assert!(cols[0]
+        .columns()
+        .iter()
+        .all(|c| c.name() != "password_hash"));
     let r = &db.query(
         "SELECT excluded_columns, foreign_keys_left_out FROM poco_scope_preview(21) WHERE table_name = 'elearning.users'",
     )[0];
@@ -93,27 +125,59 @@ fn the_sample_scope_selects_one_family_and_nothing_else() {
     let r = &db.query(
         "SELECT path, foreign_keys_sent, foreign_keys_left_out FROM poco_scope_preview(21) WHERE table_name = 'elearning.quiz_attempts'",
     )[0];
-    assert_eq!(r.get::<_, String>(0), "elearning.quiz_attempts(learner_id) → elearning.users");
+    assert_eq!(
+        r.get::<_, String>(0),
+        "elearning.quiz_attempts(learner_id) → elearning.users"
+    );
     let sent = r.get::<_, Vec<String>>(1).join("\n");
-    assert!(sent.contains("quiz_attempts_learner_id_fkey") && sent.contains("quiz_attempts_quiz_id_fkey"), "{sent}");
+    assert!(
+        sent.contains("quiz_attempts_learner_id_fkey")
+            && sent.contains("quiz_attempts_quiz_id_fkey"),
+        "{sent}"
+    );
     let left = r.get::<_, Vec<String>>(2).join("\n");
-    assert!(left.contains("quiz_attempts_reviewed_by_fkey") && left.contains("another account"), "{left}");
+    assert!(
+        left.contains("quiz_attempts_reviewed_by_fkey") && left.contains("another account"),
+        "{left}"
+    );
     let left: Vec<String> = db.query("SELECT foreign_keys_left_out FROM poco_scope_preview(21) WHERE table_name = 'elearning.courses'")[0].get(0);
-    assert!(left[0].contains("courses_author_id_fkey") && left[0].contains("pointing into an account"), "{left:?}");
+    assert!(
+        left[0].contains("courses_author_id_fkey") && left[0].contains("pointing into an account"),
+        "{left:?}"
+    );
 
     // Parent ids are canonicalised through the root key type.
     assert_eq!(
-        count(&db, "SELECT sum(rows)::int8 FROM poco_scope_preview('0022')"),
+        count(
+            &db,
+            "SELECT sum(rows)::int8 FROM poco_scope_preview('0022')"
+        ),
         count(&db, "SELECT sum(rows)::int8 FROM poco_scope_preview(22)")
     );
     // A parent that does not exist has nothing; an admin id is its own single row.
-    assert_eq!(count(&db, "SELECT sum(rows)::int8 FROM poco_scope_preview(999999) WHERE role <> 'reference'"), 0);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT sum(rows)::int8 FROM poco_scope_preview(999999) WHERE role <> 'reference'"
+        ),
+        0
+    );
 
     // The index check: all FK columns on paths are indexed in the sample; drop one.
-    assert_eq!(count(&db, "SELECT count(*) FROM poco_scope_check() WHERE severity = 'warning'"), 0);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM poco_scope_check() WHERE severity = 'warning'"
+        ),
+        0
+    );
     db.execute("DROP INDEX elearning.audit_log_user_idx");
-    let w: String = db.query("SELECT message FROM poco_scope_check() WHERE severity = 'warning'")[0].get(0);
-    assert!(w.contains("no index on elearning.audit_log(user_id)") && w.contains("CREATE INDEX"), "{w}");
+    let w: String =
+        db.query("SELECT message FROM poco_scope_check() WHERE severity = 'warning'")[0].get(0);
+    assert!(
+        w.contains("no index on elearning.audit_log(user_id)") && w.contains("CREATE INDEX"),
+        "{w}"
+    );
 
     // The owners of a row: the family that owns it, among the candidates.
     let owners: Vec<String> = db.query(
@@ -127,7 +191,11 @@ fn the_sample_scope_selects_one_family_and_nothing_else() {
 
 fn err(db: &Db, sql: &str) -> (String, String, String) {
     let e = db.error(sql);
-    (e.code().code().to_string(), e.message().to_string(), e.hint().unwrap_or_default().to_string())
+    (
+        e.code().code().to_string(),
+        e.message().to_string(),
+        e.hint().unwrap_or_default().to_string(),
+    )
 }
 
 #[test]
@@ -149,26 +217,54 @@ fn scope_errors_say_what_is_wrong_and_change_nothing() {
     );
     let (c, m, h) = err(&db, "SELECT poco_scope_table('notes')");
     assert_eq!(c, "55000");
-    assert!(m.contains("no scope root is declared") && h.contains("poco_scope_root"), "{m} / {h}");
-    assert_eq!(count(&db, "SELECT count(*) FROM poco.scope"), 0, "a failed declaration left a row");
+    assert!(
+        m.contains("no scope root is declared") && h.contains("poco_scope_root"),
+        "{m} / {h}"
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM poco.scope"),
+        0,
+        "a failed declaration left a row"
+    );
 
     let (c, m, _) = err(&db, "SELECT poco_scope_root('nokey', 'a = $1')");
-    assert_eq!((c.as_str(), m.as_str()), ("42P16", "the scope root public.nokey has no single-column primary key"));
+    assert_eq!(
+        (c.as_str(), m.as_str()),
+        (
+            "42P16",
+            "the scope root public.nokey has no single-column primary key"
+        )
+    );
     let (c, _, _) = err(&db, "SELECT poco_scope_root('composite', 'a = $1')");
     assert_eq!(c, "42P16");
-    let (c, m, h) = err(&db, "SELECT poco_scope_root('\"Users\"', 'id = $1) OR (true')");
+    let (c, m, h) = err(
+        &db,
+        "SELECT poco_scope_root('\"Users\"', 'id = $1) OR (true')",
+    );
     assert_eq!(c, "42601");
-    assert!(m.contains("closes a parenthesis") && h.contains("$1"), "{m}");
+    assert!(
+        m.contains("closes a parenthesis") && h.contains("$1"),
+        "{m}"
+    );
     let (c, m, _) = err(&db, "SELECT poco_scope_root('\"Users\"', 'true')");
     assert_eq!(c, "42601");
     assert!(m.contains("does not use $1"), "{m}");
-    let (c, m, _) = err(&db, "SELECT poco_scope_root('\"Users\"', 'id = $1; DROP TABLE secrets')");
+    let (c, m, _) = err(
+        &db,
+        "SELECT poco_scope_root('\"Users\"', 'id = $1; DROP TABLE secrets')",
+    );
     assert_eq!(c, "42601");
     assert!(m.contains("semicolon"), "{m}");
     let (c, m, h) = err(&db, "SELECT poco_scope_root('\"Users\"', 'nope = $1')");
     assert_eq!(c, "42703");
-    assert!(m.contains("invalid root predicate") && m.contains("nope") && h.contains("uuid"), "{m} / {h}");
-    let (c, m, _) = err(&db, "SELECT poco_scope_root('\"Users\"', 'name || $1::text')");
+    assert!(
+        m.contains("invalid root predicate") && m.contains("nope") && h.contains("uuid"),
+        "{m} / {h}"
+    );
+    let (c, m, _) = err(
+        &db,
+        "SELECT poco_scope_root('\"Users\"', 'name || $1::text')",
+    );
     assert_eq!(c, "42804");
     assert!(m.contains("invalid root predicate"), "{m}");
     let (c, m, _) = err(&db, "SELECT poco_scope_root('v', 'x = $1')");
@@ -179,14 +275,27 @@ fn scope_errors_say_what_is_wrong_and_change_nothing() {
     db.execute("SELECT poco_scope_root('\"Users\"', 'id = $1 OR parent = $1')");
     let (c, m, h) = err(&db, "SELECT poco_scope_table('notes')");
     assert_eq!(c, "42702");
-    assert!(m.contains("public.notes(author) → public.\"Users\"") && m.contains("public.notes(reviewer) → public.\"Users\""), "{m}");
+    assert!(
+        m.contains("public.notes(author) → public.\"Users\"")
+            && m.contains("public.notes(reviewer) → public.\"Users\""),
+        "{m}"
+    );
     assert!(h.contains("via => 'author'"), "{h}");
     let (c, m, h) = err(&db, "SELECT poco_scope_table('notes', via => 'body')");
     assert_eq!(c, "42703");
-    assert!(m.contains("no foreign key or foreign-key column named \"body\"") && h.contains("notes_author_fkey"), "{m} / {h}");
+    assert!(
+        m.contains("no foreign key or foreign-key column named \"body\"")
+            && h.contains("notes_author_fkey"),
+        "{m} / {h}"
+    );
     let (c, m, _) = err(&db, "SELECT poco_scope_table('secrets')");
     assert_eq!(c, "42830");
-    assert!(m.contains("no foreign key path leads from public.secrets to the account root public.\"Users\""), "{m}");
+    assert!(
+        m.contains(
+            "no foreign key path leads from public.secrets to the account root public.\"Users\""
+        ),
+        "{m}"
+    );
     let (c, m, h) = err(&db, "SELECT poco_scope_table('owned_ref', via => 'ra')");
     assert_eq!(c, "42830");
     assert!(m.contains("does not lead to the account root"), "{m}");
@@ -194,7 +303,8 @@ fn scope_errors_say_what_is_wrong_and_change_nothing() {
     db.execute("SELECT poco_scope_table('notes', via => 'author')");
     db.execute("SELECT poco_scope_table('notes', via => 'notes_reviewer_fkey')"); // re-declaring updates
     assert_eq!(
-        db.value("SELECT path FROM poco.scope_tables WHERE table_name = 'public.notes'").unwrap(),
+        db.value("SELECT path FROM poco.scope_tables WHERE table_name = 'public.notes'")
+            .unwrap(),
         "public.notes(reviewer) → public.\"Users\""
     );
     let (c, m, _) = err(&db, "SELECT poco_scope_reference('notes')");
@@ -202,7 +312,10 @@ fn scope_errors_say_what_is_wrong_and_change_nothing() {
     assert!(m.contains("already declared as owned"), "{m}");
     let (c, m, h) = err(&db, "SELECT poco_scope_reference('secrets', 'some')");
     assert_eq!(c, "22023");
-    assert!(m.contains("invalid reference mode") && h.contains("'all'"), "{m}");
+    assert!(
+        m.contains("invalid reference mode") && h.contains("'all'"),
+        "{m}"
+    );
 
     // A cycle of 'referenced' tables is refused; with one of them 'all' it is fine.
     db.execute("SELECT poco_scope_reference('ra')");
@@ -218,15 +331,33 @@ fn scope_errors_say_what_is_wrong_and_change_nothing() {
     assert_eq!(c, "42703");
     let (c, m, h) = err(&db, "SELECT * FROM poco_scope_preview('not-a-uuid')");
     assert_eq!(c, "22P02");
-    assert!(m.contains("invalid parent id") && h.contains("uuid"), "{m} / {h}");
+    assert!(
+        m.contains("invalid parent id") && h.contains("uuid"),
+        "{m} / {h}"
+    );
     let (c, m, _) = err(&db, "SELECT poco_add_target('00000000-0000-4000-8000-000000000099'::uuid, 'postgresql://u:p@127.0.0.1:1/d?sslmode=disable')");
     assert_eq!(c, "42704");
     assert!(m.contains("has no account"), "{m}");
     // A stored target's parent id is canonical (the uuid without braces), and so is lookup.
     db.execute("SELECT poco_add_target('{00000000-0000-4000-8000-000000000001}', 'postgresql://u:p@127.0.0.1:1/d?sslmode=disable')");
-    assert_eq!(db.value("SELECT parent_id FROM poco.targets").unwrap(), "00000000-0000-4000-8000-000000000001");
-    assert_eq!(count(&db, "SELECT count(*) FROM poco_status('00000000-0000-4000-8000-000000000001'::uuid)"), 1);
-    assert_eq!(count(&db, "SELECT count(*) FROM poco_status('{00000000-0000-4000-8000-000000000001}')"), 1);
+    assert_eq!(
+        db.value("SELECT parent_id FROM poco.targets").unwrap(),
+        "00000000-0000-4000-8000-000000000001"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM poco_status('00000000-0000-4000-8000-000000000001'::uuid)"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM poco_status('{00000000-0000-4000-8000-000000000001}')"
+        ),
+        1
+    );
     let (c, _, _) = err(&db, "SELECT poco_scope_owners('secrets', '{}'::jsonb)");
     assert_eq!(c, "22023");
     // Removing the root while owned tables need it: refused, nothing removed.
@@ -236,7 +367,12 @@ fn scope_errors_say_what_is_wrong_and_change_nothing() {
     assert!(m.contains("no scope root"), "{m}");
     assert_eq!(count(&db, "SELECT count(*) FROM poco.scope"), before);
     // Every successful change is in the audit log.
-    assert!(count(&db, "SELECT count(*) FROM poco.events WHERE kind = 'scope_changed'") >= 4);
+    assert!(
+        count(
+            &db,
+            "SELECT count(*) FROM poco.events WHERE kind = 'scope_changed'"
+        ) >= 4
+    );
 }
 
 #[test]
@@ -252,10 +388,20 @@ fn the_scope_can_change_and_survives_dump_and_restore() {
     assert!(db.query("SELECT poco_scope_remove('elearning.enrollments')")[0].get::<_, bool>(0));
     let r = &db.query("SELECT rows, path, foreign_keys_left_out FROM poco_scope_preview(23) WHERE table_name = 'elearning.lesson_progress'")[0];
     assert_eq!(r.get::<_, String>(1), "elearning.lesson_progress(enrollment_id) → elearning.enrollments(learner_id) → elearning.users");
-    assert_eq!(r.get::<_, i64>(0), before.iter().find(|b| b.0 == "elearning.lesson_progress").unwrap().1);
+    assert_eq!(
+        r.get::<_, i64>(0),
+        before
+            .iter()
+            .find(|b| b.0 == "elearning.lesson_progress")
+            .unwrap()
+            .1
+    );
     assert!(r.get::<_, Vec<String>>(2)[0].contains("elearning.enrollments is not in the scope"));
     db.execute("SELECT poco_scope_table('elearning.enrollments')");
-    assert!(db.query("SELECT poco_scope_include_column('elearning.users', 'password_hash')")[0].get::<_, bool>(0));
+    assert!(
+        db.query("SELECT poco_scope_include_column('elearning.users', 'password_hash')")[0]
+            .get::<_, bool>(0)
+    );
     db.execute("SELECT poco_scope_exclude_column('elearning.users', 'password_hash')");
 
     // pg_dump keeps the declarations (extension configuration tables); a restore into a new
@@ -274,7 +420,9 @@ fn the_scope_can_change_and_survives_dump_and_restore() {
         .collect();
     assert_eq!(before, after);
     assert_eq!(
-        restored.value("SELECT string_agg(col, ',') FROM poco.scope_exclusion").unwrap(),
+        restored
+            .value("SELECT string_agg(col, ',') FROM poco.scope_exclusion")
+            .unwrap(),
         "password_hash"
     );
 
@@ -282,11 +430,19 @@ fn the_scope_can_change_and_survives_dump_and_restore() {
     // whose path needed it then fails to resolve, naming it.
     db.execute("DROP TABLE elearning.audit_log");
     assert_eq!(count(&db, "SELECT count(*) FROM poco_scope_preview(23)"), 7);
-    assert!(db.value("SELECT message FROM poco.events ORDER BY id DESC LIMIT 1").unwrap().contains("elearning.audit_log (owned) was dropped"));
+    assert!(db
+        .value("SELECT message FROM poco.events ORDER BY id DESC LIMIT 1")
+        .unwrap()
+        .contains("elearning.audit_log (owned) was dropped"));
     db.execute("DROP TABLE elearning.enrollments CASCADE");
     let e = db.error("SELECT * FROM poco_scope_preview(23)");
     assert_eq!(e.code().code(), "42830");
-    assert!(e.message().contains("no foreign key path leads from elearning.lesson_progress"), "{}", e.message());
+    assert!(
+        e.message()
+            .contains("no foreign key path leads from elearning.lesson_progress"),
+        "{}",
+        e.message()
+    );
 
     // poco_scope_clear forgets everything.
     assert_eq!(count(&db, "SELECT poco_scope_clear()"), 6);

@@ -19,7 +19,8 @@ fn status(db: &Db, parent: &str) -> String {
 }
 
 fn captured_tables(db: &Db) -> String {
-    db.value("SELECT count(*) FROM pg_trigger WHERE tgname = 'poco_capture'").unwrap_or_default()
+    db.value("SELECT count(*) FROM pg_trigger WHERE tgname = 'poco_capture'")
+        .unwrap_or_default()
 }
 
 #[test]
@@ -29,26 +30,49 @@ fn enabling_sync_snapshots_and_captures_and_disabling_stops_the_capture() {
     let url = l.target_url("family", "postgres", "pw");
 
     // A rolled-back enable leaves nothing: no target, no capture, no job.
-    db.execute(&format!("BEGIN; SELECT poco_enable_sync(21, '{url}'); ROLLBACK;"));
-    assert_eq!(db.value("SELECT count(*) FROM poco.target").as_deref(), Some("0"));
+    db.execute(&format!(
+        "BEGIN; SELECT poco_enable_sync(21, '{url}'); ROLLBACK;"
+    ));
+    assert_eq!(
+        db.value("SELECT count(*) FROM poco.target").as_deref(),
+        Some("0")
+    );
     assert_eq!(captured_tables(&db), "0");
-    assert_eq!(db.value("SELECT count(*) FROM poco.job").as_deref(), Some("0"));
+    assert_eq!(
+        db.value("SELECT count(*) FROM poco.job").as_deref(),
+        Some("0")
+    );
 
     let t: i64 = db.query(&format!("SELECT poco_enable_sync(21, '{url}')"))[0].get(0);
     // Capture on exactly the scoped tables; the first snapshot queued.
-    assert_eq!(captured_tables(&db), db.value("SELECT count(*) FROM poco.scope").unwrap());
+    assert_eq!(
+        captured_tables(&db),
+        db.value("SELECT count(*) FROM poco.scope").unwrap()
+    );
     let job: i64 = db.query(&format!("SELECT id FROM poco.job WHERE target_id = {t}"))[0].get(0);
-    assert_eq!(db.value(&format!("SELECT poco_wait({job}, '1 min')")).as_deref(), Some("succeeded"));
+    assert_eq!(
+        db.value(&format!("SELECT poco_wait({job}, '1 min')"))
+            .as_deref(),
+        Some("succeeded")
+    );
     assert_eq!(status(&db, "21"), "true streaming true -");
     let ldb = l.connect("family");
     assert_learner_equals_scope(&db, &ldb, "21");
     // The learner records the platform snapshot whose state it holds.
-    let pos = ldb.value("SELECT position FROM poco_sync.position").unwrap();
+    let pos = ldb
+        .value("SELECT position FROM poco_sync.position")
+        .unwrap();
     assert!(pos.contains(':'), "a pg_snapshot ({pos})");
     // Enabling again is a no-op (no second snapshot).
     let again: i64 = db.query(&format!("SELECT poco_enable_sync(21, '{url}')"))[0].get(0);
     assert_eq!(again, t);
-    assert_eq!(db.value(&format!("SELECT count(*) FROM poco.job WHERE target_id = {t}")).as_deref(), Some("1"));
+    assert_eq!(
+        db.value(&format!(
+            "SELECT count(*) FROM poco.job WHERE target_id = {t}"
+        ))
+        .as_deref(),
+        Some("1")
+    );
 
     // Changes of scoped tables are captured with their transaction; others are not. (Looked at
     // inside the writing transaction: once delivered, the stream prunes them.)
@@ -63,21 +87,40 @@ fn enabling_sync_snapshots_and_captures_and_disabling_stops_the_capture() {
         .as_deref(),
         Some("elearning.users U true")
     );
-    assert_eq!(db.value("SELECT count(*) FROM poco.change WHERE rel = 'elearning.platform_secrets'::regclass").as_deref(), Some("0"));
+    assert_eq!(
+        db.value(
+            "SELECT count(*) FROM poco.change WHERE rel = 'elearning.platform_secrets'::regclass"
+        )
+        .as_deref(),
+        Some("0")
+    );
     db.execute("COMMIT");
 
     // The stream applied that change over its own connection to the learner.
-    assert_eq!(db.value(&format!("SELECT poco_sync_wait({t}, '30 s')")).as_deref(), Some("t"));
-    let stream_conns = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'poco_sync stream'";
+    assert_eq!(
+        db.value(&format!("SELECT poco_sync_wait({t}, '30 s')"))
+            .as_deref(),
+        Some("t")
+    );
+    let stream_conns =
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'poco_sync stream'";
     assert_eq!(ldb.value(stream_conns).as_deref(), Some("1"));
 
     // Disabling: no capture left (nobody else syncs), the log emptied, the learner's data stays,
     // the stream's connection to the learner closed.
     db.execute("SELECT poco_disable_sync(21)");
-    let closed = poco_e2e::wait_for(std::time::Duration::from_secs(10), || ldb.value(stream_conns).filter(|n| n == "0"));
-    assert!(closed.is_some(), "the stream closed its connection to a learner that no longer syncs");
+    let closed = poco_e2e::wait_for(std::time::Duration::from_secs(10), || {
+        ldb.value(stream_conns).filter(|n| n == "0")
+    });
+    assert!(
+        closed.is_some(),
+        "the stream closed its connection to a learner that no longer syncs"
+    );
     assert_eq!(captured_tables(&db), "0");
-    assert_eq!(db.value("SELECT count(*) FROM poco.change").as_deref(), Some("0"));
+    assert_eq!(
+        db.value("SELECT count(*) FROM poco.change").as_deref(),
+        Some("0")
+    );
     assert_eq!(status(&db, "21"), "false idle true -");
     assert!(ldb.value("SELECT count(*) FROM elearning.users").unwrap() != "0");
     let e = db.error(&format!("SELECT poco_sync_wait({t}, '1 s')"));
@@ -86,7 +129,10 @@ fn enabling_sync_snapshots_and_captures_and_disabling_stops_the_capture() {
 
     // Removing the last syncing target also removes the capture.
     let t2: i64 = db.query(&format!("SELECT poco_enable_sync(21, '{url}')"))[0].get(0);
-    assert_eq!(captured_tables(&db), db.value("SELECT count(*) FROM poco.scope").unwrap());
+    assert_eq!(
+        captured_tables(&db),
+        db.value("SELECT count(*) FROM poco.scope").unwrap()
+    );
     db.execute(&format!("SELECT poco_remove_target({t2})"));
     assert_eq!(captured_tables(&db), "0");
 }
@@ -94,8 +140,15 @@ fn enabling_sync_snapshots_and_captures_and_disabling_stops_the_capture() {
 fn enable(db: &Db, parent: &str, l: &Server) -> i64 {
     let url = l.target_url("family", "postgres", "pw");
     let t: i64 = db.query(&format!("SELECT poco_enable_sync({parent}, '{url}')"))[0].get(0);
-    let job: i64 = db.query(&format!("SELECT max(id) FROM poco.job WHERE target_id = {t}"))[0].get(0);
-    assert_eq!(db.value(&format!("SELECT poco_wait({job}, '1 min')")).as_deref(), Some("succeeded"));
+    let job: i64 = db.query(&format!(
+        "SELECT max(id) FROM poco.job WHERE target_id = {t}"
+    ))[0]
+        .get(0);
+    assert_eq!(
+        db.value(&format!("SELECT poco_wait({job}, '1 min')"))
+            .as_deref(),
+        Some("succeeded")
+    );
     t
 }
 
@@ -137,19 +190,39 @@ fn committed_changes_reach_their_family_and_only_it() {
     // A transaction that takes its change (and its number) first and commits last: the batches
     // that pass meanwhile must not skip it. poco_sync_wait does not wait for it while it is open.
     let late = platform.connect("platform");
-    late.execute("BEGIN; INSERT INTO elearning.audit_log (user_id, action) VALUES (21, 'committed late')");
+    late.execute(
+        "BEGIN; INSERT INTO elearning.audit_log (user_id, action) VALUES (21, 'committed late')",
+    );
     db.execute("INSERT INTO elearning.audit_log (user_id, action) VALUES (21, 'committed early')");
-    assert_eq!(db.value(&format!("SELECT poco_sync_wait({ta}, '30 s')")).as_deref(), Some("t"));
+    assert_eq!(
+        db.value(&format!("SELECT poco_sync_wait({ta}, '30 s')"))
+            .as_deref(),
+        Some("t")
+    );
     assert_eq!(a.value("SELECT string_agg(action, ',') FROM elearning.audit_log WHERE action LIKE 'committed %'").as_deref(), Some("committed early"));
     late.execute("COMMIT");
 
     for t in [ta, tb] {
-        assert_eq!(db.value(&format!("SELECT poco_sync_wait({t}, '30 s')")).as_deref(), Some("t"), "target {t} caught up");
+        assert_eq!(
+            db.value(&format!("SELECT poco_sync_wait({t}, '30 s')"))
+                .as_deref(),
+            Some("t"),
+            "target {t} caught up"
+        );
     }
     assert_learner_equals_scope(&db, &a, "21");
     assert_learner_equals_scope(&db, &b, "22");
-    assert_eq!(a.value("SELECT count(*) FROM elearning.audit_log WHERE action = 'sync_test'").as_deref().map(|n| n != "0"), Some(true));
-    assert_eq!(a.value("SELECT count(*) FROM elearning.users WHERE display_name = 'other'").as_deref(), Some("0"));
+    assert_eq!(
+        a.value("SELECT count(*) FROM elearning.audit_log WHERE action = 'sync_test'")
+            .as_deref()
+            .map(|n| n != "0"),
+        Some(true)
+    );
+    assert_eq!(
+        a.value("SELECT count(*) FROM elearning.users WHERE display_name = 'other'")
+            .as_deref(),
+        Some("0")
+    );
     assert_eq!(
         a.value("SELECT string_agg(action, ',' ORDER BY action) FROM elearning.audit_log WHERE action LIKE 'committed %'").as_deref(),
         Some("committed early,committed late")
@@ -159,7 +232,12 @@ fn committed_changes_reach_their_family_and_only_it() {
     ));
     assert_eq!(st.as_deref(), Some("streaming true 0 -"));
     // The learner's position is the platform's record of it.
-    assert_eq!(a.value("SELECT position FROM poco_sync.position"), db.value(&format!("SELECT learner_position::text FROM poco.target WHERE id = {ta}")));
+    assert_eq!(
+        a.value("SELECT position FROM poco_sync.position"),
+        db.value(&format!(
+            "SELECT learner_position::text FROM poco.target WHERE id = {ta}"
+        ))
+    );
     // Changes of a family without a target, and of unscoped tables, cost the targets nothing:
     // their positions advance without a batch on their learners.
     let batches = |l: &Db| l.value("SELECT batches FROM poco_sync.position").unwrap();
@@ -168,14 +246,26 @@ fn committed_changes_reach_their_family_and_only_it() {
     db.execute("INSERT INTO elearning.audit_log (user_id, action) SELECT id, 'family 23' FROM elearning.users WHERE parent_id = 23");
     db.execute("UPDATE elearning.platform_secrets SET value = value || '.'");
     for t in [ta, tb] {
-        assert_eq!(db.value(&format!("SELECT poco_sync_wait({t}, '30 s')")).as_deref(), Some("t"));
+        assert_eq!(
+            db.value(&format!("SELECT poco_sync_wait({t}, '30 s')"))
+                .as_deref(),
+            Some("t")
+        );
     }
-    assert_eq!((batches(&a), batches(&b)), (before_a, before_b), "no learner round trip for other families' changes");
+    assert_eq!(
+        (batches(&a), batches(&b)),
+        (before_a, before_b),
+        "no learner round trip for other families' changes"
+    );
     // Delivered changes are pruned.
     let left = poco_e2e::wait_for(std::time::Duration::from_secs(10), || {
-        db.value("SELECT count(*) FROM poco.change").filter(|n| n == "0")
+        db.value("SELECT count(*) FROM poco.change")
+            .filter(|n| n == "0")
     });
-    assert!(left.is_some(), "the change log is pruned once every target has the changes");
+    assert!(
+        left.is_some(),
+        "the change log is pruned once every target has the changes"
+    );
 }
 
 #[test]
@@ -186,7 +276,12 @@ fn a_row_that_changes_family_leaves_with_what_it_owns_and_arrives_with_it() {
     let (a, b) = (la.connect("family"), lb.connect("family"));
     let wait_both = || {
         for t in [ta, tb] {
-            assert_eq!(db.value(&format!("SELECT poco_sync_wait({t}, '1 min')")).as_deref(), Some("t"), "target {t} caught up");
+            assert_eq!(
+                db.value(&format!("SELECT poco_sync_wait({t}, '1 min')"))
+                    .as_deref(),
+                Some("t"),
+                "target {t} caught up"
+            );
         }
     };
 
@@ -201,13 +296,27 @@ fn a_row_that_changes_family_leaves_with_what_it_owns_and_arrives_with_it() {
         "SELECT (SELECT count(*) FROM elearning.enrollments WHERE learner_id = {moved}) + \
                 (SELECT count(*) FROM elearning.audit_log WHERE user_id = {moved})"
     );
-    assert_ne!(a.value(&owned).as_deref(), Some("0"), "the learner owns rows on family 21's copy");
-    db.execute(&format!("UPDATE elearning.users SET parent_id = 22 WHERE id = {moved}"));
+    assert_ne!(
+        a.value(&owned).as_deref(),
+        Some("0"),
+        "the learner owns rows on family 21's copy"
+    );
+    db.execute(&format!(
+        "UPDATE elearning.users SET parent_id = 22 WHERE id = {moved}"
+    ));
     wait_both();
     assert_learner_equals_scope(&db, &a, "21");
     assert_learner_equals_scope(&db, &b, "22");
-    assert_eq!(a.value(&owned).as_deref(), Some("0"), "nothing of the moved learner stays with family 21");
-    assert_ne!(b.value(&owned).as_deref(), Some("0"), "family 22 has what the learner owns");
+    assert_eq!(
+        a.value(&owned).as_deref(),
+        Some("0"),
+        "nothing of the moved learner stays with family 21"
+    );
+    assert_ne!(
+        b.value(&owned).as_deref(),
+        Some("0"),
+        "family 22 has what the learner owns"
+    );
 
     // 2. An enrollment moves from a learner of 22 to a learner of 21: its progress rows follow.
     db.execute(
@@ -227,7 +336,8 @@ fn a_row_that_changes_family_leaves_with_what_it_owns_and_arrives_with_it() {
     wait_both();
     assert_learner_equals_scope(&db, &a, "21");
     // The moves were handled by new snapshots of both targets, and recorded.
-    let resnaps: i64 = db.query("SELECT count(*) FROM poco.events WHERE kind = 'sync_resnapshot'")[0].get(0);
+    let resnaps: i64 =
+        db.query("SELECT count(*) FROM poco.events WHERE kind = 'sync_resnapshot'")[0].get(0);
     assert!(resnaps >= 2, "{resnaps}");
 }
 
@@ -246,12 +356,37 @@ fn a_batch_whose_acknowledgement_is_lost_is_not_applied_twice() {
     // pass finds the learner past the recorded position and brings it to the new snapshot
     // without a full snapshot.
     db.execute("UPDATE elearning.users SET display_name = 'once' WHERE id = 21");
-    assert_eq!(db.value(&format!("SELECT poco_sync_wait({t}, '30 s')")).as_deref(), Some("t"));
+    assert_eq!(
+        db.value(&format!("SELECT poco_sync_wait({t}, '30 s')"))
+            .as_deref(),
+        Some("t")
+    );
     assert_learner_equals_scope(&db, &ldb, "21");
-    assert_eq!(ldb.value("SELECT batches FROM poco_sync.position").as_deref(), Some("2"), "committed, then confirmed by a second batch");
-    assert_eq!(db.value("SELECT count(*) FROM poco.events WHERE kind = 'sync_resnapshot'").as_deref(), Some("0"));
-    assert_eq!(db.value(&format!("SELECT count(*) FROM poco.job WHERE target_id = {t}")).as_deref(), Some("1"), "no new snapshot");
-    assert_eq!(db.value(&format!("SELECT learner_position::text FROM poco.target WHERE id = {t}")), ldb.value("SELECT position FROM poco_sync.position"));
+    assert_eq!(
+        ldb.value("SELECT batches FROM poco_sync.position")
+            .as_deref(),
+        Some("2"),
+        "committed, then confirmed by a second batch"
+    );
+    assert_eq!(
+        db.value("SELECT count(*) FROM poco.events WHERE kind = 'sync_resnapshot'")
+            .as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        db.value(&format!(
+            "SELECT count(*) FROM poco.job WHERE target_id = {t}"
+        ))
+        .as_deref(),
+        Some("1"),
+        "no new snapshot"
+    );
+    assert_eq!(
+        db.value(&format!(
+            "SELECT learner_position::text FROM poco.target WHERE id = {t}"
+        )),
+        ldb.value("SELECT position FROM poco_sync.position")
+    );
 }
 
 #[test]
@@ -265,24 +400,50 @@ fn a_learner_that_was_down_catches_up_exactly() {
     // The learner goes away (Neon suspends idle databases); the platform keeps changing.
     l.stop("fast");
     db.execute("INSERT INTO elearning.audit_log (user_id, action) SELECT id, 'while down' FROM elearning.users WHERE parent_id = 21");
-    db.execute("UPDATE elearning.users SET display_name = display_name || ' (while down)' WHERE id = 21");
+    db.execute(
+        "UPDATE elearning.users SET display_name = display_name || ' (while down)' WHERE id = 21",
+    );
     db.execute(
         "DELETE FROM elearning.enrollments WHERE id = (SELECT min(e.id) FROM elearning.enrollments e \
            JOIN elearning.users u ON u.id = e.learner_id WHERE u.parent_id = 21)",
     );
     // The target says what is wrong, and keeps the backlog.
     let err = poco_e2e::wait_for(std::time::Duration::from_secs(20), || {
-        db.value("SELECT last_error FROM poco_status(21)").filter(|e| !e.is_empty())
+        db.value("SELECT last_error FROM poco_status(21)")
+            .filter(|e| !e.is_empty())
     });
     assert!(err.is_some(), "the failure shows in poco_status");
-    assert_eq!(db.value(&format!("SELECT poco_sync_wait({t}, '300 ms')")).as_deref(), Some("f"));
-    assert_ne!(db.value("SELECT count(*) FROM poco.change").as_deref(), Some("0"), "the backlog is kept");
+    assert_eq!(
+        db.value(&format!("SELECT poco_sync_wait({t}, '300 ms')"))
+            .as_deref(),
+        Some("f")
+    );
+    assert_ne!(
+        db.value("SELECT count(*) FROM poco.change").as_deref(),
+        Some("0"),
+        "the backlog is kept"
+    );
 
     // Back up: it catches up exactly, by itself, without a new snapshot.
     l.start_again();
-    assert_eq!(db.value(&format!("SELECT poco_sync_wait({t}, '1 min')")).as_deref(), Some("t"));
+    assert_eq!(
+        db.value(&format!("SELECT poco_sync_wait({t}, '1 min')"))
+            .as_deref(),
+        Some("t")
+    );
     let ldb = l.connect("family");
     assert_learner_equals_scope(&db, &ldb, "21");
-    assert_eq!(db.value("SELECT coalesce(last_error, '-') FROM poco_status(21)").as_deref(), Some("-"));
-    assert_eq!(db.value(&format!("SELECT count(*) FROM poco.job WHERE target_id = {t}")).as_deref(), Some("1"), "no new snapshot");
+    assert_eq!(
+        db.value("SELECT coalesce(last_error, '-') FROM poco_status(21)")
+            .as_deref(),
+        Some("-")
+    );
+    assert_eq!(
+        db.value(&format!(
+            "SELECT count(*) FROM poco.job WHERE target_id = {t}"
+        ))
+        .as_deref(),
+        Some("1"),
+        "no new snapshot"
+    );
 }

@@ -15,13 +15,19 @@ const CLIENTS: u64 = 3;
 /// One random transaction's statements.
 fn random_txn(r: &mut Rng, moves: bool) -> String {
     let fam = |r: &mut Rng| FAMILIES[r.below(FAMILIES.len())];
-    let learner_of = |f: i64| format!("(SELECT id FROM elearning.users WHERE parent_id = {f} ORDER BY random() LIMIT 1)");
+    let learner_of = |f: i64| {
+        format!("(SELECT id FROM elearning.users WHERE parent_id = {f} ORDER BY random() LIMIT 1)")
+    };
     let mut stmts = Vec::new();
     for _ in 0..r.range(1, 4) {
         let f = fam(r);
         // Mostly everyday changes; moves between families (handled by new snapshots) are rare.
         let pick = r.below(30);
-        let pick = if !moves && (pick == 25 || pick == 26) { 0 } else { pick };
+        let pick = if !moves && (pick == 25 || pick == 26) {
+            0
+        } else {
+            pick
+        };
         let s = match pick {
             0..=7 => format!(
                 "INSERT INTO elearning.audit_log (user_id, action, detail) SELECT u.id, 'rand', jsonb_build_object('n', {}) \
@@ -80,10 +86,19 @@ fn random_txn(r: &mut Rng, moves: bool) -> String {
 
 #[test]
 fn a_randomized_concurrent_workload_ends_with_every_learner_equal_to_its_scope() {
-    let seed: u64 = std::env::var("POCO_SYNC_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
-    });
-    let txns: usize = std::env::var("POCO_SYNC_TXNS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let seed: u64 = std::env::var("POCO_SYNC_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    let txns: usize = std::env::var("POCO_SYNC_TXNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
     println!("sync_random: POCO_SYNC_SEED={seed} POCO_SYNC_TXNS={txns}");
     let (platform, db) = sample_platform("sync_random", 20);
     let mut learners = Vec::new();
@@ -95,8 +110,15 @@ fn a_randomized_concurrent_workload_ends_with_every_learner_equal_to_its_scope()
         learners.push((*f, t, l));
     }
     for (_, t, _) in &learners {
-        let job: i64 = db.query(&format!("SELECT max(id) FROM poco.job WHERE target_id = {t}"))[0].get(0);
-        assert_eq!(db.value(&format!("SELECT poco_wait({job}, '1 min')")).as_deref(), Some("succeeded"));
+        let job: i64 = db.query(&format!(
+            "SELECT max(id) FROM poco.job WHERE target_id = {t}"
+        ))[0]
+            .get(0);
+        assert_eq!(
+            db.value(&format!("SELECT poco_wait({job}, '1 min')"))
+                .as_deref(),
+            Some("succeeded")
+        );
     }
 
     // Two phases: with moves between families (handled by new snapshots), then without (every
@@ -105,10 +127,13 @@ fn a_randomized_concurrent_workload_ends_with_every_learner_equal_to_its_scope()
         run_clients(&platform, seed.wrapping_add(phase), txns, moves);
         for (f, t, l) in &learners {
             assert_eq!(
-                db.value(&format!("SELECT poco_sync_wait({t}, '2 min')")).as_deref(),
+                db.value(&format!("SELECT poco_sync_wait({t}, '2 min')"))
+                    .as_deref(),
                 Some("t"),
                 "seed {seed}, phase {phase}: target {t} (family {f}) caught up; status: {:?}",
-                db.value(&format!("SELECT state || ' ' || coalesce(last_error, '-') FROM poco_status({f})"))
+                db.value(&format!(
+                    "SELECT state || ' ' || coalesce(last_error, '-') FROM poco_status({f})"
+                ))
             );
             let ldb = l.connect("family");
             let rows = assert_learner_equals_scope(&db, &ldb, &f.to_string());
@@ -117,8 +142,16 @@ fn a_randomized_concurrent_workload_ends_with_every_learner_equal_to_its_scope()
     }
     println!(
         "sync_random: {} batches applied, {} re-snapshots (moves between families)",
-        learners.iter().map(|(_, _, l)| l.connect("family").value("SELECT batches FROM poco_sync.position").unwrap_or_default()).collect::<Vec<_>>().join("+"),
-        db.value("SELECT count(*) FROM poco.events WHERE kind = 'sync_resnapshot'").unwrap_or_default()
+        learners
+            .iter()
+            .map(|(_, _, l)| l
+                .connect("family")
+                .value("SELECT batches FROM poco_sync.position")
+                .unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("+"),
+        db.value("SELECT count(*) FROM poco.events WHERE kind = 'sync_resnapshot'")
+            .unwrap_or_default()
     );
     for r in db.query("SELECT message, count(*)::int8 FROM poco.events WHERE kind = 'sync_resnapshot' GROUP BY 1 ORDER BY 2 DESC") {
         println!("sync_random:   {} × {}", r.get::<_, i64>(1), r.get::<_, String>(0));
@@ -138,7 +171,11 @@ fn run_clients(platform: &Server, seed: u64, txns: usize, moves: bool) {
                     let mut ok = 0;
                     for i in 0..txns {
                         let body = random_txn(&mut r, moves);
-                        let late = if i % 4 == 3 { "; SELECT pg_sleep(0.15)" } else { "" };
+                        let late = if i % 4 == 3 {
+                            "; SELECT pg_sleep(0.15)"
+                        } else {
+                            ""
+                        };
                         match conn.try_value(&format!("BEGIN; {body}{late}; COMMIT")) {
                             Ok(_) => ok += 1,
                             Err(_) => {
@@ -154,6 +191,12 @@ fn run_clients(platform: &Server, seed: u64, txns: usize, moves: bool) {
             committed += h.join().unwrap();
         }
     });
-    println!("sync_random: {committed} of {} transactions committed (moves: {moves})", CLIENTS as usize * txns);
-    assert!(committed > CLIENTS as usize * txns / 2, "most transactions committed ({committed})");
+    println!(
+        "sync_random: {committed} of {} transactions committed (moves: {moves})",
+        CLIENTS as usize * txns
+    );
+    assert!(
+        committed > CLIENTS as usize * txns / 2,
+        "most transactions committed ({committed})"
+    );
 }

@@ -11,17 +11,66 @@ use std::process::Command;
 fn certificates(dir: &std::path::Path) -> (String, String, String) {
     std::fs::create_dir_all(dir).unwrap();
     let sh = |args: &[&str]| {
-        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    sh(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=poco test CA"]);
-    sh(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
+    sh(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=poco test CA",
+    ]);
+    sh(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
     std::fs::write(
         dir.join("ext.cnf"),
         "subjectAltName=DNS:localhost\nbasicConstraints=critical,CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
     )
     .unwrap();
-    sh(&["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf"]);
+    sh(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
     let r = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
     (r("ca.crt"), r("server.crt"), r("server.key"))
 }
@@ -39,8 +88,14 @@ fn platform_with_scope() -> (Server, Db) {
 fn push(db: &Db, url: &str) -> (String, String) {
     let t: i64 = db.query(&format!("SELECT poco_add_target(1, '{url}')"))[0].get(0);
     let job: i64 = db.query(&format!("SELECT poco_push(1, {t})"))[0].get(0);
-    let state = db.value(&format!("SELECT poco_wait({job}, '1 min')")).unwrap();
-    let err = db.value(&format!("SELECT coalesce(error, '') FROM poco.jobs WHERE job_id = {job}")).unwrap();
+    let state = db
+        .value(&format!("SELECT poco_wait({job}, '1 min')"))
+        .unwrap();
+    let err = db
+        .value(&format!(
+            "SELECT coalesce(error, '') FROM poco.jobs WHERE job_id = {job}"
+        ))
+        .unwrap();
     db.execute(&format!("SELECT poco_remove_target({t})"));
     (state, err)
 }
@@ -55,8 +110,14 @@ fn sslmodes_behave_as_in_libpq() {
     let key_path = tls.write_key_file("server.key", &key);
     let ldb = tls.connect("postgres");
     ldb.execute("ALTER SYSTEM SET ssl = on");
-    ldb.execute(&format!("ALTER SYSTEM SET ssl_cert_file = '{}'", crt_path.display()));
-    ldb.execute(&format!("ALTER SYSTEM SET ssl_key_file = '{}'", key_path.display()));
+    ldb.execute(&format!(
+        "ALTER SYSTEM SET ssl_cert_file = '{}'",
+        crt_path.display()
+    ));
+    ldb.execute(&format!(
+        "ALTER SYSTEM SET ssl_key_file = '{}'",
+        key_path.display()
+    ));
     // Password authentication over TLS only, so channel binding (SCRAM-SHA-256-PLUS) is possible.
     ldb.execute("CREATE ROLE learner LOGIN PASSWORD 'Learner-pw-1' SUPERUSER");
     ldb.execute("CREATE DATABASE family");
@@ -75,7 +136,10 @@ fn sslmodes_behave_as_in_libpq() {
     let (state, err) = push(&db, &format!("postgresql://{host_ip}?sslmode=require"));
     assert_eq!(state, "succeeded", "{err}");
     let fam = tls.connect("family");
-    assert_eq!(fam.value("SELECT name FROM public.fam").as_deref(), Some("one"));
+    assert_eq!(
+        fam.value("SELECT name FROM public.fam").as_deref(),
+        Some("one")
+    );
     // (pg_hba lets the learner role in over TLS only: every success here was encrypted.)
     // channel_binding=require (SCRAM-SHA-256-PLUS over TLS) and libpq options work.
     let (state, err) = push(&db, &format!("postgresql://{host_ip}?sslmode=require&channel_binding=require&options=-c%20work_mem%3D8MB"));
@@ -83,12 +147,24 @@ fn sslmodes_behave_as_in_libpq() {
 
     // verify-full against our CA: the right host name passes, a wrong one (the IP, not in
     // the certificate) is refused; verify-ca only checks the chain, so the IP passes.
-    let (state, err) = push(&db, &format!("postgresql://{host_name}?sslmode=verify-full&sslrootcert={root}"));
+    let (state, err) = push(
+        &db,
+        &format!("postgresql://{host_name}?sslmode=verify-full&sslrootcert={root}"),
+    );
     assert_eq!(state, "succeeded", "{err}");
-    let (state, err) = push(&db, &format!("postgresql://{host_ip}?sslmode=verify-full&sslrootcert={root}"));
+    let (state, err) = push(
+        &db,
+        &format!("postgresql://{host_ip}?sslmode=verify-full&sslrootcert={root}"),
+    );
     assert_eq!(state, "failed");
-    assert!(err.contains("TLS verification failed") && err.contains("verify-full"), "{err}");
-    let (state, err) = push(&db, &format!("postgresql://{host_ip}?sslmode=verify-ca&sslrootcert={root}"));
+    assert!(
+        err.contains("TLS verification failed") && err.contains("verify-full"),
+        "{err}"
+    );
+    let (state, err) = push(
+        &db,
+        &format!("postgresql://{host_ip}?sslmode=verify-ca&sslrootcert={root}"),
+    );
     assert_eq!(state, "succeeded", "{err}");
     // verify-ca with roots that did not sign the certificate (the system's) is refused.
     let (state, err) = push(&db, &format!("postgresql://{host_name}?sslmode=verify-ca"));
@@ -102,17 +178,32 @@ fn sslmodes_behave_as_in_libpq() {
     let (state, err) = push(&db, &format!("postgresql://{via}?sslmode=require"));
     assert_eq!(state, "succeeded", "{err}");
     assert_eq!(proxy.last_sni().as_deref(), Some("localhost"));
-    let (state, err) = push(&db, &format!("postgresql://{via}?sslmode=verify-full&sslrootcert={root}&sslsni=0"));
+    let (state, err) = push(
+        &db,
+        &format!("postgresql://{via}?sslmode=verify-full&sslrootcert={root}&sslsni=0"),
+    );
     assert_eq!(state, "succeeded", "{err}");
     assert_eq!(proxy.last_sni(), None, "sslsni=0");
-    let (state, err) = push(&db, &format!("postgresql://learner:Learner-pw-1@127.0.0.1:{}/family?sslmode=require", proxy.port));
+    let (state, err) = push(
+        &db,
+        &format!(
+            "postgresql://learner:Learner-pw-1@127.0.0.1:{}/family?sslmode=require",
+            proxy.port
+        ),
+    );
     assert_eq!(state, "succeeded", "{err}");
     assert_eq!(proxy.last_sni(), None, "no SNI for an IP address");
 
     // A learner without TLS: require is refused with a clear error, and no retry helps.
     let plain = Server::start("tls_plain", &Options::learner());
     plain.psql("postgres", "CREATE DATABASE family");
-    let (state, err) = push(&db, &format!("postgresql://postgres:x@127.0.0.1:{}/family?sslmode=require", plain.port));
+    let (state, err) = push(
+        &db,
+        &format!(
+            "postgresql://postgres:x@127.0.0.1:{}/family?sslmode=require",
+            plain.port
+        ),
+    );
     assert_eq!(state, "failed");
     assert!(err.contains("does not offer TLS"), "{err}");
     assert!(!err.contains("Learner-pw-1"));

@@ -1,0 +1,343 @@
+//! Continuous sync over a target's life (issue #5): a snapshot that failed is tried again by
+//! itself; a learner down past the backlog limit is re-snapshotted by itself when it comes
+//! back; schema and scope changes on the platform reach the learner without a hand; the
+//! platform killed (kill -9) while it streams loses and duplicates nothing.
+
+use poco_e2e::{assert_learner_equals_scope, sample_platform, wait_for, Db, Server};
+use std::time::Duration;
+
+fn learner(name: &str) -> Server {
+    let s = Server::start(name, &poco_e2e::Options::learner());
+    s.psql("postgres", "CREATE DATABASE family");
+    s
+}
+
+fn state(db: &Db, t: i64) -> String {
+    db.value(&format!(
+        "SELECT state FROM poco_status(21) WHERE target_id = {t}"
+    ))
+    .unwrap_or_default()
+}
+
+fn synced(db: &Db, t: i64, limit: &str) -> bool {
+    db.value(&format!("SELECT poco_sync_wait({t}, '{limit}')"))
+        .as_deref()
+        == Some("t")
+}
+
+#[test]
+fn a_failed_snapshot_and_a_learner_past_the_backlog_limit_recover_by_themselves() {
+    let (platform, db) = sample_platform("sync_backlog", 20);
+    db.execute("ALTER SYSTEM SET poco.retry_delay = '100ms'");
+    db.execute("ALTER SYSTEM SET poco.push_attempts = 1");
+    db.execute("ALTER SYSTEM SET poco.sync_max_backlog = 5");
+    platform.reload();
+    let l = learner("sync_backlog_learner");
+    let url = l.target_url("family", "postgres", "pw");
+
+    // 1. The learner is down when sync is enabled: the first snapshot fails and shows it.
+    l.stop("fast");
+    let t: i64 = db.query(&format!("SELECT poco_enable_sync(21, '{url}')"))[0].get(0);
+    assert!(
+        wait_for(Duration::from_secs(30), || Some(state(&db, t))
+            .filter(|s| s == "error"))
+        .is_some(),
+        "{}",
+        state(&db, t)
+    );
+    assert!(
+        !synced(&db, t, "200 ms"),
+        "no sync while the first snapshot has not succeeded"
+    );
+    // Changes meanwhile are not lost: the next snapshot includes them.
+    db.execute(
+        "UPDATE elearning.users SET display_name = 'while the first snapshot failed' WHERE id = 21",
+    );
+    // Back up: the snapshot is tried again by itself and the target streams.
+    l.start_again();
+    assert!(synced(&db, t, "1 min"), "{}", state(&db, t));
+    let ldb = l.connect("family");
+    assert_learner_equals_scope(&db, &ldb, "21");
+    let retried: i64 = db.query(&format!(
+        "SELECT count(*) FROM poco.job WHERE target_id = {t}"
+    ))[0]
+        .get(0);
+    assert!(
+        retried >= 2,
+        "the snapshot was queued again ({retried} jobs)"
+    );
+
+    // 2. Down again while more changes than poco.sync_max_backlog (5) pile up.
+    drop(ldb);
+    l.stop("fast");
+    db.execute("INSERT INTO elearning.audit_log (user_id, action) SELECT 21, 'backlog ' || g FROM generate_series(1, 20) g");
+    db.execute("UPDATE elearning.users SET display_name = 'past the backlog limit' WHERE id = 21");
+    // The target gives up its backlog (the log is pruned) and waits for a new snapshot.
+    let gave_up = wait_for(Duration::from_secs(30), || {
+        db.value(&format!(
+            "SELECT 1 FROM poco.events WHERE kind = 'sync_resnapshot' AND target_id = {t} AND message LIKE '%sync_max_backlog%'"
+        ))
+    });
+    assert!(
+        gave_up.is_some(),
+        "re-snapshot decided for the backlog limit ({})",
+        state(&db, t)
+    );
+    let pruned = wait_for(Duration::from_secs(10), || {
+        db.value("SELECT count(*) FROM poco.change")
+            .filter(|n| n == "0")
+    });
+    assert!(
+        pruned.is_some(),
+        "the backlog of a target waiting for a snapshot is not kept"
+    );
+    assert!(!synced(&db, t, "200 ms"));
+    db.execute("DELETE FROM elearning.audit_log WHERE action = 'backlog 3'");
+    // Back up: re-snapshotted by itself, exact, and streaming again.
+    l.start_again();
+    assert!(synced(&db, t, "1 min"), "{}", state(&db, t));
+    let ldb = l.connect("family");
+    assert_learner_equals_scope(&db, &ldb, "21");
+    db.execute("UPDATE elearning.users SET display_name = 'streaming again' WHERE id = 21");
+    assert!(synced(&db, t, "30 s"));
+    assert_eq!(
+        ldb.value("SELECT display_name FROM elearning.users WHERE id = 21")
+            .as_deref(),
+        Some("streaming again")
+    );
+    assert_eq!(state(&db, t), "streaming");
+}
+
+#[test]
+fn schema_and_scope_changes_reach_the_learner_without_a_hand() {
+    let (_platform, db) = sample_platform("sync_schema", 20);
+    let l = learner("sync_schema_learner");
+    let url = l.target_url("family", "postgres", "pw");
+    let t: i64 = db.query(&format!("SELECT poco_enable_sync(21, '{url}')"))[0].get(0);
+    assert!(synced(&db, t, "1 min"));
+    let ldb = l.connect("family");
+    let columns = |d: &Db, table: &str| {
+        d.value(&format!(
+            "SELECT string_agg(column_name || ' ' || data_type, ', ' ORDER BY ordinal_position) FROM information_schema.columns \
+              WHERE table_schema = 'elearning' AND table_name = '{table}'"
+        ))
+        .unwrap_or_default()
+    };
+
+    // A column added (with a default that fills every row) and then used.
+    db.execute("ALTER TABLE elearning.audit_log ADD COLUMN source text NOT NULL DEFAULT 'web'");
+    db.execute("INSERT INTO elearning.audit_log (user_id, action, source) VALUES (21, 'from the app', 'app')");
+    assert!(synced(&db, t, "1 min"), "{}", state(&db, t));
+    assert!(
+        columns(&ldb, "audit_log").contains("source text"),
+        "{}",
+        columns(&ldb, "audit_log")
+    );
+    assert_learner_equals_scope(&db, &ldb, "21");
+
+    // A column's type changed (the learner would refuse or silently coerce the new values).
+    db.execute("ALTER TABLE elearning.audit_log ALTER COLUMN action TYPE varchar(200)");
+    db.execute("UPDATE elearning.audit_log SET action = action || ' (v2)' WHERE user_id = 21");
+    assert!(synced(&db, t, "1 min"), "{}", state(&db, t));
+    assert!(
+        columns(&ldb, "audit_log").contains("action character varying"),
+        "{}",
+        columns(&ldb, "audit_log")
+    );
+    assert_learner_equals_scope(&db, &ldb, "21");
+
+    // An enum value added and used (the learner's copy of the type lacks it).
+    db.execute("ALTER TYPE elearning.user_role ADD VALUE 'tutor'");
+    db.execute("UPDATE elearning.users SET role = 'tutor' WHERE id = 21");
+    assert!(synced(&db, t, "1 min"), "{}", state(&db, t));
+    assert_learner_equals_scope(&db, &ldb, "21");
+
+    // A table added to the scope arrives, and its later changes are captured and streamed.
+    db.execute(
+        "CREATE TABLE elearning.badges (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+           user_id bigint NOT NULL REFERENCES elearning.users(id), name text NOT NULL)",
+    );
+    db.execute("INSERT INTO elearning.badges (user_id, name) SELECT id, 'first' FROM elearning.users WHERE id IN (21, 22)");
+    db.execute("SELECT poco_scope_table('elearning.badges')");
+    assert!(synced(&db, t, "1 min"), "{}", state(&db, t));
+    assert_eq!(
+        ldb.value("SELECT count(*) FROM elearning.badges")
+            .as_deref(),
+        Some("1"),
+        "family 21's badge only"
+    );
+    db.execute("INSERT INTO elearning.badges (user_id, name) SELECT id, 'second' FROM elearning.users WHERE id IN (21, 22)");
+    assert!(synced(&db, t, "30 s"));
+    assert_learner_equals_scope(&db, &ldb, "21");
+    assert_eq!(
+        ldb.value("SELECT string_agg(name, ',' ORDER BY id) FROM elearning.badges")
+            .as_deref(),
+        Some("first,second")
+    );
+
+    // An ALTER of a table outside the scope costs the target nothing.
+    let resnaps = || {
+        db.value(&format!(
+            "SELECT count(*) FROM poco.events WHERE kind = 'sync_resnapshot' AND target_id = {t}"
+        ))
+        .unwrap()
+    };
+    let before = resnaps();
+    db.execute("ALTER TABLE elearning.platform_secrets ADD COLUMN note text");
+    db.execute("UPDATE elearning.users SET display_name = 'after an unscoped ALTER' WHERE id = 21");
+    assert!(synced(&db, t, "30 s"));
+    assert_eq!(resnaps(), before, "no re-snapshot for an unscoped table");
+    assert_learner_equals_scope(&db, &ldb, "21");
+    assert_eq!(state(&db, t), "streaming");
+}
+
+#[test]
+fn the_platform_killed_while_streaming_loses_and_duplicates_nothing() {
+    let (platform, db) = sample_platform("sync_kill", 20);
+    db.execute("ALTER SYSTEM SET poco.retry_delay = '100ms'");
+    platform.reload();
+    let (la, lb) = (learner("sync_kill_a"), learner("sync_kill_b"));
+    let ta: i64 = db.query(&format!(
+        "SELECT poco_enable_sync(21, '{}')",
+        la.target_url("family", "postgres", "pw")
+    ))[0]
+        .get(0);
+    let tb: i64 = db.query(&format!(
+        "SELECT poco_enable_sync(22, '{}')",
+        lb.target_url("family", "postgres", "pw")
+    ))[0]
+        .get(0);
+    assert!(synced(&db, ta, "1 min") && synced(&db, tb, "1 min"));
+    drop(db);
+
+    let conninfo = platform.conninfo("platform");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // A writer that commits all along (inserts, updates, deletes of both families) and
+    // reconnects after each crash; what it committed is whatever the platform holds at the end.
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut committed = 0u32;
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 100_000 {
+                let Ok(w) = Db::try_connect(&conninfo) else {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                };
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 100_000 {
+                    i += 1;
+                    let fam = 21 + (i % 2);
+                    let sql = format!(
+                        "BEGIN; INSERT INTO elearning.audit_log (user_id, action) VALUES ({fam}, 'kill {i}'); \
+                         UPDATE elearning.users SET display_name = 'kill {i}' WHERE id = {fam}; \
+                         DELETE FROM elearning.audit_log WHERE user_id = {fam} AND action = 'kill {}'; COMMIT",
+                        i.saturating_sub(10)
+                    );
+                    if w.try_value(&sql).is_err() {
+                        break;
+                    }
+                    committed += 1;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            committed
+        })
+    };
+
+    // kill -9 of the stream process three times while it streams: the postmaster restarts
+    // every process of the platform (crash recovery), the writer's sessions included.
+    let mut kills = 0;
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(800));
+        let pid = wait_for(Duration::from_secs(60), || {
+            let d = Db::try_connect(&platform.conninfo("platform")).ok()?;
+            d.value("SELECT pid FROM pg_stat_activity WHERE backend_type = 'poco_sync stream'")
+        });
+        let pid = pid.expect("the stream runs again after the restart");
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid])
+            .status();
+        kills += 1;
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let committed = writer.join().unwrap();
+    assert!(committed > 50, "the writer kept committing ({committed})");
+    assert_eq!(kills, 3);
+    let crashes = platform.log().matches("terminated by signal 9").count();
+    assert!(crashes >= 3, "the postmaster saw {crashes} of the 3 kills");
+
+    let db = wait_for(Duration::from_secs(60), || {
+        Db::try_connect(&platform.conninfo("platform")).ok()
+    })
+    .unwrap();
+    for (t, l, parent) in [(ta, &la, "21"), (tb, &lb, "22")] {
+        assert!(
+            synced(&db, t, "2 min"),
+            "target {t} caught up after the crashes"
+        );
+        let ldb = l.connect("family");
+        assert_learner_equals_scope(&db, &ldb, parent);
+        // Nothing of the other family.
+        let other = if parent == "21" { "22" } else { "21" };
+        assert_eq!(
+            ldb.value(&format!(
+                "SELECT count(*) FROM elearning.audit_log WHERE user_id = {other}"
+            ))
+            .as_deref(),
+            Some("0")
+        );
+    }
+}
+
+#[test]
+fn a_target_enabled_while_another_streams_under_load_misses_nothing() {
+    // The log is pruned below the oldest position while the first target streams; the second
+    // target's snapshot job needs the changes committed after its own snapshot, which the
+    // first target already has.
+    let (platform, db) = sample_platform("sync_second", 20);
+    let (la, lb) = (learner("sync_second_a"), learner("sync_second_b"));
+    let ta: i64 = db.query(&format!(
+        "SELECT poco_enable_sync(21, '{}')",
+        la.target_url("family", "postgres", "pw")
+    ))[0]
+        .get(0);
+    assert!(synced(&db, ta, "1 min"));
+    let conninfo = platform.conninfo("platform");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let w = Db::connect(&conninfo);
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 20_000 {
+                i += 1;
+                w.execute(&format!(
+                    "INSERT INTO elearning.audit_log (user_id, action) VALUES (21, 'second {i}'), (22, 'second {i}'); \
+                     UPDATE elearning.users SET display_name = 'second {i}' WHERE id IN (21, 22)"
+                ));
+            }
+            i
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let tb: i64 = db.query(&format!(
+        "SELECT poco_enable_sync(22, '{}')",
+        lb.target_url("family", "postgres", "pw")
+    ))[0]
+        .get(0);
+    // Keep writing while B's snapshot runs and after it.
+    let _ = wait_for(Duration::from_secs(30), || {
+        db.value(&format!(
+            "SELECT 1 FROM poco.target WHERE id = {tb} AND sync_state = 'streaming'"
+        ))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let n = writer.join().unwrap();
+    assert!(n > 20, "the writer kept writing ({n})");
+    for (t, l, parent) in [(ta, &la, "21"), (tb, &lb, "22")] {
+        assert!(synced(&db, t, "1 min"), "target {t}");
+        assert_learner_equals_scope(&db, &l.connect("family"), parent);
+    }
+}
