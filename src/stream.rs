@@ -169,14 +169,18 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            let concerned = if changes.is_empty() {
-                Concerned::Some(BTreeSet::new())
-            } else {
-                attribute(&mut st.plans, &sc, &changes, &parents)
-            };
+            let owners = attribute(&mut st.plans, &sc, &changes, &parents);
             for t in group {
-                let step = if concerned.includes(&t.parent) {
-                    sync_target(&sc, &pks, &fks, &t, &changes)
+                let step = if owners.iter().any(|o| o.concerns(&t.parent)) {
+                    // The target's share of the batch: its own changes, and those whose owner
+                    // cannot be told.
+                    let mine: Vec<&Change> = changes
+                        .iter()
+                        .zip(&owners)
+                        .filter(|(_, o)| o.goes_to(&t.parent))
+                        .map(|(c, _)| c)
+                        .collect();
+                    sync_target(&mut st.plans, &sc, &pks, &fks, &t, &mine)
                 } else {
                     Step::Done(Outcome::Advanced)
                 };
@@ -280,11 +284,12 @@ fn quote_ident(s: &str) -> String {
 
 /// Bring one target from its position to `s`.
 fn sync_target(
+    plans: &mut Plans,
     sc: &Scope,
     pks: &HashMap<u32, Vec<String>>,
     fks: &BTreeSet<(u32, u32)>,
     t: &Target,
-    changes: &[Change],
+    changes: &[&Change],
 ) -> Step {
     if changes.is_empty() {
         return Step::Done(Outcome::Advanced);
@@ -293,7 +298,30 @@ fn sync_target(
     if changes.iter().any(|c| c.1 == "T") {
         return Step::Done(Outcome::Resnapshot("a scoped table was truncated".into()));
     }
-    sync_keys(sc, pks, fks, t, changes, n)
+    sync_keys(plans, sc, pks, fks, t, changes, n)
+}
+
+/// Prepared statements kept by the stream, by SQL text (a scope change gives new texts;
+/// Postgres re-plans them by itself after DDL).
+type Plans = HashMap<String, pgrx::spi::OwnedPreparedStatement>;
+
+/// Run `sql` through a plan prepared once (for these parameter types) and kept; the first
+/// column of each row, as text.
+fn select_kept(
+    plans: &mut Plans,
+    sql: &str,
+    types: &[PgBuiltInOids],
+    args: &[pgrx::datum::DatumWithOid],
+) -> Result<Vec<Option<String>>, pgrx::spi::SpiError> {
+    if !plans.contains_key(sql) {
+        let types: Vec<PgOid> = types.iter().map(|t| PgOid::BuiltIn(*t)).collect();
+        let p = Spi::connect(|c| c.prepare(sql, &types).map(|p| p.keep()))?;
+        plans.insert(sql.to_string(), p);
+    }
+    Spi::connect(|c| {
+        c.select(&plans[sql], None, args)
+            .map(|rows| rows.map(|r| r.get::<String>(1).ok().flatten()).collect())
+    })
 }
 
 /// (table, operation, old row, new row)
@@ -324,80 +352,88 @@ fn load_changes(position: &str) -> Vec<Change> {
     })
 }
 
-/// Which of the candidate parents a batch concerns.
-enum Concerned {
-    All,
+/// Whom one change concerns, among the parents of a group.
+enum Owners {
+    /// These parents' scopes hold the row at S (as it is now, or as it was).
     Some(BTreeSet<String>),
+    /// Every target: a reference row, TRUNCATE, or the owner could not be looked up.
+    Everyone,
+    /// Nobody can be named: the old image of a row whose chain is gone at S (deleted with its
+    /// ancestors). It goes with every batch that is sent anyway: whoever held the row also
+    /// gets its highest deleted ancestor's own change, whose parent is still there.
+    Unknown,
 }
 
-impl Concerned {
-    fn includes(&self, parent: &str) -> bool {
+impl Owners {
+    /// The change is sent to this parent's learner (if its batch is sent at all).
+    fn goes_to(&self, parent: &str) -> bool {
         match self {
-            Concerned::All => true,
-            Concerned::Some(s) => s.contains(parent),
+            Owners::Some(s) => s.contains(parent),
+            Owners::Everyone | Owners::Unknown => true,
+        }
+    }
+    /// The change alone makes a batch for this parent.
+    fn concerns(&self, parent: &str) -> bool {
+        match self {
+            Owners::Some(s) => s.contains(parent),
+            Owners::Everyone => true,
+            Owners::Unknown => false,
         }
     }
 }
 
-/// The parents among `parents` whose learners a batch can change: those whose scope, at S,
-/// holds a changed row as it is now or as it was before (its old image). A row a learner holds
-/// and loses is caught through its old image, or, when what moved is an ancestor, through the
-/// highest changed ancestor's old image (above it nothing changed, so its chain at S is the one
-/// the learner knew). Reference rows and TRUNCATE concern everyone.
-fn attribute(
-    plans: &mut HashMap<String, pgrx::spi::OwnedPreparedStatement>,
-    sc: &Scope,
-    changes: &[Change],
-    parents: &[String],
-) -> Concerned {
-    let mut found: BTreeSet<String> = BTreeSet::new();
-    for (rel, op, old, new) in changes {
-        let Some(table) = sc.table(*rel) else {
-            continue;
-        };
-        if op == "T" || matches!(table.role, Role::Reference(_)) {
-            return Concerned::All;
-        }
-        for img in [old, new].into_iter().flatten() {
-            if found.len() == parents.len() {
-                return Concerned::Some(found);
+/// Whom each change concerns among `parents`: those whose scope, at S, holds the changed row
+/// as it is now or as it was before (its old image). A row a learner holds and loses is
+/// caught through its old image, or, when what moved is an ancestor, through the highest
+/// changed ancestor's old image (above it nothing changed, so its chain at S is the one the
+/// learner knew). Reference rows and TRUNCATE concern everyone.
+fn attribute(plans: &mut Plans, sc: &Scope, changes: &[Change], parents: &[String]) -> Vec<Owners> {
+    changes
+        .iter()
+        .map(|(rel, op, old, new)| {
+            let Some(table) = sc.table(*rel) else {
+                return Owners::Some(BTreeSet::new());
+            };
+            if op == "T" || matches!(table.role, Role::Reference(_)) {
+                return Owners::Everyone;
             }
-            if !plans.contains_key(&table.owners_sql) {
-                let types = [
-                    PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
-                    PgOid::BuiltIn(PgBuiltInOids::JSONBOID),
-                ];
-                if let Ok(p) = Spi::connect(|c| {
-                    c.prepare(table.owners_sql.as_str(), &types)
-                        .map(|p| p.keep())
-                }) {
-                    plans.insert(table.owners_sql.clone(), p);
+            let mut found = BTreeSet::new();
+            let mut old_unknown = false;
+            for (img, is_old) in [(old, true), (new, false)] {
+                let Some(img) = img else { continue };
+                let args = [parents.to_vec().into(), pgrx::JsonB(img.clone()).into()];
+                match select_kept(
+                    plans,
+                    &table.owners_sql,
+                    &[PgBuiltInOids::TEXTARRAYOID, PgBuiltInOids::JSONBOID],
+                    &args,
+                ) {
+                    Ok(rows) => {
+                        let before = found.len();
+                        found.extend(rows.into_iter().flatten());
+                        if is_old && found.len() == before {
+                            old_unknown = true;
+                        }
+                    }
+                    Err(_) => return Owners::Everyone, // cannot tell: assume it concerns everyone
                 }
             }
-            let args = [parents.to_vec().into(), pgrx::JsonB(img.clone()).into()];
-            let owners: Vec<String> = Spi::connect(|c| {
-                let rows = match plans.get(&table.owners_sql) {
-                    Some(p) => c.select(p, None, &args),
-                    None => c.select(table.owners_sql.as_str(), None, &args),
-                };
-                rows.map(|rows| {
-                    rows.filter_map(|r| r.get::<String>(1).ok().flatten())
-                        .collect()
-                })
-                .unwrap_or_else(|_| parents.to_vec()) // cannot tell: assume it concerns everyone
-            });
-            found.extend(owners);
-        }
-    }
-    Concerned::Some(found)
+            if found.is_empty() && old_unknown {
+                Owners::Unknown
+            } else {
+                Owners::Some(found)
+            }
+        })
+        .collect()
 }
 
 fn sync_keys(
+    plans: &mut Plans,
     sc: &Scope,
     pks: &HashMap<u32, Vec<String>>,
     fks: &BTreeSet<(u32, u32)>,
     t: &Target,
-    changes: &[Change],
+    changes: &[&Change],
     n: i64,
 ) -> Step {
     // Keys touched, per table.
@@ -477,23 +513,30 @@ fn sync_keys(
         // Rows of the parent's scope at S: the touched ones, or (reference tables) all.
         let rows_sql = match &keys {
             Some(_) if !reference => format!(
-                "SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s)) FROM ({}) s \
+                "SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s))::text FROM ({}) s \
                   WHERE ({}) IN (SELECT {k_list} FROM pg_catalog.jsonb_populate_recordset(NULL::{}, $2::pg_catalog.jsonb) k)",
                 table.select_sql,
                 pk.iter().map(|c| format!("s.{}", quote_ident(c))).collect::<Vec<_>>().join(", "),
                 table.ident
             ),
-            _ => format!("SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s)) FROM ({}) s", table.select_sql),
+            _ => format!("SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s))::text FROM ({}) s", table.select_sql),
         };
-        let rows = Spi::get_one_with_args::<pgrx::JsonB>(
+        let keys_text = keys.clone().unwrap_or_else(|| "[]".into());
+        let rows = select_kept(
+            plans,
             &rows_sql,
-            &[
-                t.parent.as_str().into(),
-                keys.clone().unwrap_or_else(|| "[]".into()).as_str().into(),
-            ],
+            &[PgBuiltInOids::TEXTOID, PgBuiltInOids::TEXTOID],
+            &[t.parent.as_str().into(), keys_text.as_str().into()],
         );
-        let rows: Value = match rows {
-            Ok(v) => v.map(|j| j.0).unwrap_or(Value::Array(vec![])),
+        let rows: Result<Value, String> = match rows {
+            Ok(v) => match v.into_iter().next().flatten() {
+                None => Ok(Value::Array(vec![])), // no row of the scope among the keys
+                Some(j) => serde_json::from_str(&j).map_err(|e| e.to_string()),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        let rows = match rows {
+            Ok(r) => r,
             Err(e) => {
                 return Step::Done(Outcome::Failed {
                     error: format!("reading {}: {e}", table.ident),
@@ -862,28 +905,51 @@ fn connect(rt: &tokio::runtime::Runtime, st: &mut State, t: &Target) -> Result<(
 
 /// Record the pass on the platform, and prune what every target has.
 fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
+    // Targets moved to S, in one statement per kind (a pass usually moves every target): only
+    // if they are still where this pass found them (a push may have moved them meanwhile).
+    for applied in [false, true] {
+        let moved: Vec<&Target> = results
+            .iter()
+            .filter(|(_, o)| {
+                if applied {
+                    matches!(o, Outcome::Applied { .. })
+                } else {
+                    matches!(o, Outcome::Advanced)
+                }
+            })
+            .map(|(t, _)| t)
+            .collect();
+        if moved.is_empty() {
+            continue;
+        }
+        for t in &moved {
+            st.retry_at.remove(&t.id);
+        }
+        let ids: Vec<i64> = moved.iter().map(|t| t.id).collect();
+        let from: Vec<String> = moved.iter().map(|t| t.position.clone()).collect();
+        let learner = if applied {
+            "learner_position = $1::pg_catalog.pg_snapshot, last_applied_at = pg_catalog.now(), last_sync_error = NULL,"
+        } else {
+            ""
+        };
+        Spi::run_with_args(
+            &format!(
+                "UPDATE poco.target t SET sync_position = $1::pg_catalog.pg_snapshot, {learner} \
+                        sync_position_at = pg_catalog.now(), sync_lag = 0 \
+                   FROM ROWS FROM (pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::text[])) AS m(id, from_position) \
+                  WHERE t.id = m.id AND t.sync_state = 'streaming' AND t.sync_position::text = m.from_position"
+            ),
+            &[s.into(), ids.into(), from.into()],
+        )
+        .ok();
+    }
     for (t, o) in results {
         match o {
-            Outcome::Advanced => {
-                st.retry_at.remove(&t.id);
-                Spi::run_with_args(
-                    "UPDATE poco.target SET sync_position = $2::pg_catalog.pg_snapshot, sync_position_at = pg_catalog.now(), sync_lag = 0 \
-                      WHERE id = $1 AND sync_state = 'streaming' AND sync_position::text = $3",
-                    &[t.id.into(), s.into(), t.position.as_str().into()],
-                )
-                .ok();
-            }
-            Outcome::Applied { changes } => {
-                st.retry_at.remove(&t.id);
-                Spi::run_with_args(
-                    "UPDATE poco.target SET sync_position = $2::pg_catalog.pg_snapshot, learner_position = $2::pg_catalog.pg_snapshot, \
-                            sync_position_at = pg_catalog.now(), last_applied_at = pg_catalog.now(), sync_lag = 0, last_sync_error = NULL \
-                      WHERE id = $1 AND sync_state = 'streaming' AND sync_position::text = $3",
-                    &[t.id.into(), s.into(), t.position.as_str().into()],
-                )
-                .ok();
-                let _ = changes;
-            }
+            Outcome::Advanced => {}
+            Outcome::Applied { changes } => debug1!(
+                "poco_sync stream: target {}: {changes} changes applied",
+                t.id
+            ),
             Outcome::Resnapshot(why) => {
                 st.retry_at.remove(&t.id);
                 resnapshot(t.id, why);
