@@ -131,4 +131,5 @@ echo "logical rep.: $LN rows of family $FIRST (row filter); latency p50 $LP50 ms
 echo "platform pgbench (4 clients, one audit row per transaction, $THROUGHPUT_SECONDS s): capture on $ON tps, off $OFF tps ($(awk -v a="$ON" -v b="$OFF" 'BEGIN { printf "%+.0f%%", (a / b - 1) * 100 }'))"
 echo "pgbench at $RATE/s, poco run: $(grep -E '^(latency average|tps)' "$BASE/pgbench_poco.txt" | tr '\n' ' ')"
 } | tee "$OUT/sync_latency.txt"
-for s in platform learner; do as_user "$BIN/pg_ctl" stop -w -m fast -D "$BASE/$s/data" >/dev/null; done
+# KEEP=1 leaves both servers running (for a look at the learners' arrival tables).
+[ "${KEEP:-0}" = 1 ] || for s in platform learner; do as_user "$BIN/pg_ctl" stop -w -m fast -D "$BASE/$s/data" >/dev/null; done

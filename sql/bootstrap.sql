@@ -89,6 +89,11 @@ CREATE TABLE poco.scope_exclusion (
 COMMENT ON TABLE poco.scope_exclusion IS 'Columns that never leave the platform';
 
 SELECT pg_catalog.pg_extension_config_dump('poco.scope', '');
+
+-- Bumped (in the same transaction) by every change of the scope and every schema change of a
+-- scoped table: the sync stream keeps the compiled scope while this stays the same.
+CREATE TABLE poco.scope_generation (n bigint NOT NULL);
+INSERT INTO poco.scope_generation VALUES (0);
 SELECT pg_catalog.pg_extension_config_dump('poco.scope_exclusion', '');
 SELECT pg_catalog.pg_extension_config_dump('poco.target', '');
 SELECT pg_catalog.pg_extension_config_dump('poco.target_id_seq', '');

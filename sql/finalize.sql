@@ -194,6 +194,7 @@ BEGIN
       INSERT INTO poco.events (kind, message, detail)
       VALUES ('scope_changed', format('scope: %s (%s) was dropped; its declaration is removed', o.object_identity, r),
               jsonb_build_object('table', o.object_identity, 'removed', r, 'reason', 'dropped'));
+      UPDATE poco.scope_generation SET n = n + 1;
       IF to_regprocedure('poco.resnapshot_all(text)') IS NOT NULL THEN
         PERFORM poco.resnapshot_all(format('%s left the scope (dropped)', o.object_identity));
       END IF;
@@ -331,7 +332,7 @@ AS $$
 DECLARE
   hit text;
 BEGIN
-  IF to_regclass('poco.target') IS NULL OR NOT EXISTS (SELECT 1 FROM poco.target WHERE continuous) THEN
+  IF to_regclass('poco.target') IS NULL OR NOT EXISTS (SELECT 1 FROM poco.scope) THEN
     RETURN;
   END IF;
   WITH scoped AS (SELECT rel::oid AS oid FROM poco.scope),
@@ -345,8 +346,11 @@ BEGIN
    WHERE (d.classid = 'pg_class'::regclass AND d.objid IN (SELECT oid FROM scoped))
       OR (d.classid = 'pg_type'::regclass AND d.objid IN (SELECT oid FROM types));
   IF hit IS NOT NULL THEN
-    PERFORM poco.refresh_capture();
-    PERFORM poco.resnapshot_all(format('the schema of %s changed', hit));
+    UPDATE poco.scope_generation SET n = n + 1;
+    IF EXISTS (SELECT 1 FROM poco.target WHERE continuous) THEN
+      PERFORM poco.refresh_capture();
+      PERFORM poco.resnapshot_all(format('the schema of %s changed', hit));
+    END IF;
   END IF;
 END $$;
 CREATE EVENT TRIGGER poco_schema_changed ON ddl_command_end

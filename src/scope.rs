@@ -354,6 +354,7 @@ fn validate_and_log(message: String, detail: serde_json::Value) {
 /// Continuous targets follow a scope change: capture on exactly the new scoped tables, and a
 /// new snapshot of every target (its tables, rows and columns may all differ now).
 fn sync_follows_scope(why: &str) {
+    Spi::run("UPDATE poco.scope_generation SET n = n + 1").or_raise();
     Spi::run_with_args(
         "SELECT poco.refresh_capture(), poco.resnapshot_all($1) WHERE EXISTS (SELECT 1 FROM poco.target WHERE continuous)",
         &[why.into()],

@@ -92,9 +92,20 @@ struct State {
     plans: HashMap<String, pgrx::spi::OwnedPreparedStatement>,
     /// Targets whose snapshot failed: when to try again, and how many times it was tried.
     snapshot_retry: HashMap<i64, (Instant, u32)>,
+    /// Targets the stream connected to ahead of their first batch.
+    preconnected: BTreeSet<i64>,
+    /// The compiled scope of the last pass.
+    compiled: Option<std::rc::Rc<Compiled>>,
     /// The last run of maintain(), and whether any target synced continuously then.
     maintained_at: Option<Instant>,
     any_continuous: bool,
+}
+
+struct Compiled {
+    generation: i64,
+    sc: Scope,
+    pks: HashMap<u32, Vec<String>>,
+    fks: BTreeSet<(u32, u32)>,
 }
 
 struct Target {
@@ -143,9 +154,20 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         if targets.is_empty() {
             return Ok((s, Vec::new(), false));
         }
-        let sc = scope::require().map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
-        let pks = primary_keys(&sc);
-        let fks = scoped_references(&sc);
+        // The compiled scope, its keys and references are kept while poco.scope_generation
+        // (bumped with every scope or schema change, read in S) stays the same.
+        let generation = Spi::get_one::<i64>("SELECT n FROM poco.scope_generation")
+            .map_err(|e| JobError::new("XX000", e.to_string()))?
+            .unwrap_or(0);
+        if st.compiled.as_ref().is_none_or(|c| c.generation != generation) {
+            let sc = scope::require().map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
+            let pks = primary_keys(&sc);
+            let fks = scoped_references(&sc);
+            st.plans.clear();
+            st.compiled = Some(std::rc::Rc::new(Compiled { generation, sc, pks, fks }));
+        }
+        let compiled = st.compiled.clone().expect("compiled above");
+        let (sc, pks, fks) = (&compiled.sc, &compiled.pks, &compiled.fks);
         // Targets that were brought to the same position (all of them, usually: every pass
         // moves every caught-up target to its S) share one read of the changes and one
         // attribution.
@@ -159,6 +181,14 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                 continue;
             }
             groups.entry(t.position.clone()).or_default().push(t);
+        }
+        // A target that starts streaming gets its learner connection now, not with its first
+        // batch (after a restart every target would pay the connection then, at once). Tried
+        // once per target and process; a failure is left for the first batch to report.
+        let fresh: Vec<&Target> =
+            groups.values().flatten().filter(|t| !st.conns.contains_key(&t.id) && st.preconnected.insert(t.id)).collect();
+        if !fresh.is_empty() {
+            connect_all(rt, st, &fresh);
         }
         let mut steps: Vec<(Target, Step)> = Vec::new();
         for (position, group) in groups {
@@ -512,13 +542,28 @@ fn sync_keys(
         }
         // Rows of the parent's scope at S: the touched ones, or (reference tables) all.
         let rows_sql = match &keys {
-            Some(_) if !reference => format!(
-                "SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s))::text FROM ({}) s \
-                  WHERE ({}) IN (SELECT {k_list} FROM pg_catalog.jsonb_populate_recordset(NULL::{}, $2::pg_catalog.jsonb) k)",
-                table.select_sql,
-                pk.iter().map(|c| format!("s.{}", quote_ident(c))).collect::<Vec<_>>().join(", "),
-                table.ident
-            ),
+            Some(_) if !reference => {
+                // `column = ANY (array)` per key column is pushed down into the scope's query,
+                // where the primary key's index finds the touched rows (a semi-join against
+                // the key list is not, and the planner then read the family's rows whole);
+                // with several key columns the exact tuples are checked as well.
+                let keyset = format!("pg_catalog.jsonb_populate_recordset(NULL::{}, $2::pg_catalog.jsonb) k", table.ident);
+                let mut conds: Vec<String> = pk
+                    .iter()
+                    .map(|c| format!("s.{c} = ANY (ARRAY(SELECT k.{c} FROM {keyset}))", c = quote_ident(c)))
+                    .collect();
+                if pk.len() > 1 {
+                    conds.push(format!(
+                        "({}) IN (SELECT {k_list} FROM {keyset})",
+                        pk.iter().map(|c| format!("s.{}", quote_ident(c))).collect::<Vec<_>>().join(", ")
+                    ));
+                }
+                format!(
+                    "SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s))::text FROM ({}) s WHERE {}",
+                    table.select_sql,
+                    conds.join(" AND ")
+                )
+            }
             _ => format!("SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s))::text FROM ({}) s", table.select_sql),
         };
         let keys_text = keys.clone().unwrap_or_else(|| "[]".into());
@@ -688,21 +733,18 @@ fn deliver(
     for (t, step) in steps {
         match step {
             Step::Done(o) => out.push((t, o)),
-            Step::Send(b) => {
-                if let Err(e) = connect(rt, st, &t) {
-                    out.push((
-                        t,
-                        Outcome::Failed {
-                            error: e.message,
-                            changes: b.n,
-                        },
-                    ));
-                } else {
-                    sends.push((t, b));
-                }
-            }
+            Step::Send(b) => sends.push((t, b)),
         }
     }
+    let mut failed = connect_all(rt, st, &sends.iter().map(|(t, _)| t).collect::<Vec<_>>());
+    let mut connected = Vec::new();
+    for (t, b) in sends {
+        match failed.remove(&t.id) {
+            Some(e) => out.push((t, Outcome::Failed { error: e.message, changes: b.n })),
+            None => connected.push((t, b)),
+        }
+    }
+    let sends = connected;
     if sends.is_empty() {
         return out;
     }
@@ -877,30 +919,57 @@ fn deliver(
 }
 
 /// Make sure the stream has a live connection to the target's learner.
-fn connect(rt: &tokio::runtime::Runtime, st: &mut State, t: &Target) -> Result<(), JobError> {
-    if st.conns.get(&t.id).is_some_and(|c| !c.is_closed()) {
-        return Ok(());
+fn connect_all(rt: &tokio::runtime::Runtime, st: &mut State, targets: &[&Target]) -> HashMap<i64, JobError> {
+    let mut failed: HashMap<i64, JobError> = HashMap::new();
+    let need: Vec<&Target> = targets.iter().copied().filter(|t| !st.conns.get(&t.id).is_some_and(|c| !c.is_closed())).collect();
+    if need.is_empty() {
+        return failed;
     }
     let timeout = gucs::network_timeout();
-    let key = keys::current().map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
-    let target = catalog::load_target(t.id)
-        .map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
-    let password = crate::targets::poco::open_credentials(t.id, &key)
-        .map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
-    let client = rt.block_on(net::step(
-        "connect",
-        timeout * 2,
-        &stopping,
-        net::connect(
-            &target.spec,
-            password.as_deref(),
-            gucs::allow_private_targets(),
-            timeout,
-            "poco_sync stream",
-        ),
-    ))?;
-    st.conns.insert(t.id, client);
-    Ok(())
+    let key = match keys::current() {
+        Ok(k) => k,
+        Err(e) => {
+            for t in need {
+                failed.insert(t.id, JobError::new(e.sqlstate().code(), e.to_string()));
+            }
+            return failed;
+        }
+    };
+    // What to connect with is read here (SPI, this thread); the connections are opened all at
+    // once (after a restart, a hundred learners would otherwise wait for each other).
+    let mut specs = Vec::new();
+    for t in need {
+        let loaded = catalog::load_target(t.id).and_then(|target| {
+            crate::targets::poco::open_credentials(t.id, &key).map(|password| (target.spec, password))
+        });
+        match loaded {
+            Ok((spec, password)) => specs.push((t.id, spec, password)),
+            Err(e) => {
+                failed.insert(t.id, JobError::new(e.sqlstate().code(), e.to_string()));
+            }
+        }
+    }
+    let allow_private = gucs::allow_private_targets();
+    let futs = specs.iter().map(|(_, spec, password)| {
+        net::step(
+            "connect",
+            timeout * 2,
+            &stopping,
+            net::connect(spec, password.as_deref(), allow_private, timeout, "poco_sync stream"),
+        )
+    });
+    let results = rt.block_on(futures_util::future::join_all(futs));
+    for ((id, _, _), r) in specs.iter().zip(results) {
+        match r {
+            Ok(client) => {
+                st.conns.insert(*id, client);
+            }
+            Err(e) => {
+                failed.insert(*id, e);
+            }
+        }
+    }
+    failed
 }
 
 /// Record the pass on the platform, and prune what every target has.
