@@ -159,12 +159,22 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         let generation = Spi::get_one::<i64>("SELECT n FROM poco.scope_generation")
             .map_err(|e| JobError::new("XX000", e.to_string()))?
             .unwrap_or(0);
-        if st.compiled.as_ref().is_none_or(|c| c.generation != generation) {
-            let sc = scope::require().map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
+        if st
+            .compiled
+            .as_ref()
+            .is_none_or(|c| c.generation != generation)
+        {
+            let sc =
+                scope::require().map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
             let pks = primary_keys(&sc);
             let fks = scoped_references(&sc);
             st.plans.clear();
-            st.compiled = Some(std::rc::Rc::new(Compiled { generation, sc, pks, fks }));
+            st.compiled = Some(std::rc::Rc::new(Compiled {
+                generation,
+                sc,
+                pks,
+                fks,
+            }));
         }
         let compiled = st.compiled.clone().expect("compiled above");
         let (sc, pks, fks) = (&compiled.sc, &compiled.pks, &compiled.fks);
@@ -185,8 +195,11 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         // A target that starts streaming gets its learner connection now, not with its first
         // batch (after a restart every target would pay the connection then, at once). Tried
         // once per target and process; a failure is left for the first batch to report.
-        let fresh: Vec<&Target> =
-            groups.values().flatten().filter(|t| !st.conns.contains_key(&t.id) && st.preconnected.insert(t.id)).collect();
+        let fresh: Vec<&Target> = groups
+            .values()
+            .flatten()
+            .filter(|t| !st.conns.contains_key(&t.id) && st.preconnected.insert(t.id))
+            .collect();
         if !fresh.is_empty() {
             connect_all(rt, st, &fresh);
         }
@@ -362,8 +375,8 @@ fn load_changes(position: &str) -> Vec<Change> {
     Spi::connect(|c| {
         c.select(
             "SELECT rel, op::text, old, new FROM poco.change \
-              WHERE txid >= pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot) \
-                AND NOT pg_catalog.pg_visible_in_snapshot(txid, $1::pg_catalog.pg_snapshot) ORDER BY id",
+              WHERE txid >= pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot)::text::bigint \
+                AND NOT pg_catalog.pg_visible_in_snapshot(txid::text::pg_catalog.xid8, $1::pg_catalog.pg_snapshot)",
             None,
             &[position.into()],
         )
@@ -547,15 +560,26 @@ fn sync_keys(
                 // where the primary key's index finds the touched rows (a semi-join against
                 // the key list is not, and the planner then read the family's rows whole);
                 // with several key columns the exact tuples are checked as well.
-                let keyset = format!("pg_catalog.jsonb_populate_recordset(NULL::{}, $2::pg_catalog.jsonb) k", table.ident);
+                let keyset = format!(
+                    "pg_catalog.jsonb_populate_recordset(NULL::{}, $2::pg_catalog.jsonb) k",
+                    table.ident
+                );
                 let mut conds: Vec<String> = pk
                     .iter()
-                    .map(|c| format!("s.{c} = ANY (ARRAY(SELECT k.{c} FROM {keyset}))", c = quote_ident(c)))
+                    .map(|c| {
+                        format!(
+                            "s.{c} = ANY (ARRAY(SELECT k.{c} FROM {keyset}))",
+                            c = quote_ident(c)
+                        )
+                    })
                     .collect();
                 if pk.len() > 1 {
                     conds.push(format!(
                         "({}) IN (SELECT {k_list} FROM {keyset})",
-                        pk.iter().map(|c| format!("s.{}", quote_ident(c))).collect::<Vec<_>>().join(", ")
+                        pk.iter()
+                            .map(|c| format!("s.{}", quote_ident(c)))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ));
                 }
                 format!(
@@ -564,7 +588,10 @@ fn sync_keys(
                     conds.join(" AND ")
                 )
             }
-            _ => format!("SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s))::text FROM ({}) s", table.select_sql),
+            _ => format!(
+                "SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s))::text FROM ({}) s",
+                table.select_sql
+            ),
         };
         let keys_text = keys.clone().unwrap_or_else(|| "[]".into());
         let rows = select_kept(
@@ -740,7 +767,13 @@ fn deliver(
     let mut connected = Vec::new();
     for (t, b) in sends {
         match failed.remove(&t.id) {
-            Some(e) => out.push((t, Outcome::Failed { error: e.message, changes: b.n })),
+            Some(e) => out.push((
+                t,
+                Outcome::Failed {
+                    error: e.message,
+                    changes: b.n,
+                },
+            )),
             None => connected.push((t, b)),
         }
     }
@@ -919,9 +952,17 @@ fn deliver(
 }
 
 /// Make sure the stream has a live connection to the target's learner.
-fn connect_all(rt: &tokio::runtime::Runtime, st: &mut State, targets: &[&Target]) -> HashMap<i64, JobError> {
+fn connect_all(
+    rt: &tokio::runtime::Runtime,
+    st: &mut State,
+    targets: &[&Target],
+) -> HashMap<i64, JobError> {
     let mut failed: HashMap<i64, JobError> = HashMap::new();
-    let need: Vec<&Target> = targets.iter().copied().filter(|t| !st.conns.get(&t.id).is_some_and(|c| !c.is_closed())).collect();
+    let need: Vec<&Target> = targets
+        .iter()
+        .copied()
+        .filter(|t| !st.conns.get(&t.id).is_some_and(|c| !c.is_closed()))
+        .collect();
     if need.is_empty() {
         return failed;
     }
@@ -940,7 +981,8 @@ fn connect_all(rt: &tokio::runtime::Runtime, st: &mut State, targets: &[&Target]
     let mut specs = Vec::new();
     for t in need {
         let loaded = catalog::load_target(t.id).and_then(|target| {
-            crate::targets::poco::open_credentials(t.id, &key).map(|password| (target.spec, password))
+            crate::targets::poco::open_credentials(t.id, &key)
+                .map(|password| (target.spec, password))
         });
         match loaded {
             Ok((spec, password)) => specs.push((t.id, spec, password)),
@@ -955,7 +997,13 @@ fn connect_all(rt: &tokio::runtime::Runtime, st: &mut State, targets: &[&Target]
             "connect",
             timeout * 2,
             &stopping,
-            net::connect(spec, password.as_deref(), allow_private, timeout, "poco_sync stream"),
+            net::connect(
+                spec,
+                password.as_deref(),
+                allow_private,
+                timeout,
+                "poco_sync stream",
+            ),
         )
     });
     let results = rt.block_on(futures_util::future::join_all(futs));
@@ -1047,7 +1095,7 @@ fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
 /// waiting for a snapshot) are no longer needed.
 fn prune() {
     Spi::run(
-        "DELETE FROM poco.change WHERE txid < (SELECT pg_catalog.min(pg_catalog.pg_snapshot_xmin(sync_position)) \
+        "DELETE FROM poco.change WHERE txid < (SELECT pg_catalog.min(pg_catalog.pg_snapshot_xmin(sync_position)::text::bigint) \
            FROM poco.target WHERE continuous AND sync_position IS NOT NULL)",
     )
     .ok();
@@ -1148,8 +1196,8 @@ fn maintain(st: &mut State) -> bool {
                 let n = *counted.entry(position.clone()).or_insert_with(|| {
                     Spi::get_one_with_args::<i64>(
                         "SELECT count(*) FROM (SELECT 1 FROM poco.change \
-                          WHERE txid >= pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot) \
-                            AND NOT pg_catalog.pg_visible_in_snapshot(txid, $1::pg_catalog.pg_snapshot) LIMIT $2) x",
+                          WHERE txid >= pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot)::text::bigint \
+                            AND NOT pg_catalog.pg_visible_in_snapshot(txid::text::pg_catalog.xid8, $1::pg_catalog.pg_snapshot) LIMIT $2) x",
                         &[position.as_str().into(), (max_rows + 1).into()],
                     )
                     .ok()

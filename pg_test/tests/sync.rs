@@ -81,7 +81,7 @@ fn enabling_sync_snapshots_and_captures_and_disabling_stops_the_capture() {
     db.execute("INSERT INTO elearning.platform_secrets (id, name, value) VALUES (9999, 'x', 'y')");
     assert_eq!(
         db.value(
-            "SELECT string_agg(rel::regclass::text || ' ' || op::text || ' ' || (txid = pg_current_xact_id()), ',') \
+            "SELECT string_agg(rel::regclass::text || ' ' || op::text || ' ' || (txid = pg_current_xact_id()::text::bigint), ',') \
                FROM poco.change WHERE rel = 'elearning.users'::regclass"
         )
         .as_deref(),
@@ -93,6 +93,24 @@ fn enabling_sync_snapshots_and_captures_and_disabling_stops_the_capture() {
         )
         .as_deref(),
         Some("0")
+    );
+    db.execute("COMMIT");
+
+    // The capture (SECURITY DEFINER, no SET search_path, for speed) qualifies every name and
+    // operator: a writer's search_path that puts its own `=` first changes nothing.
+    db.execute(
+        "CREATE SCHEMA evil; \
+         CREATE FUNCTION evil.eq(text, text) RETURNS boolean LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'hijacked'; END $$; \
+         CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.eq)",
+    );
+    db.execute("BEGIN; SET LOCAL search_path = evil, pg_catalog, public");
+    db.execute("UPDATE elearning.users SET display_name = display_name || '?' WHERE id = 21");
+    assert_eq!(
+        db.value(
+            "SELECT count(*) FROM poco.change WHERE txid = pg_current_xact_id()::text::bigint"
+        )
+        .as_deref(),
+        Some("1")
     );
     db.execute("COMMIT");
 
