@@ -92,6 +92,8 @@ struct State {
     plans: HashMap<String, pgrx::spi::OwnedPreparedStatement>,
     /// Targets whose snapshot failed: when to try again, and how many times it was tried.
     snapshot_retry: HashMap<i64, (Instant, u32)>,
+    /// Targets whose next batch takes the careful (two round trip) path.
+    careful: BTreeSet<i64>,
     /// Targets the stream connected to ahead of their first batch.
     preconnected: BTreeSet<i64>,
     /// The compiled scope of the last pass.
@@ -128,6 +130,9 @@ enum Outcome {
         error: String,
         changes: i64,
     },
+    /// Not sent this pass, for no fault of the target's (the one round trip path's guard
+    /// found the learner elsewhere): the next pass takes the careful path.
+    Again,
 }
 
 /// One pass: (did work, is any target streaming).
@@ -627,7 +632,28 @@ fn sync_keys(
                     .as_array()
                     .map(|a| a.iter().map(|r| key_of(pk, r)).collect())
                     .unwrap_or_default();
+                let join = |keys: &BTreeSet<&String>| {
+                    format!(
+                        "FROM {} t JOIN pg_catalog.jsonb_populate_recordset(NULL::{}, {}::pg_catalog.jsonb) k ON ({t_list}) = ({k_list})",
+                        table.ident,
+                        table.ident,
+                        literal(&format!("[{}]", keys.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(",")))
+                    )
+                };
+                // Moved out: updated, not in scope now, still on the learner. Moved in: updated,
+                // in scope now, not on the learner.
+                let out_keys: BTreeSet<&String> = upd.iter().filter(|k| !in_now.contains(*k)).collect();
+                let in_keys: BTreeSet<&String> = upd.iter().filter(|k| in_now.contains(*k)).collect();
+                let mut guard: Vec<String> = Vec::new();
+                if !out_keys.is_empty() {
+                    guard.push(format!("EXISTS (SELECT 1 {})", join(&out_keys)));
+                }
+                if !in_keys.is_empty() {
+                    guard.push(format!("(SELECT pg_catalog.count(*) {}) <> {}", join(&in_keys), in_keys.len()));
+                }
+                let guard = if guard.is_empty() { "false".to_string() } else { guard.join(" OR ") };
                 membership.push(MembershipCheck {
+                    guard,
                     sql: format!(
                         "SELECT pg_catalog.jsonb_build_object({})::text FROM {} t \
                           JOIN pg_catalog.jsonb_populate_recordset(NULL::{}, {}::pg_catalog.jsonb) k ON ({t_list}) = ({k_list})",
@@ -741,6 +767,9 @@ struct MembershipCheck {
     table: String,
     pk: Vec<String>,
     sql: String,
+    /// The same check as a condition for the learner itself (true: a row moved), for the one
+    /// round trip path.
+    guard: String,
     updated: BTreeSet<String>,
     in_now: BTreeSet<String>,
 }
@@ -777,7 +806,13 @@ fn deliver(
             None => connected.push((t, b)),
         }
     }
-    let sends = connected;
+    // Targets whose learner is where the platform last put it (nearly always) get their batch
+    // in ONE round trip: the checks run on the learner, in a DO block that aborts the
+    // transaction when they fail. The others, and those whose guard just failed, take the
+    // careful path below (two round trips, the decisions taken here).
+    let (quick, sends): (Vec<(Target, Batch)>, Vec<(Target, Batch)>) =
+        connected.into_iter().partition(|(t, _)| !t.learner_position.is_empty() && !st.careful.contains(&t.id));
+    out.extend(deliver_quick(rt, st, s, quick));
     if sends.is_empty() {
         return out;
     }
@@ -951,6 +986,124 @@ fn deliver(
     out
 }
 
+/// Marks the one round trip path's own refusals on the learner.
+const GUARD: &str = "poco_sync guard: ";
+
+/// The one round trip path: BEGIN, a DO block that checks the learner's position (the one
+/// last written) and the moved-rows conditions, the statements, the new position, COMMIT.
+fn deliver_quick(rt: &tokio::runtime::Runtime, st: &mut State, s: &str, quick: Vec<(Target, Batch)>) -> Vec<(Target, Outcome)> {
+    if quick.is_empty() {
+        return Vec::new();
+    }
+    let timeout = gucs::network_timeout();
+    let ms = timeout.as_millis();
+    let sqls: Vec<Option<String>> = quick
+        .iter()
+        .map(|(t, b)| {
+            let mut body = format!(
+                "IF (SELECT p.position::text FROM poco_sync.position p FOR UPDATE) IS DISTINCT FROM {} THEN \
+                   RAISE EXCEPTION '{GUARD}position'; END IF;",
+                literal(&t.learner_position)
+            );
+            for m in &b.membership {
+                body.push_str(&format!(
+                    "\nIF {} THEN RAISE EXCEPTION '{GUARD}moved %', {}; END IF;",
+                    m.guard,
+                    literal(&m.table)
+                ));
+            }
+            if body.contains("$poco_guard$") {
+                return None; // cannot be quoted this way: the careful path
+            }
+            let mut all = vec![format!(
+                "BEGIN; SET LOCAL search_path = pg_catalog; SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; \
+                 SET LOCAL TimeZone = 'UTC'; SET LOCAL lock_timeout = '{ms}ms'; SET CONSTRAINTS ALL DEFERRED; \
+                 DO $poco_guard$ BEGIN {body} END $poco_guard$"
+            )];
+            all.extend(b.stmts.iter().cloned());
+            all.push(format!(
+                "UPDATE poco_sync.position SET position = {}, updated_at = pg_catalog.now(), batches = batches + 1",
+                literal(s)
+            ));
+            all.push("COMMIT".into());
+            Some(all.join(";\n"))
+        })
+        .collect();
+    let results: Vec<Option<Result<(), JobError>>> = {
+        let conns = &st.conns;
+        let futs = quick.iter().zip(&sqls).map(|((t, _), sql)| {
+            let client = &conns[&t.id];
+            async move {
+                let sql = sql.as_ref()?;
+                Some(
+                    net::step("applying a batch", timeout, &stopping, async move {
+                        client.batch_execute(sql).await.map_err(|e| JobError::learner("applying a batch", &e))
+                    })
+                    .await,
+                )
+            }
+        });
+        rt.block_on(futures_util::future::join_all(futs))
+    };
+    let mut out = Vec::new();
+    let mut rollback: Vec<i64> = Vec::new();
+    for ((t, b), r) in quick.into_iter().zip(results) {
+        let o = match r {
+            None => {
+                st.careful.insert(t.id);
+                Outcome::Again
+            }
+            Some(Ok(())) => {
+                if gucs::failpoint().as_deref() == Some("stream_ack_lost") && st.fired.insert("stream_ack_lost".into()) {
+                    st.conns.remove(&t.id);
+                    Outcome::Failed { error: "failpoint stream_ack_lost: the batch's acknowledgement was lost".into(), changes: b.n }
+                } else {
+                    Outcome::Applied { changes: b.n }
+                }
+            }
+            Some(Err(e)) => {
+                // The transaction is aborted on the learner: roll it back (or drop the
+                // connection if that fails too).
+                rollback.push(t.id);
+                if let Some(what) = e.message.split(GUARD).nth(1) {
+                    if what.starts_with("moved") {
+                        Outcome::Resnapshot(format!("a row of {} moved, with what it owns", what.trim_start_matches("moved ").trim()))
+                    } else {
+                        st.careful.insert(t.id);
+                        Outcome::Again
+                    }
+                } else if e.sqlstate == "42704" || e.sqlstate == "0A000" {
+                    // No plpgsql (DO) on this learner: the careful path from now on.
+                    st.careful.insert(t.id);
+                    Outcome::Again
+                } else {
+                    refused(e, b.n)
+                }
+            }
+        };
+        out.push((t, o));
+    }
+    if !rollback.is_empty() {
+        let done: Vec<Result<(), JobError>> = {
+            let conns = &st.conns;
+            let futs = rollback.iter().filter(|id| conns.contains_key(id)).map(|id| {
+                let client = &conns[id];
+                net::step("rolling back", timeout, &stopping, async move {
+                    client.batch_execute("ROLLBACK").await.map_err(|e| JobError::learner("rolling back", &e))
+                })
+            });
+            rt.block_on(futures_util::future::join_all(futs))
+        };
+        let ids: Vec<i64> = rollback.iter().copied().filter(|id| st.conns.contains_key(id)).collect();
+        for (id, r) in ids.into_iter().zip(done) {
+            if r.is_err() {
+                st.conns.remove(&id);
+            }
+        }
+    }
+    out
+}
+
 /// Make sure the stream has a live connection to the target's learner.
 fn connect_all(
     rt: &tokio::runtime::Runtime,
@@ -1062,13 +1215,14 @@ fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
     }
     for (t, o) in results {
         match o {
-            Outcome::Advanced => {}
-            Outcome::Applied { changes } => debug1!(
-                "poco_sync stream: target {}: {changes} changes applied",
-                t.id
-            ),
+            Outcome::Advanced | Outcome::Again => {}
+            Outcome::Applied { changes } => {
+                st.careful.remove(&t.id);
+                debug1!("poco_sync stream: target {}: {changes} changes applied", t.id);
+            }
             Outcome::Resnapshot(why) => {
                 st.retry_at.remove(&t.id);
+                st.careful.remove(&t.id);
                 resnapshot(t.id, why);
             }
             Outcome::Failed { error, changes } => {
