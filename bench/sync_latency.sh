@@ -3,7 +3,8 @@
 # logical replication, on this machine:
 #   1. FAMILIES families (default 100) sync continuously, each to its own database on one
 #      learner server; pgbench inserts audit rows for random families at RATE rows/s (default
-#      1000) for DURATION seconds (default 20). Each learner database records, by trigger, when each row
+#      1000) for DURATION seconds (default 20), optionally through a proxy adding RTT_MS
+#      of round trip (bench/delay_proxy.py). Each learner database records, by trigger, when each row
 #      arrived; latency = arrival (clock_timestamp on the learner) - the row's own
 #      clock_timestamp() on the platform, both servers on this machine's clock.
 #   2. The same load on a table carrying the family id directly, published with a row filter
@@ -42,7 +43,7 @@ server() { # name port extra-conf
   fi
   mkdir -p "$d"; chown "$USER_" "$d"
   as_user "$BIN/initdb" -D "$d/data" -U postgres --auth=trust -E UTF8 >/dev/null
-  printf "listen_addresses = '127.0.0.1'\nport = %s\nunix_socket_directories = '%s'\nmax_connections = 300\nshared_buffers = '256MB'\n%b" "$2" "$d" "$3" >> "$d/data/postgresql.conf"
+  printf "listen_addresses = '127.0.0.1'\nport = %s\nunix_socket_directories = '%s'\nmax_connections = %s\nshared_buffers = '256MB'\n%b" "$2" "$d" $((FAMILIES + 200)) "$3" >> "$d/data/postgresql.conf"
   as_user "$BIN/pg_ctl" start -w -D "$d/data" -l "$d/server.log" >/dev/null
 }
 if [ ! -f "$BASE.key" ]; then head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$BASE.key"; fi
@@ -54,10 +55,23 @@ qp -qc "CREATE EXTENSION poco_sync" -f sample/schema.sql
 qp -q -v parents="$FAMILIES" -f sample/data.sql
 qp -q -o /dev/null -f sample/scope.sql
 
+# RTT_MS > 0: the learner (and, for logical replication, the platform as the subscriber sees
+# it) is reached through bench/delay_proxy.py, which adds that round-trip time.
+RTT_MS=${RTT_MS:-0}
+LPORT=55452; PPORT=55451
+if [ "$RTT_MS" != 0 ]; then
+  pkill -f "delay_proxy.py 5545[34]" 2>/dev/null || true
+  python3 bench/delay_proxy.py 55453 55452 "$RTT_MS" & PROXY1=$!
+  python3 bench/delay_proxy.py 55454 55451 "$RTT_MS" & PROXY2=$!
+  trap 'kill $PROXY1 $PROXY2 2>/dev/null || true' EXIT
+  LPORT=55453; PPORT=55454
+  sleep 0.5
+fi
+
 echo "enabling sync for $FAMILIES families..."
 for f in $(seq $FIRST $LAST); do
   ql postgres -qc "CREATE DATABASE fam$f"
-  qp -qAt -c "SELECT poco_enable_sync($f, 'postgresql://postgres:x@127.0.0.1:55452/fam$f?sslmode=disable')" >/dev/null
+  qp -qAt -c "SELECT poco_enable_sync($f, 'postgresql://postgres:x@127.0.0.1:$LPORT/fam$f?sslmode=disable')" >/dev/null
 done
 for _ in $(seq 600); do
   left=$(qp -qAt -c "SELECT count(*) FROM poco.target WHERE sync_state <> 'streaming'")
@@ -84,7 +98,7 @@ ql postgres -qc "CREATE DATABASE lr"
 ql lr -q <<SQL
 CREATE TABLE public.lr_events (id bigint PRIMARY KEY, family bigint NOT NULL, at timestamptz NOT NULL,
                                at_learner timestamptz NOT NULL DEFAULT clock_timestamp());
-CREATE SUBSCRIPTION lr_bench CONNECTION 'host=127.0.0.1 port=55451 user=postgres dbname=platform' PUBLICATION lr_bench;
+CREATE SUBSCRIPTION lr_bench CONNECTION 'host=127.0.0.1 port=$PPORT user=postgres dbname=platform' PUBLICATION lr_bench;
 SQL
 sleep 2
 
@@ -103,6 +117,8 @@ pct() { # file of latencies (ms) -> "p50 p99 n"
 echo "poco_sync: $RATE rows/s over $FAMILIES families for $SECONDS_ s..."
 qp -qc "CHECKPOINT"
 "$BIN/pgbench" $P -n -c 4 -j 2 -R "$RATE" -T "$SECONDS_" -f "$BASE/poco.sql" platform > "$BASE/pgbench_poco.txt" 2>&1
+STREAM_PID=$(qp -qAt -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'poco_sync stream'")
+STREAM_RSS=$(awk '/^(VmHWM|RssAnon)/ { printf "%s %s %s; ", $1, $2, $3 }' "/proc/$STREAM_PID/status" 2>/dev/null || echo "?")
 for t in $(qp -qAt -c "SELECT id FROM poco.target ORDER BY id"); do
   [ "$(qp -qAt -c "SELECT poco_sync_wait($t, '5 min')")" = t ] || { echo "target $t did not catch up" >&2; exit 1; }
 done
@@ -134,12 +150,13 @@ qp -qc "DROP TRIGGER poco_capture ON elearning.audit_log" -c "TRUNCATE poco.chan
 OFF2=$(tps)
 
 {
-echo "# sync_latency: FAMILIES=$FAMILIES RATE=$RATE DURATION=$SECONDS_, $(nproc) cores, PostgreSQL $("$BIN/postgres" --version | awk '{print $3}'), $(date -u +%F)"
+echo "# sync_latency: FAMILIES=$FAMILIES RATE=$RATE DURATION=$SECONDS_ RTT_MS=$RTT_MS, $(nproc) cores, PostgreSQL $("$BIN/postgres" --version | awk '{print $3}'), $(date -u +%F)"
 echo "poco_sync   : $SENT rows sent, $N arrivals measured; latency p50 $P50 ms, p99 $P99 ms"
 echo "logical rep.: $LN rows of family $FIRST (row filter); latency p50 $LP50 ms, p99 $LP99 ms"
 OFFM=$(( (OFF + OFF2) / 2 ))
 echo "platform pgbench (4 clients, one audit row per transaction, $THROUGHPUT_SECONDS s): sync off $OFF / $OFF2 tps; capture triggers only $CAPTURE_ONLY tps ($(awk -v a="$CAPTURE_ONLY" -v b="$OFFM" 'BEGIN { printf "%+.0f%%", (a / b - 1) * 100 }')); capture + stream + $FAMILIES learners on the same cores $ON tps ($(awk -v a="$ON" -v b="$OFFM" 'BEGIN { printf "%+.0f%%", (a / b - 1) * 100 }'))"
+echo "stream process at the end of the run (pid $STREAM_PID): $STREAM_RSS"
 echo "pgbench at $RATE/s, poco run: $(grep -E '^(latency average|tps)' "$BASE/pgbench_poco.txt" | tr '\n' ' ')"
-} | tee "$OUT/sync_latency.txt"
+} | tee "$OUT/sync_latency$([ "$RTT_MS" = 0 ] || echo "_rtt$RTT_MS")$([ "$FAMILIES" = 100 ] || echo "_$FAMILIES").txt"
 # KEEP=1 leaves both servers running (for a look at the learners' arrival tables).
 [ "${KEEP:-0}" = 1 ] || for s in platform learner; do as_user "$BIN/pg_ctl" stop -w -m fast -D "$BASE/$s/data" >/dev/null; done
