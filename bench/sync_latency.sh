@@ -12,6 +12,7 @@
 #   3. Platform write throughput: pgbench at full speed for THROUGHPUT_SECONDS (default 10) on
 #      the scoped table, with the families syncing, with sync off (twice, around the next
 #      run), and with the capture triggers alone (nobody delivering).
+# SYNC_WORKERS (default 2) stream processes split the targets (poco.sync_workers).
 # Starts its own platform (127.0.0.1:55451, wal_level = logical) and learner (127.0.0.1:55452)
 # under /var/tmp/poco_sync-bench-sync as the non-root user; needs the extension installed
 # (release build: cargo pgrx install --release --pg-config /usr/bin/pg_config).
@@ -48,7 +49,7 @@ server() { # name port extra-conf
 }
 if [ ! -f "$BASE.key" ]; then head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$BASE.key"; fi
 chown "$USER_" "$BASE.key"; chmod 600 "$BASE.key"
-server platform 55451 "shared_preload_libraries = 'poco_sync'\npoco.database = 'platform'\npoco.key_file = '$BASE.key'\npoco.allow_private_targets = on\nwal_level = logical\nmax_worker_processes = 16\n"
+server platform 55451 "shared_preload_libraries = 'poco_sync'\npoco.database = 'platform'\npoco.key_file = '$BASE.key'\npoco.allow_private_targets = on\npoco.sync_workers = ${SYNC_WORKERS:-2}\nwal_level = logical\nmax_worker_processes = 16\n"
 server learner 55452 ""
 "$BIN/psql" -X -q $P -d postgres -c "CREATE DATABASE platform"
 qp -qc "CREATE EXTENSION poco_sync" -f sample/schema.sql
@@ -58,6 +59,7 @@ qp -q -o /dev/null -f sample/scope.sql
 # RTT_MS > 0: the learner (and, for logical replication, the platform as the subscriber sees
 # it) is reached through bench/delay_proxy.py, which adds that round-trip time.
 RTT_MS=${RTT_MS:-0}
+SYNC_WORKERS=${SYNC_WORKERS:-2}
 LPORT=55452; PPORT=55451
 if [ "$RTT_MS" != 0 ]; then
   pkill -f "delay_proxy.py 5545[34]" 2>/dev/null || true
@@ -117,8 +119,10 @@ pct() { # file of latencies (ms) -> "p50 p99 n"
 echo "poco_sync: $RATE rows/s over $FAMILIES families for $SECONDS_ s..."
 qp -qc "CHECKPOINT"
 "$BIN/pgbench" $P -n -c 4 -j 2 -R "$RATE" -T "$SECONDS_" -f "$BASE/poco.sql" platform > "$BASE/pgbench_poco.txt" 2>&1
-STREAM_PID=$(qp -qAt -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'poco_sync stream'")
-STREAM_RSS=$(awk '/^(VmHWM|RssAnon)/ { printf "%s %s %s; ", $1, $2, $3 }' "/proc/$STREAM_PID/status" 2>/dev/null || echo "?")
+STREAM_RSS=""
+for pid in $(qp -qAt -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'poco_sync stream' ORDER BY pid"); do
+  STREAM_RSS+="pid $pid: $(awk '/^(VmHWM|RssAnon)/ { printf "%s %s %s; ", $1, $2, $3 }' "/proc/$pid/status" 2>/dev/null || echo "?") "
+done
 for t in $(qp -qAt -c "SELECT id FROM poco.target ORDER BY id"); do
   [ "$(qp -qAt -c "SELECT poco_sync_wait($t, '5 min')")" = t ] || { echo "target $t did not catch up" >&2; exit 1; }
 done
@@ -150,13 +154,13 @@ qp -qc "DROP TRIGGER poco_capture ON elearning.audit_log" -c "TRUNCATE poco.chan
 OFF2=$(tps)
 
 {
-echo "# sync_latency: FAMILIES=$FAMILIES RATE=$RATE DURATION=$SECONDS_ RTT_MS=$RTT_MS, $(nproc) cores, PostgreSQL $("$BIN/postgres" --version | awk '{print $3}'), $(date -u +%F)"
+echo "# sync_latency: FAMILIES=$FAMILIES RATE=$RATE DURATION=$SECONDS_ RTT_MS=$RTT_MS SYNC_WORKERS=${SYNC_WORKERS:-2}, $(nproc) cores, PostgreSQL $("$BIN/postgres" --version | awk '{print $3}'), $(date -u +%F)"
 echo "poco_sync   : $SENT rows sent, $N arrivals measured; latency p50 $P50 ms, p99 $P99 ms"
 echo "logical rep.: $LN rows of family $FIRST (row filter); latency p50 $LP50 ms, p99 $LP99 ms"
 OFFM=$(( (OFF + OFF2) / 2 ))
 echo "platform pgbench (4 clients, one audit row per transaction, $THROUGHPUT_SECONDS s): sync off $OFF / $OFF2 tps; capture triggers only $CAPTURE_ONLY tps ($(awk -v a="$CAPTURE_ONLY" -v b="$OFFM" 'BEGIN { printf "%+.0f%%", (a / b - 1) * 100 }')); capture + stream + $FAMILIES learners on the same cores $ON tps ($(awk -v a="$ON" -v b="$OFFM" 'BEGIN { printf "%+.0f%%", (a / b - 1) * 100 }'))"
-echo "stream process at the end of the run (pid $STREAM_PID): $STREAM_RSS"
+echo "stream processes at the end of the run: $STREAM_RSS"
 echo "pgbench at $RATE/s, poco run: $(grep -E '^(latency average|tps)' "$BASE/pgbench_poco.txt" | tr '\n' ' ')"
-} | tee "$OUT/sync_latency$([ "$RTT_MS" = 0 ] || echo "_rtt$RTT_MS")$([ "$FAMILIES" = 100 ] || echo "_$FAMILIES").txt"
+} | tee "$OUT/sync_latency$([ "$RTT_MS" = 0 ] || echo "_rtt$RTT_MS")$([ "$FAMILIES" = 100 ] || echo "_$FAMILIES")$([ "${SYNC_WORKERS:-2}" = 2 ] || echo "_w${SYNC_WORKERS}")$([ "$RATE" = 1000 ] || echo "_r$RATE").txt"
 # KEEP=1 leaves both servers running (for a look at the learners' arrival tables).
 [ "${KEEP:-0}" = 1 ] || for s in platform learner; do as_user "$BIN/pg_ctl" stop -w -m fast -D "$BASE/$s/data" >/dev/null; done

@@ -18,6 +18,7 @@ static BINARY_COPY: GucSetting<bool> = GucSetting::<bool>::new(true);
 static SYNC_MAX_BACKLOG: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
 static SYNC_MAX_BACKLOG_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 static FAILPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static SYNC_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -114,6 +115,17 @@ pub fn init() {
         GucFlags::SUPERUSER_ONLY,
     );
     GucRegistry::define_int_guc(
+        c"poco.sync_workers",
+        c"How many sync stream processes split the continuous targets between them.",
+        c"Target id modulo this number picks a target's stream. On a change (and reload) the \
+          streams stop and start again split the new way.",
+        &SYNC_WORKERS,
+        1,
+        crate::shmem::MAX_STREAMS as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
         c"poco.sync_max_backlog",
         c"Most captured changes kept for a continuous target that cannot take them (learner down).",
         c"Past it (or past poco.sync_max_backlog_age) the target's backlog is dropped and it is \
@@ -203,4 +215,9 @@ pub fn sync_max_backlog() -> (i64, Option<std::time::Duration>) {
         SYNC_MAX_BACKLOG.get().max(0) as i64,
         (age > 0).then(|| std::time::Duration::from_secs(age as u64)),
     )
+}
+
+/// How many stream processes split the continuous targets.
+pub fn sync_workers() -> usize {
+    SYNC_WORKERS.get().clamp(1, crate::shmem::MAX_STREAMS as i32) as usize
 }

@@ -71,11 +71,14 @@ pub struct WorkerShared {
     pub restarts: u32,
     pub state: u8,
     pub slots: [JobSlot; MAX_SLOTS],
-    /// The sync stream process (0: not running).
-    pub stream_pid: i32,
+    /// The sync stream processes, by part (0: not running).
+    pub stream_pids: [i32; MAX_STREAMS],
 }
 
 unsafe impl PGRXSharedMemory for WorkerShared {}
+
+/// Most sync stream processes (poco.sync_workers).
+pub const MAX_STREAMS: usize = 8;
 
 pub const STATE_STOPPED: u8 = 0;
 pub const STATE_STARTING: u8 = 1;
@@ -149,19 +152,40 @@ pub fn wake_worker() {
     }
 }
 
-/// Wake the sync stream (set its latch) when a transaction that changed scoped rows commits.
-/// Safe in a commit callback: no allocation, no ERROR.
+/// Wake the sync streams (set their latches) when a transaction that changed scoped rows
+/// commits. Safe in a commit callback: no allocation, no ERROR.
 pub fn wake_stream() {
     if !preloaded() {
         return;
     }
-    let pid = WORKER.share().stream_pid;
-    if pid != 0 {
-        unsafe {
-            let proc_ = pg_sys::BackendPidGetProc(pid);
-            if !proc_.is_null() {
-                pg_sys::SetLatch(&mut (*proc_).procLatch);
+    let pids = WORKER.share().stream_pids;
+    for pid in pids {
+        if pid != 0 {
+            unsafe {
+                let proc_ = pg_sys::BackendPidGetProc(pid);
+                if !proc_.is_null() {
+                    pg_sys::SetLatch(&mut (*proc_).procLatch);
+                }
             }
         }
     }
+}
+
+/// Whether a live process holds stream part `k` (a process that died by an ERROR leaves its
+/// pid behind; a server crash resets the segment).
+pub fn stream_alive(k: usize) -> bool {
+    let pid = WORKER.share().stream_pids[k];
+    pid != 0 && unsafe { !pg_sys::BackendPidGetProc(pid).is_null() }
+}
+
+/// Take stream part `k` for this process, unless another live process holds it.
+pub fn claim_stream(k: usize) -> bool {
+    let me = unsafe { pg_sys::MyProcPid };
+    let mut g = WORKER.exclusive();
+    let pid = g.stream_pids[k];
+    if pid != 0 && pid != me && unsafe { !pg_sys::BackendPidGetProc(pid).is_null() } {
+        return false;
+    }
+    g.stream_pids[k] = me;
+    true
 }

@@ -26,7 +26,10 @@ fn stopping() -> bool {
 
 #[pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn poco_stream_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn poco_stream_main(arg: pg_sys::Datum) {
+    // This process serves the targets whose id modulo `parts` is `part`.
+    let arg = arg.value();
+    let (part, parts) = (arg & 0xff, (arg >> 8).max(1));
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
     let runtime = crate::worker::with_signals_blocked(|| {
@@ -48,15 +51,26 @@ pub extern "C-unwind" fn poco_stream_main(_arg: pg_sys::Datum) {
         )
         .ok();
     });
-    crate::shmem::update(|w| w.stream_pid = unsafe { pg_sys::MyProcPid });
-    let mut st = State::default();
-    log!("poco_sync stream started (pid {})", unsafe {
-        pg_sys::MyProcPid
-    });
+    if part >= crate::shmem::MAX_STREAMS || !crate::shmem::claim_stream(part) {
+        return; // another process serves this part (started by an earlier coordinator)
+    }
+    let mut st = State {
+        part: part as i64,
+        parts: parts as i64,
+        ..State::default()
+    };
+    log!(
+        "poco_sync stream {} of {parts} started (pid {})",
+        part + 1,
+        unsafe { pg_sys::MyProcPid }
+    );
     let mut idle_passes = 0u32;
     while !stopping() {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            if gucs::sync_workers() != parts {
+                break; // split another way now: the coordinator starts the new streams
+            }
         }
         let (busy, any_target) = pass(&runtime, &mut st);
         if !any_target {
@@ -73,13 +87,20 @@ pub extern "C-unwind" fn poco_stream_main(_arg: pg_sys::Datum) {
             break;
         }
     }
-    crate::shmem::update(|w| w.stream_pid = 0);
+    crate::shmem::update(|w| {
+        if w.stream_pids[part] == unsafe { pg_sys::MyProcPid } {
+            w.stream_pids[part] = 0
+        }
+    });
     drop(runtime);
     log!("poco_sync stream exiting");
 }
 
 #[derive(Default)]
 struct State {
+    /// This stream serves the targets whose id modulo `parts` is `part`.
+    part: i64,
+    parts: i64,
     conns: HashMap<i64, tokio_postgres::Client>,
     /// A target that failed waits until then (backoff) before it is tried again.
     retry_at: HashMap<i64, (Instant, u32)>,
@@ -153,7 +174,7 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         let s = Spi::get_one::<String>("SELECT pg_catalog.pg_current_snapshot()::text")
             .map_err(|e| JobError::new("XX000", e.to_string()))?
             .unwrap_or_default();
-        let targets = streaming_targets();
+        let targets = streaming_targets(st.part, st.parts);
         // Close the connections of targets that no longer stream (disabled, removed).
         st.conns.retain(|id, _| targets.iter().any(|t| t.id == *id));
         if targets.is_empty() {
@@ -259,15 +280,16 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
     (busy, any || continuous)
 }
 
-fn streaming_targets() -> Vec<Target> {
+fn streaming_targets(part: i64, parts: i64) -> Vec<Target> {
     Spi::connect(|c| {
         c.select(
             "SELECT t.id, t.parent_id, t.sync_position::text, coalesce(t.learner_position::text, '') FROM poco.target t \
               WHERE t.continuous AND t.sync_state = 'streaming' AND t.sync_position IS NOT NULL \
+                AND t.id % $2 = $1 \
                 AND NOT EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = t.id AND j.state IN ('queued', 'running')) \
               ORDER BY t.id",
             None,
-            &[],
+            &[part.into(), parts.into()],
         )
         .map(|rows| {
             rows.map(|r| Target {
@@ -1242,7 +1264,9 @@ fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
             }
         }
     }
-    prune();
+    if st.part == 0 {
+        prune(); // one stream prunes: two would wait on each other's row locks
+    }
 }
 
 /// Changes every continuous target has (or will not need: below the position of a target
@@ -1284,11 +1308,11 @@ fn maintain(st: &mut State) -> bool {
                 "SELECT t.id, t.sync_state, extract(epoch FROM pg_catalog.now() - coalesce(t.sync_position_at, pg_catalog.now()))::float8, \
                         coalesce(t.sync_position::text, '') \
                    FROM poco.target t \
-                  WHERE t.continuous AND t.sync_state IN ('streaming', 'error') \
+                  WHERE t.continuous AND t.sync_state IN ('streaming', 'error') AND t.id % $2 = $1 \
                     AND NOT EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = t.id AND j.state IN ('queued', 'running')) \
                   ORDER BY t.id",
                 None,
-                &[],
+                &[st.part.into(), st.parts.into()],
             )
             .map(|rows| {
                 rows.map(|r| {
@@ -1367,7 +1391,9 @@ fn maintain(st: &mut State) -> bool {
                 }
             }
         }
-        prune();
+        if st.part == 0 {
+            prune();
+        }
         st.any_continuous =
             Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM poco.target WHERE continuous)")
                 .ok()

@@ -120,8 +120,9 @@ struct Jobs {
     /// Orphaned 'running' jobs are failed once, on the first pass with the extension.
     recovered: bool,
     handles: HashMap<usize, DynamicBackgroundWorker>,
-    /// The sync stream process, while any target syncs continuously.
-    stream: Option<DynamicBackgroundWorker>,
+    /// The sync stream processes (poco.sync_workers of them, splitting the targets), while
+    /// any target syncs continuously.
+    streams: Vec<Option<DynamicBackgroundWorker>>,
     /// (tables_done, rows_done, bytes_done) last published per job
     published: HashMap<i64, (i32, i64, i64)>,
     /// A running job's row as read once (parent, target, the estimate), not on every publish.
@@ -215,22 +216,35 @@ fn one_pass(_runtime: &tokio::runtime::Runtime, jobs: &mut Jobs) -> Duration {
             .flatten()
             .unwrap_or(false)
     });
-    if want_stream
-        && !jobs
-            .stream
-            .as_ref()
-            .is_some_and(|h| !matches!(h.pid(), Err(BackgroundWorkerStatus::Stopped)))
-    {
-        jobs.stream = BackgroundWorkerBuilder::new("poco_sync stream")
+    let parts = gucs::sync_workers();
+    if jobs.streams.len() != parts {
+        // Split another way: the streams of the old split stop by themselves on the reload;
+        // the new ones start once no old one runs (a target is never served by two).
+        if jobs.streams.iter().flatten().any(running) {
+            return Duration::from_millis(100).min(gucs::naptime());
+        }
+        jobs.streams = (0..parts).map(|_| None).collect();
+    }
+    if want_stream {
+        for part in 0..parts {
+            if jobs.streams[part].as_ref().is_some_and(running) || shmem::stream_alive(part) {
+                continue;
+            }
+            jobs.streams[part] = BackgroundWorkerBuilder::new(&format!(
+                "poco_sync stream {} of {parts}",
+                part + 1
+            ))
             .set_type(crate::stream::STREAM_WORKER_TYPE)
             .set_library("poco_sync")
             .set_function("poco_stream_main")
+            .set_argument(Some(pg_sys::Datum::from(part | (parts << 8))))
             .enable_spi_access()
             .set_start_time(BgWorkerStartTime::RecoveryFinished)
             .set_restart_time(None)
             .set_notify_pid(unsafe { pg_sys::MyProcPid })
             .load_dynamic()
             .ok();
+        }
     }
     let busy = shmem::snapshot().slots.iter().any(|s| s.job_id != 0);
     if busy {
@@ -238,6 +252,10 @@ fn one_pass(_runtime: &tokio::runtime::Runtime, jobs: &mut Jobs) -> Duration {
     } else {
         gucs::naptime()
     }
+}
+
+fn running(h: &DynamicBackgroundWorker) -> bool {
+    !matches!(h.pid(), Err(BackgroundWorkerStatus::Stopped))
 }
 
 fn start_job(slot: usize, job_id: i64) -> Result<DynamicBackgroundWorker, ()> {

@@ -341,3 +341,64 @@ fn a_target_enabled_while_another_streams_under_load_misses_nothing() {
         assert_learner_equals_scope(&db, &l.connect("family"), parent);
     }
 }
+
+#[test]
+fn targets_are_split_between_stream_processes_and_split_again_on_reload() {
+    let (platform, db) = sample_platform("sync_split", 20);
+    let (la, lb) = (learner("sync_split_a"), learner("sync_split_b"));
+    let mut targets = Vec::new();
+    for (parent, l) in [("21", &la), ("22", &lb)] {
+        let t: i64 = db.query(&format!(
+            "SELECT poco_enable_sync({parent}, '{}')",
+            l.target_url("family", "postgres", "pw")
+        ))[0]
+            .get(0);
+        targets.push((t, parent, l));
+    }
+    let streams = |n: usize| {
+        wait_for(Duration::from_secs(30), || {
+            db.value(
+                "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'poco_sync stream'",
+            )
+            .filter(|c| c == &n.to_string())
+        })
+        .is_some()
+    };
+    let round = |label: &str| {
+        for (t, parent, l) in &targets {
+            db.execute(&format!(
+                "UPDATE elearning.users SET display_name = '{label}' WHERE id = {parent}"
+            ));
+            assert!(synced(&db, *t, "1 min"), "target {t} ({label})");
+            let ldb = l.connect("family");
+            assert_eq!(
+                ldb.value(&format!(
+                    "SELECT display_name FROM elearning.users WHERE id = {parent}"
+                ))
+                .as_deref(),
+                Some(label)
+            );
+            assert_learner_equals_scope(&db, &ldb, parent);
+            // One stream, and only one, writes to each learner.
+            let writers = wait_for(Duration::from_secs(10), || {
+                ldb.value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'poco_sync stream'")
+                    .filter(|c| c == "1")
+            });
+            assert!(writers.is_some(), "one stream connection to target {t}");
+        }
+    };
+    // The default splits the targets between two processes.
+    assert!(streams(2), "two stream processes by default");
+    round("two streams");
+    assert!(platform.log().contains("poco_sync stream 2 of 2 started"));
+    // Split again on reload: the old streams stop, the new ones take over, nothing is missed.
+    for n in [1usize, 3] {
+        db.execute(&format!("ALTER SYSTEM SET poco.sync_workers = {n}"));
+        platform.reload();
+        assert!(streams(n), "{n} stream processes after the reload");
+        round(&format!("{n} streams"));
+        assert!(platform
+            .log()
+            .contains(&format!("poco_sync stream {n} of {n} started")));
+    }
+}
