@@ -617,11 +617,16 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
             forward = format!("{forward} AND $1::pg_catalog.text IS NOT NULL");
         }
         let owner_param = format!("(poco_p.v)::{key_type}");
-        let owners = match role {
-            // Owned rows: walk up from the row and test the predicate on the root rows reached,
-            // rather than collecting each candidate parent's root rows (a scan per candidate).
-            Role::Owned => g.owned_reaches_root(oid, "t", &owner_param, &mut Counter::default()),
-            _ => g.member(oid, "t", &owner_param, &mut Counter::default()),
+        let owners_sql = match role {
+            // Owned rows: walk up from the row once, then test the predicate on the root rows
+            // reached for each candidate parent (not a walk per candidate).
+            Role::Owned => g.owned_owners_sql(oid, &t.ident, &owner_param),
+            _ => format!(
+                "SELECT poco_p.v FROM pg_catalog.unnest($1::pg_catalog.text[]) AS poco_p(v) \
+                 WHERE EXISTS (SELECT 1 FROM pg_catalog.jsonb_populate_record(NULL::{}, $2) t WHERE {})",
+                t.ident,
+                g.member(oid, "t", &owner_param, &mut Counter::default())
+            ),
         };
         let path = match role {
             Role::Root => format!("{} WHERE {}", t.ident, pred_text.trim()),
@@ -662,12 +667,11 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
             fks: fk_verdicts(&cx, oid, role, chains.get(&oid)),
             warnings: warnings(&cx, oid, role, chains.get(&oid)),
             select_sql: format!("SELECT {col_list} FROM {} t WHERE {forward}", t.from_item()),
-            count_sql: format!("SELECT pg_catalog.count(*) FROM {} t WHERE {forward}", t.from_item()),
-            owners_sql: format!(
-                "SELECT poco_p.v FROM pg_catalog.unnest($1::pg_catalog.text[]) AS poco_p(v) \
-                 WHERE EXISTS (SELECT 1 FROM pg_catalog.jsonb_populate_record(NULL::{}, $2) t WHERE {owners})",
-                t.ident
+            count_sql: format!(
+                "SELECT pg_catalog.count(*) FROM {} t WHERE {forward}",
+                t.from_item()
             ),
+            owners_sql,
         });
     }
     Ok(Some(Scope {
@@ -1022,18 +1026,25 @@ impl Gen<'_> {
         )
     }
 
-    /// The row `alias` of owned table `oid` reaches, up its ownership path, a root row for
-    /// which the predicate holds with `param`. Same meaning as `member`, evaluated from the row
-    /// upwards (for attributing one row to candidate parents).
-    fn owned_reaches_root(&self, oid: Oid, alias: &str, param: &str, n: &mut Counter) -> String {
+    /// Which of the candidate parents (`$1`, text[]) hold the row `$2` (jsonb) of owned table
+    /// `oid`: the root rows the row reaches up its ownership path are found once (a
+    /// materialized CTE), then the predicate is tested on them for each candidate. Same meaning
+    /// as `member`, evaluated from the row upwards; the cost of a candidate is one predicate
+    /// test, not one walk (the planner otherwise walked the path once per candidate).
+    fn owned_owners_sql(&self, oid: Oid, ident: &str, param: &str) -> String {
         let cat = self.cx.cat;
         let chain = &self.chains[&oid];
         let last = &cat.fks[*chain.last().expect("an owned table has a path")];
         let root = &cat.tables[&last.parent];
+        let mut n = Counter::default();
         let o = n.next("w");
-        let reach = self.chain_reach(chain, alias, n);
+        let reach = self.chain_reach(chain, "t", &mut n);
+        let r = n.next("w");
         format!(
-            "EXISTS (SELECT 1 FROM {} {o} WHERE {} IN ({reach}) AND ({}))",
+            "WITH poco_r AS MATERIALIZED (SELECT {o}.* FROM {} {o} WHERE {} IN \
+               (SELECT poco_x.* FROM pg_catalog.jsonb_populate_record(NULL::{ident}, $2) t CROSS JOIN LATERAL ({reach}) poco_x)) \
+             SELECT poco_p.v FROM pg_catalog.unnest($1::pg_catalog.text[]) AS poco_p(v) \
+              WHERE EXISTS (SELECT 1 FROM poco_r {r} WHERE ({}))",
             root.from_item(),
             tuple(&o, &root.idents(&last.parent_cols)),
             self.pred.with_param(param)
