@@ -219,5 +219,7 @@ pub fn sync_max_backlog() -> (i64, Option<std::time::Duration>) {
 
 /// How many stream processes split the continuous targets.
 pub fn sync_workers() -> usize {
-    SYNC_WORKERS.get().clamp(1, crate::shmem::MAX_STREAMS as i32) as usize
+    SYNC_WORKERS
+        .get()
+        .clamp(1, crate::shmem::MAX_STREAMS as i32) as usize
 }

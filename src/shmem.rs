@@ -73,6 +73,8 @@ pub struct WorkerShared {
     pub slots: [JobSlot; MAX_SLOTS],
     /// The sync stream processes, by part (0: not running).
     pub stream_pids: [i32; MAX_STREAMS],
+    /// When a session last asked, from poco_sync_wait, for positions to be recorded at once.
+    pub sync_wait_at: i64,
 }
 
 unsafe impl PGRXSharedMemory for WorkerShared {}
@@ -188,4 +190,14 @@ pub fn claim_stream(k: usize) -> bool {
     }
     g.stream_pids[k] = me;
     true
+}
+
+/// A session waits in poco_sync_wait: ask the streams to record positions at once (they
+/// otherwise record a target that had nothing to send about once a second), and wake them.
+pub fn sync_waiting() {
+    if !preloaded() {
+        return;
+    }
+    update(|w| w.sync_wait_at = now());
+    wake_stream();
 }

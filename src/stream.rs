@@ -119,6 +119,13 @@ struct State {
     preconnected: BTreeSet<i64>,
     /// The compiled scope of the last pass.
     compiled: Option<std::rc::Rc<Compiled>>,
+    /// Targets a pass found nothing for: (position recorded, position reached). Moving them is
+    /// recorded at most once a second (or at once while a session waits in poco_sync_wait),
+    /// not on every pass: rewriting every target's row on every pass cost more than the
+    /// changes. A crash loses only the knowledge that nothing was there to send.
+    ahead: HashMap<i64, (String, String)>,
+    recorded_at: Option<Instant>,
+    pruned_at: Option<Instant>,
     /// The last run of maintain(), and whether any target synced continuously then.
     maintained_at: Option<Instant>,
     any_continuous: bool,
@@ -134,7 +141,11 @@ struct Compiled {
 struct Target {
     id: i64,
     parent: String,
+    /// Where this pass starts: the recorded position, or the one this process moved the
+    /// target to without recording it yet (State::ahead).
     position: String,
+    /// The position recorded in poco.target.
+    recorded: String,
     learner_position: String,
 }
 
@@ -174,7 +185,18 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         let s = Spi::get_one::<String>("SELECT pg_catalog.pg_current_snapshot()::text")
             .map_err(|e| JobError::new("XX000", e.to_string()))?
             .unwrap_or_default();
-        let targets = streaming_targets(st.part, st.parts);
+        let mut targets = streaming_targets(st.part, st.parts);
+        // Start where this process left a target (if nobody moved it since: a push would).
+        st.ahead.retain(|id, (recorded, _)| {
+            targets
+                .iter()
+                .any(|t| t.id == *id && t.recorded == *recorded)
+        });
+        for t in &mut targets {
+            if let Some((_, reached)) = st.ahead.get(&t.id) {
+                t.position = reached.clone();
+            }
+        }
         // Close the connections of targets that no longer stream (disabled, removed).
         st.conns.retain(|id, _| targets.iter().any(|t| t.id == *id));
         if targets.is_empty() {
@@ -296,6 +318,7 @@ fn streaming_targets(part: i64, parts: i64) -> Vec<Target> {
                 id: r.get::<i64>(1).ok().flatten().unwrap_or(0),
                 parent: r.get::<String>(2).ok().flatten().unwrap_or_default(),
                 position: r.get::<String>(3).ok().flatten().unwrap_or_default(),
+                recorded: r.get::<String>(3).ok().flatten().unwrap_or_default(),
                 learner_position: r.get::<String>(4).ok().flatten().unwrap_or_default(),
             })
             .collect()
@@ -664,16 +687,26 @@ fn sync_keys(
                 };
                 // Moved out: updated, not in scope now, still on the learner. Moved in: updated,
                 // in scope now, not on the learner.
-                let out_keys: BTreeSet<&String> = upd.iter().filter(|k| !in_now.contains(*k)).collect();
-                let in_keys: BTreeSet<&String> = upd.iter().filter(|k| in_now.contains(*k)).collect();
+                let out_keys: BTreeSet<&String> =
+                    upd.iter().filter(|k| !in_now.contains(*k)).collect();
+                let in_keys: BTreeSet<&String> =
+                    upd.iter().filter(|k| in_now.contains(*k)).collect();
                 let mut guard: Vec<String> = Vec::new();
                 if !out_keys.is_empty() {
                     guard.push(format!("EXISTS (SELECT 1 {})", join(&out_keys)));
                 }
                 if !in_keys.is_empty() {
-                    guard.push(format!("(SELECT pg_catalog.count(*) {}) <> {}", join(&in_keys), in_keys.len()));
+                    guard.push(format!(
+                        "(SELECT pg_catalog.count(*) {}) <> {}",
+                        join(&in_keys),
+                        in_keys.len()
+                    ));
                 }
-                let guard = if guard.is_empty() { "false".to_string() } else { guard.join(" OR ") };
+                let guard = if guard.is_empty() {
+                    "false".to_string()
+                } else {
+                    guard.join(" OR ")
+                };
                 membership.push(MembershipCheck {
                     guard,
                     sql: format!(
@@ -832,8 +865,9 @@ fn deliver(
     // in ONE round trip: the checks run on the learner, in a DO block that aborts the
     // transaction when they fail. The others, and those whose guard just failed, take the
     // careful path below (two round trips, the decisions taken here).
-    let (quick, sends): (Vec<(Target, Batch)>, Vec<(Target, Batch)>) =
-        connected.into_iter().partition(|(t, _)| !t.learner_position.is_empty() && !st.careful.contains(&t.id));
+    let (quick, sends): (Vec<(Target, Batch)>, Vec<(Target, Batch)>) = connected
+        .into_iter()
+        .partition(|(t, _)| !t.learner_position.is_empty() && !st.careful.contains(&t.id));
     out.extend(deliver_quick(rt, st, s, quick));
     if sends.is_empty() {
         return out;
@@ -1013,7 +1047,12 @@ const GUARD: &str = "poco_sync guard: ";
 
 /// The one round trip path: BEGIN, a DO block that checks the learner's position (the one
 /// last written) and the moved-rows conditions, the statements, the new position, COMMIT.
-fn deliver_quick(rt: &tokio::runtime::Runtime, st: &mut State, s: &str, quick: Vec<(Target, Batch)>) -> Vec<(Target, Outcome)> {
+fn deliver_quick(
+    rt: &tokio::runtime::Runtime,
+    st: &mut State,
+    s: &str,
+    quick: Vec<(Target, Batch)>,
+) -> Vec<(Target, Outcome)> {
     if quick.is_empty() {
         return Vec::new();
     }
@@ -1059,7 +1098,10 @@ fn deliver_quick(rt: &tokio::runtime::Runtime, st: &mut State, s: &str, quick: V
                 let sql = sql.as_ref()?;
                 Some(
                     net::step("applying a batch", timeout, &stopping, async move {
-                        client.batch_execute(sql).await.map_err(|e| JobError::learner("applying a batch", &e))
+                        client
+                            .batch_execute(sql)
+                            .await
+                            .map_err(|e| JobError::learner("applying a batch", &e))
                     })
                     .await,
                 )
@@ -1076,9 +1118,15 @@ fn deliver_quick(rt: &tokio::runtime::Runtime, st: &mut State, s: &str, quick: V
                 Outcome::Again
             }
             Some(Ok(())) => {
-                if gucs::failpoint().as_deref() == Some("stream_ack_lost") && st.fired.insert("stream_ack_lost".into()) {
+                if gucs::failpoint().as_deref() == Some("stream_ack_lost")
+                    && st.fired.insert("stream_ack_lost".into())
+                {
                     st.conns.remove(&t.id);
-                    Outcome::Failed { error: "failpoint stream_ack_lost: the batch's acknowledgement was lost".into(), changes: b.n }
+                    Outcome::Failed {
+                        error: "failpoint stream_ack_lost: the batch's acknowledgement was lost"
+                            .into(),
+                        changes: b.n,
+                    }
                 } else {
                     Outcome::Applied { changes: b.n }
                 }
@@ -1089,7 +1137,10 @@ fn deliver_quick(rt: &tokio::runtime::Runtime, st: &mut State, s: &str, quick: V
                 rollback.push(t.id);
                 if let Some(what) = e.message.split(GUARD).nth(1) {
                     if what.starts_with("moved") {
-                        Outcome::Resnapshot(format!("a row of {} moved, with what it owns", what.trim_start_matches("moved ").trim()))
+                        Outcome::Resnapshot(format!(
+                            "a row of {} moved, with what it owns",
+                            what.trim_start_matches("moved ").trim()
+                        ))
                     } else {
                         st.careful.insert(t.id);
                         Outcome::Again
@@ -1108,15 +1159,25 @@ fn deliver_quick(rt: &tokio::runtime::Runtime, st: &mut State, s: &str, quick: V
     if !rollback.is_empty() {
         let done: Vec<Result<(), JobError>> = {
             let conns = &st.conns;
-            let futs = rollback.iter().filter(|id| conns.contains_key(id)).map(|id| {
-                let client = &conns[id];
-                net::step("rolling back", timeout, &stopping, async move {
-                    client.batch_execute("ROLLBACK").await.map_err(|e| JobError::learner("rolling back", &e))
-                })
-            });
+            let futs = rollback
+                .iter()
+                .filter(|id| conns.contains_key(id))
+                .map(|id| {
+                    let client = &conns[id];
+                    net::step("rolling back", timeout, &stopping, async move {
+                        client
+                            .batch_execute("ROLLBACK")
+                            .await
+                            .map_err(|e| JobError::learner("rolling back", &e))
+                    })
+                });
             rt.block_on(futures_util::future::join_all(futs))
         };
-        let ids: Vec<i64> = rollback.iter().copied().filter(|id| st.conns.contains_key(id)).collect();
+        let ids: Vec<i64> = rollback
+            .iter()
+            .copied()
+            .filter(|id| st.conns.contains_key(id))
+            .collect();
         for (id, r) in ids.into_iter().zip(done) {
             if r.is_err() {
                 st.conns.remove(&id);
@@ -1197,41 +1258,62 @@ fn connect_all(
 
 /// Record the pass on the platform, and prune what every target has.
 fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
-    // Targets moved to S, in one statement per kind (a pass usually moves every target): only
-    // if they are still where this pass found them (a push may have moved them meanwhile).
-    for applied in [false, true] {
-        let moved: Vec<&Target> = results
-            .iter()
-            .filter(|(_, o)| {
-                if applied {
-                    matches!(o, Outcome::Applied { .. })
-                } else {
-                    matches!(o, Outcome::Advanced)
-                }
-            })
-            .map(|(t, _)| t)
-            .collect();
+    // Targets with nothing to send reached S: noted here, recorded later (State::ahead).
+    for (t, o) in results {
+        match o {
+            Outcome::Advanced => {
+                st.retry_at.remove(&t.id);
+                st.ahead.insert(t.id, (t.recorded.clone(), s.to_string()));
+            }
+            Outcome::Applied { .. } => {
+                st.retry_at.remove(&t.id);
+                st.ahead.remove(&t.id);
+            }
+            _ => {}
+        }
+    }
+    let waited = crate::shmem::snapshot().sync_wait_at;
+    let someone_waits = waited != 0 && crate::shmem::now() - waited < 2_000_000;
+    let flush = someone_waits
+        || st
+            .recorded_at
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
+    // Targets moved to S (applied) or to where they reached (nothing to send), in one
+    // statement per kind: only if they are still where this pass found them (a push may have
+    // moved them meanwhile).
+    let applied: Vec<(i64, String, String)> = results
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Applied { .. }))
+        .map(|(t, _)| (t.id, t.recorded.clone(), s.to_string()))
+        .collect();
+    let reached: Vec<(i64, String, String)> = if flush {
+        st.recorded_at = Some(Instant::now());
+        st.ahead
+            .drain()
+            .map(|(id, (recorded, reached))| (id, recorded, reached))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for (moved, learner) in [
+        (applied, "learner_position = m.to_position::pg_catalog.pg_snapshot, last_applied_at = pg_catalog.now(), last_sync_error = NULL,"),
+        (reached, ""),
+    ] {
         if moved.is_empty() {
             continue;
         }
-        for t in &moved {
-            st.retry_at.remove(&t.id);
-        }
-        let ids: Vec<i64> = moved.iter().map(|t| t.id).collect();
-        let from: Vec<String> = moved.iter().map(|t| t.position.clone()).collect();
-        let learner = if applied {
-            "learner_position = $1::pg_catalog.pg_snapshot, last_applied_at = pg_catalog.now(), last_sync_error = NULL,"
-        } else {
-            ""
-        };
+        let ids: Vec<i64> = moved.iter().map(|m| m.0).collect();
+        let from: Vec<String> = moved.iter().map(|m| m.1.clone()).collect();
+        let to: Vec<String> = moved.iter().map(|m| m.2.clone()).collect();
         Spi::run_with_args(
             &format!(
-                "UPDATE poco.target t SET sync_position = $1::pg_catalog.pg_snapshot, {learner} \
+                "UPDATE poco.target t SET sync_position = m.to_position::pg_catalog.pg_snapshot, {learner} \
                         sync_position_at = pg_catalog.now(), sync_lag = 0 \
-                   FROM ROWS FROM (pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::text[])) AS m(id, from_position) \
+                   FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::text[])) \
+                        AS m(id, from_position, to_position) \
                   WHERE t.id = m.id AND t.sync_state = 'streaming' AND t.sync_position::text = m.from_position"
             ),
-            &[s.into(), ids.into(), from.into()],
+            &[ids.into(), from.into(), to.into()],
         )
         .ok();
     }
@@ -1240,7 +1322,10 @@ fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
             Outcome::Advanced | Outcome::Again => {}
             Outcome::Applied { changes } => {
                 st.careful.remove(&t.id);
-                debug1!("poco_sync stream: target {}: {changes} changes applied", t.id);
+                debug1!(
+                    "poco_sync stream: target {}: {changes} changes applied",
+                    t.id
+                );
             }
             Outcome::Resnapshot(why) => {
                 st.retry_at.remove(&t.id);
@@ -1264,8 +1349,14 @@ fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
             }
         }
     }
-    if st.part == 0 {
-        prune(); // one stream prunes: two would wait on each other's row locks
+    // One stream prunes (two would wait on each other's row locks), a few times a second.
+    if st.part == 0
+        && st
+            .pruned_at
+            .is_none_or(|at| at.elapsed() >= Duration::from_millis(200))
+    {
+        st.pruned_at = Some(Instant::now());
+        prune();
     }
 }
 
@@ -1333,6 +1424,13 @@ fn maintain(st: &mut State) -> bool {
         });
         let mut counted: HashMap<String, i64> = HashMap::new();
         for (id, state, behind_s, position) in rows {
+            if st
+                .ahead
+                .get(&id)
+                .is_some_and(|(recorded, _)| *recorded == position)
+            {
+                continue; // caught up at the last pass, not recorded yet: not behind
+            }
             if state == "error" {
                 // The snapshot failed (its own retries spent): try again, waiting longer each time.
                 let (at, tries) = *st.snapshot_retry.entry(id).or_insert_with(|| {

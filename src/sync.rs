@@ -53,7 +53,12 @@ pub mod poco {
             ));
         }
         let start = Instant::now();
+        let mut asked: Option<Instant> = None;
         loop {
+            if asked.is_none_or(|at| at.elapsed() >= Duration::from_millis(250)) {
+                crate::shmem::sync_waiting();
+                asked = Some(Instant::now());
+            }
             let row = Spi::get_two_with_args::<bool, bool>(
                 "SELECT continuous, sync_state = 'streaming' AND poco.snapshot_covers(sync_position, $2::pg_catalog.pg_snapshot) \
                    FROM poco.target WHERE id = $1",

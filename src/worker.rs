@@ -230,20 +230,18 @@ fn one_pass(_runtime: &tokio::runtime::Runtime, jobs: &mut Jobs) -> Duration {
             if jobs.streams[part].as_ref().is_some_and(running) || shmem::stream_alive(part) {
                 continue;
             }
-            jobs.streams[part] = BackgroundWorkerBuilder::new(&format!(
-                "poco_sync stream {} of {parts}",
-                part + 1
-            ))
-            .set_type(crate::stream::STREAM_WORKER_TYPE)
-            .set_library("poco_sync")
-            .set_function("poco_stream_main")
-            .set_argument(Some(pg_sys::Datum::from(part | (parts << 8))))
-            .enable_spi_access()
-            .set_start_time(BgWorkerStartTime::RecoveryFinished)
-            .set_restart_time(None)
-            .set_notify_pid(unsafe { pg_sys::MyProcPid })
-            .load_dynamic()
-            .ok();
+            jobs.streams[part] =
+                BackgroundWorkerBuilder::new(&format!("poco_sync stream {} of {parts}", part + 1))
+                    .set_type(crate::stream::STREAM_WORKER_TYPE)
+                    .set_library("poco_sync")
+                    .set_function("poco_stream_main")
+                    .set_argument(Some(pg_sys::Datum::from(part | (parts << 8))))
+                    .enable_spi_access()
+                    .set_start_time(BgWorkerStartTime::RecoveryFinished)
+                    .set_restart_time(None)
+                    .set_notify_pid(unsafe { pg_sys::MyProcPid })
+                    .load_dynamic()
+                    .ok();
         }
     }
     let busy = shmem::snapshot().slots.iter().any(|s| s.job_id != 0);
