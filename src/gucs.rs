@@ -15,7 +15,7 @@ static RETRY_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static NETWORK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 static BATCH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024);
 static BINARY_COPY: GucSetting<bool> = GucSetting::<bool>::new(true);
-static SYNC_MAX_BACKLOG: GucSetting<i32> = GucSetting::<i32>::new(1_000_000);
+static SYNC_MAX_BACKLOG: GucSetting<i32> = GucSetting::<i32>::new(100_000);
 static SYNC_MAX_BACKLOG_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 static FAILPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static SYNC_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
@@ -129,7 +129,8 @@ pub fn init() {
         c"poco.sync_max_backlog",
         c"Most captured changes kept for a continuous target that cannot take them (learner down).",
         c"Past it (or past poco.sync_max_backlog_age) the target's backlog is dropped and it is \
-          re-snapshotted by itself when its learner answers again. 0: no row limit.",
+          re-snapshotted by itself when its learner answers again. It is also the most changes \
+          one batch holds in memory: a larger one is replaced by a re-snapshot. 0: no row limit.",
         &SYNC_MAX_BACKLOG,
         0,
         i32::MAX,

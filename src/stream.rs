@@ -251,24 +251,72 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         if !fresh.is_empty() {
             connect_all(rt, st, &fresh);
         }
+        // A target whose last batch failed is connected to first: while its learner does not
+        // answer, its backlog is not read and attributed again on every try.
+        let retrying: Vec<&Target> = groups
+            .values()
+            .flatten()
+            .filter(|t| {
+                st.retry_at.contains_key(&t.id)
+                    && !st.conns.get(&t.id).is_some_and(|c| !c.is_closed())
+            })
+            .collect();
+        let mut unreachable = if retrying.is_empty() {
+            HashMap::new()
+        } else {
+            connect_all(rt, st, &retrying)
+        };
         let mut steps: Vec<(Target, Step)> = Vec::new();
+        let (max_changes, _) = gucs::sync_max_backlog();
         for (position, group) in groups {
-            let changes = load_changes(&position);
+            let (group, down): (Vec<Target>, Vec<Target>) = group
+                .into_iter()
+                .partition(|t| !unreachable.contains_key(&t.id));
+            for t in down {
+                let e = unreachable.remove(&t.id).expect("partitioned on it");
+                // How many changes wait is not known (not read): the lag shown stays.
+                steps.push((t, Step::Done(refused(e, -1))));
+            }
+            if group.is_empty() {
+                continue;
+            }
             let parents: Vec<String> = group
                 .iter()
                 .map(|t| t.parent.clone())
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            let owners = attribute(&mut st.plans, &sc, &changes, &parents);
+            let (changes, owners) =
+                match load_attributed(&mut st.plans, sc, pks, &position, &parents, max_changes) {
+                    Ok(x) => x,
+                    Err(LoadError::TooMany(n)) => {
+                        // One batch that large is not held in memory: a full snapshot is
+                        // constant memory, and for so many changes not slower.
+                        for t in group {
+                            let why = format!(
+                                "more than {n} changes waited in one batch (poco.sync_max_backlog)"
+                            );
+                            steps.push((t, Step::Done(Outcome::Resnapshot(why))));
+                        }
+                        continue;
+                    }
+                    Err(LoadError::Failed(e)) => {
+                        for t in group {
+                            let error = format!("reading the captured changes: {e}");
+                            steps.push((t, Step::Done(Outcome::Failed { error, changes: 0 })));
+                        }
+                        continue;
+                    }
+                };
             for t in group {
-                let step = if owners.iter().any(|o| o.concerns(&t.parent)) {
+                let pi = parents.binary_search(&t.parent).ok().map(|i| i as u32);
+                let step = if owners.iter().any(|o| o.concerns(pi)) {
                     // The target's share of the batch: its own changes, and those whose owner
                     // cannot be told.
-                    let mine: Vec<&Change> = changes
+                    let mine: Vec<&Keyed> = changes
                         .iter()
                         .zip(&owners)
-                        .filter(|(_, o)| o.goes_to(&t.parent))
+                        .filter(|(_, o)| o.goes_to(pi))
                         .map(|(c, _)| c)
                         .collect();
                     sync_target(&mut st.plans, &sc, &pks, &fks, &t, &mine)
@@ -382,13 +430,13 @@ fn sync_target(
     pks: &HashMap<u32, Vec<String>>,
     fks: &BTreeSet<(u32, u32)>,
     t: &Target,
-    changes: &[&Change],
+    changes: &[&Keyed],
 ) -> Step {
     if changes.is_empty() {
         return Step::Done(Outcome::Advanced);
     }
     let n = changes.len() as i64;
-    if changes.iter().any(|c| c.1 == "T") {
+    if changes.iter().any(|c| c.op == b'T') {
         return Step::Done(Outcome::Resnapshot("a scoped table was truncated".into()));
     }
     sync_keys(plans, sc, pks, fks, t, changes, n)
@@ -406,49 +454,143 @@ fn select_kept(
     types: &[PgBuiltInOids],
     args: &[pgrx::datum::DatumWithOid],
 ) -> Result<Vec<Option<String>>, pgrx::spi::SpiError> {
+    select_kept_cols(plans, sql, types, args).map(|rows| {
+        rows.into_iter()
+            .map(|r| r.into_iter().next().flatten())
+            .collect()
+    })
+}
+
+/// `select_kept`, every column of each row as text.
+fn select_kept_cols(
+    plans: &mut Plans,
+    sql: &str,
+    types: &[PgBuiltInOids],
+    args: &[pgrx::datum::DatumWithOid],
+) -> Result<Vec<Vec<Option<String>>>, pgrx::spi::SpiError> {
     if !plans.contains_key(sql) {
         let types: Vec<PgOid> = types.iter().map(|t| PgOid::BuiltIn(*t)).collect();
         let p = Spi::connect(|c| c.prepare(sql, &types).map(|p| p.keep()))?;
         plans.insert(sql.to_string(), p);
     }
     Spi::connect(|c| {
-        c.select(&plans[sql], None, args)
-            .map(|rows| rows.map(|r| r.get::<String>(1).ok().flatten()).collect())
+        c.select(&plans[sql], None, args).map(|rows| {
+            rows.map(|r| {
+                (1..=r.columns())
+                    .map(|i| r.get::<String>(i).ok().flatten())
+                    .collect()
+            })
+            .collect()
+        })
     })
 }
 
 /// (table, operation, old row, new row)
 type Change = (u32, String, Option<Value>, Option<Value>);
 
-/// The changes of transactions visible in S (the current snapshot) and not in `position`.
-fn load_changes(position: &str) -> Vec<Change> {
+/// A change as a batch needs it once attributed: its table, operation (I, U, D, T) and the
+/// primary key (as JSON text) of its old and new images. Kept small: a long backlog is held
+/// as a list of these.
+struct Keyed {
+    rel: u32,
+    op: u8,
+    old: Option<Box<str>>,
+    new: Option<Box<str>>,
+}
+
+enum LoadError {
+    /// More than this many changes for one batch (poco.sync_max_backlog).
+    TooMany(i64),
+    Failed(String),
+}
+
+/// Changes fetched and attributed at a time: what is held is then only their keys.
+const LOAD_CHUNK: i64 = 2_000;
+
+/// The changes of transactions visible in S (the current snapshot) and not in `position`, and
+/// whom each concerns among `parents`. Read through a cursor a chunk at a time: each chunk is
+/// attributed with its whole images, which are then cut down to their primary keys (all a
+/// batch needs of them), so memory follows the number of changes, not their size; past
+/// `max` changes (poco.sync_max_backlog; 0: no limit) the load stops.
+fn load_attributed(
+    plans: &mut Plans,
+    sc: &Scope,
+    pks: &HashMap<u32, Vec<String>>,
+    position: &str,
+    parents: &[String],
+    max: i64,
+) -> Result<(Vec<Keyed>, Vec<Owners>), LoadError> {
+    let mut changes: Vec<Keyed> = Vec::new();
+    let mut owners: Vec<Owners> = Vec::new();
+    // Attribution's own allocations (argument datums) are freed after each chunk.
+    let mut cx = pgrx::PgMemoryContexts::new("poco_sync attribution");
     Spi::connect(|c| {
-        c.select(
-            "SELECT rel, op::text, old, new FROM poco.change \
-              WHERE txid >= pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot)::text::bigint \
-                AND NOT pg_catalog.pg_visible_in_snapshot(txid::text::pg_catalog.xid8, $1::pg_catalog.pg_snapshot)",
-            None,
-            &[position.into()],
-        )
-        .map(|rows| {
-            rows.map(|r| {
-                (
-                    r.get::<pg_sys::Oid>(1).ok().flatten().map(u32::from).unwrap_or(0),
-                    r.get::<String>(2).ok().flatten().unwrap_or_default(),
-                    r.get::<pgrx::JsonB>(3).ok().flatten().map(|j| j.0),
-                    r.get::<pgrx::JsonB>(4).ok().flatten().map(|j| j.0),
-                )
-            })
-            .collect()
-        })
-        .unwrap_or_default()
-    })
+        let mut cursor = c
+            .try_open_cursor(
+                "SELECT rel, op::text, old, new FROM poco.change \
+                  WHERE txid >= pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot)::text::bigint \
+                    AND NOT pg_catalog.pg_visible_in_snapshot(txid::text::pg_catalog.xid8, $1::pg_catalog.pg_snapshot)",
+                &[position.into()],
+            )
+            .map_err(|e| LoadError::Failed(e.to_string()))?;
+        loop {
+            // Converting the images to JSON allocates in the current context: cx, too.
+            let fetched = unsafe {
+                cx.switch_to(|_| {
+                    let rows = cursor.fetch(LOAD_CHUNK as _)?;
+                    let table = pg_sys::SPI_tuptable;
+                    let chunk: Vec<Change> = rows
+                        .map(|r| {
+                            (
+                                r.get::<pg_sys::Oid>(1)
+                                    .ok()
+                                    .flatten()
+                                    .map(u32::from)
+                                    .unwrap_or(0),
+                                r.get::<String>(2).ok().flatten().unwrap_or_default(),
+                                r.get::<pgrx::JsonB>(3).ok().flatten().map(|j| j.0),
+                                r.get::<pgrx::JsonB>(4).ok().flatten().map(|j| j.0),
+                            )
+                        })
+                        .collect();
+                    Ok::<_, pgrx::spi::SpiError>((chunk, table))
+                })
+            };
+            let (chunk, table) = fetched.map_err(|e| LoadError::Failed(e.to_string()))?;
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            let chunk_owners = unsafe { cx.switch_to(|_| attribute(plans, sc, &chunk, parents)) };
+            unsafe {
+                cx.reset();
+                if !table.is_null() {
+                    pg_sys::SPI_freetuptable(table);
+                }
+            }
+            for (rel, op, old, new) in chunk {
+                let pk: &[String] = pks.get(&rel).map(|v| v.as_slice()).unwrap_or(&[]);
+                let cut = |img: Option<Value>| img.map(|i| key_of(pk, &i).into_boxed_str());
+                changes.push(Keyed {
+                    rel,
+                    op: op.as_bytes().first().copied().unwrap_or(b'?'),
+                    old: cut(old),
+                    new: cut(new),
+                });
+            }
+            owners.extend(chunk_owners);
+            if max > 0 && changes.len() as i64 > max {
+                return Err(LoadError::TooMany(max));
+            }
+        }
+    })?;
+    Ok((changes, owners))
 }
 
 /// Whom one change concerns, among the parents of a group.
 enum Owners {
-    /// These parents' scopes hold the row at S (as it is now, or as it was).
-    Some(BTreeSet<String>),
+    /// These parents' scopes (indexes into the group's sorted parents) hold the row at S (as
+    /// it is now, or as it was).
+    Some(Vec<u32>),
     /// Every target: a reference row, TRUNCATE, or the owner could not be looked up.
     Everyone,
     /// Nobody can be named: the old image of a row whose chain is gone at S (deleted with its
@@ -459,16 +601,16 @@ enum Owners {
 
 impl Owners {
     /// The change is sent to this parent's learner (if its batch is sent at all).
-    fn goes_to(&self, parent: &str) -> bool {
+    fn goes_to(&self, parent: Option<u32>) -> bool {
         match self {
-            Owners::Some(s) => s.contains(parent),
+            Owners::Some(s) => parent.is_some_and(|p| s.contains(&p)),
             Owners::Everyone | Owners::Unknown => true,
         }
     }
     /// The change alone makes a batch for this parent.
-    fn concerns(&self, parent: &str) -> bool {
+    fn concerns(&self, parent: Option<u32>) -> bool {
         match self {
-            Owners::Some(s) => s.contains(parent),
+            Owners::Some(s) => parent.is_some_and(|p| s.contains(&p)),
             Owners::Everyone => true,
             Owners::Unknown => false,
         }
@@ -485,12 +627,12 @@ fn attribute(plans: &mut Plans, sc: &Scope, changes: &[Change], parents: &[Strin
         .iter()
         .map(|(rel, op, old, new)| {
             let Some(table) = sc.table(*rel) else {
-                return Owners::Some(BTreeSet::new());
+                return Owners::Some(Vec::new());
             };
             if op == "T" || matches!(table.role, Role::Reference(_)) {
                 return Owners::Everyone;
             }
-            let mut found = BTreeSet::new();
+            let mut found: Vec<u32> = Vec::new();
             let mut old_unknown = false;
             for (img, is_old) in [(old, true), (new, false)] {
                 let Some(img) = img else { continue };
@@ -503,7 +645,13 @@ fn attribute(plans: &mut Plans, sc: &Scope, changes: &[Change], parents: &[Strin
                 ) {
                     Ok(rows) => {
                         let before = found.len();
-                        found.extend(rows.into_iter().flatten());
+                        for p in rows.into_iter().flatten() {
+                            if let Ok(i) = parents.binary_search(&p) {
+                                if !found.contains(&(i as u32)) {
+                                    found.push(i as u32);
+                                }
+                            }
+                        }
                         if is_old && found.len() == before {
                             old_unknown = true;
                         }
@@ -526,7 +674,7 @@ fn sync_keys(
     pks: &HashMap<u32, Vec<String>>,
     fks: &BTreeSet<(u32, u32)>,
     t: &Target,
-    changes: &[&Change],
+    changes: &[&Keyed],
     n: i64,
 ) -> Step {
     // Keys touched, per table.
@@ -535,7 +683,7 @@ fn sync_keys(
     // changed family, what it owns changed family with it.
     let mut updated: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
     let mut inserted: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
-    for (rel, op, old, new) in changes {
+    for Keyed { rel, op, old, new } in changes.iter().copied() {
         let Some(pk) = pks.get(rel) else { continue };
         if pk.is_empty() {
             return Step::Done(Outcome::Failed {
@@ -543,11 +691,11 @@ fn sync_keys(
                 changes: n,
             });
         }
-        for img in [old, new].into_iter().flatten() {
-            let k = key_of(pk, img);
-            match op.as_str() {
-                "U" => updated.entry(*rel).or_default().insert(k.clone()),
-                "I" => inserted.entry(*rel).or_default().insert(k.clone()),
+        for k in [old, new].into_iter().flatten() {
+            let k = k.to_string();
+            match op {
+                b'U' => updated.entry(*rel).or_default().insert(k.clone()),
+                b'I' => inserted.entry(*rel).or_default().insert(k.clone()),
                 _ => false,
             };
             touched.entry(*rel).or_default().insert(k);
@@ -603,7 +751,15 @@ fn sync_keys(
         if (keys.is_none() && !reference) || (reference && !recheck.contains(&table.oid)) {
             continue;
         }
-        // Rows of the parent's scope at S: the touched ones, or (reference tables) all.
+        // Rows of the parent's scope at S: the touched ones, or (reference tables) all; and
+        // their keys apart (the rows go to the learner as text, never parsed here).
+        let key_agg = format!(
+            "pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object({}))::text",
+            pk.iter()
+                .map(|c| format!("{}, s.{}", literal(c), quote_ident(c)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         let rows_sql = match &keys {
             Some(_) if !reference => {
                 // `column = ANY (array)` per key column is pushed down into the scope's query,
@@ -633,32 +789,33 @@ fn sync_keys(
                     ));
                 }
                 format!(
-                    "SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s))::text FROM ({}) s WHERE {}",
+                    "SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s))::text, {key_agg} FROM ({}) s WHERE {}",
                     table.select_sql,
                     conds.join(" AND ")
                 )
             }
             _ => format!(
-                "SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s))::text FROM ({}) s",
+                "SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s))::text, {key_agg} FROM ({}) s",
                 table.select_sql
             ),
         };
         let keys_text = keys.clone().unwrap_or_else(|| "[]".into());
-        let rows = select_kept(
+        let read = select_kept_cols(
             plans,
             &rows_sql,
             &[PgBuiltInOids::TEXTOID, PgBuiltInOids::TEXTOID],
             &[t.parent.as_str().into(), keys_text.as_str().into()],
         );
-        let rows: Result<Value, String> = match rows {
-            Ok(v) => match v.into_iter().next().flatten() {
-                None => Ok(Value::Array(vec![])), // no row of the scope among the keys
-                Some(j) => serde_json::from_str(&j).map_err(|e| e.to_string()),
-            },
-            Err(e) => Err(e.to_string()),
-        };
-        let rows = match rows {
-            Ok(r) => r,
+        // (the rows as JSON text, their keys); no row of the scope among the keys: NULLs.
+        let (rows_text, row_keys) = match read {
+            Ok(mut v) if !v.is_empty() => {
+                let mut cols = v.swap_remove(0).into_iter();
+                (
+                    cols.next().flatten().unwrap_or_else(|| "[]".into()),
+                    cols.next().flatten().unwrap_or_else(|| "[]".into()),
+                )
+            }
+            Ok(_) => ("[]".into(), "[]".into()),
             Err(e) => {
                 return Step::Done(Outcome::Failed {
                     error: format!("reading {}: {e}", table.ident),
@@ -666,17 +823,25 @@ fn sync_keys(
                 })
             }
         };
-        let rows_lit = literal(&rows.to_string());
+        let rows_lit = literal(&rows_text);
+        drop(rows_text);
+        // The keys of the rows in scope at S.
+        let in_now: BTreeSet<String> = match serde_json::from_str::<Vec<Value>>(&row_keys) {
+            Ok(a) => a.iter().map(|r| key_of(pk, r)).collect(),
+            Err(e) => {
+                return Step::Done(Outcome::Failed {
+                    error: format!("reading {}: {e}", table.ident),
+                    changes: n,
+                })
+            }
+        };
+        drop(row_keys);
         if let (false, Some(upd)) = (reference, updated.get(&table.oid)) {
             let upd: BTreeSet<String> = upd
                 .difference(inserted.get(&table.oid).unwrap_or(&BTreeSet::new()))
                 .cloned()
                 .collect();
             if !upd.is_empty() {
-                let in_now: BTreeSet<String> = rows
-                    .as_array()
-                    .map(|a| a.iter().map(|r| key_of(pk, r)).collect())
-                    .unwrap_or_default();
                 let join = |keys: &BTreeSet<&String>| {
                     format!(
                         "FROM {} t JOIN pg_catalog.jsonb_populate_recordset(NULL::{}, {}::pg_catalog.jsonb) k ON ({t_list}) = ({k_list})",
@@ -719,8 +884,9 @@ fn sync_keys(
                     ),
                     table: table.ident.clone(),
                     pk: pk.clone(),
+                    // Only asked about updated keys.
+                    in_now: upd.intersection(&in_now).cloned().collect(),
                     updated: upd,
-                    in_now,
                 });
             }
         }
@@ -733,10 +899,6 @@ fn sync_keys(
             // Delete only the touched keys that are out of scope now. A row still in scope is
             // upserted in place: deleting and re-inserting it would fire the learner's ON DELETE
             // CASCADE / SET NULL on rows this batch does not send again.
-            let in_now: BTreeSet<String> = rows
-                .as_array()
-                .map(|a| a.iter().map(|r| key_of(pk, r)).collect())
-                .unwrap_or_default();
             let gone: Vec<String> = touched[&table.oid]
                 .iter()
                 .filter(|k| !in_now.contains(*k))
@@ -751,7 +913,7 @@ fn sync_keys(
                 ));
             }
         }
-        if rows.as_array().is_some_and(|a| !a.is_empty()) {
+        if !in_now.is_empty() {
             let cols = table.columns.join(", ");
             let set: Vec<String> = table
                 .columns
@@ -809,11 +971,16 @@ fn refused(e: JobError, n: i64) -> Outcome {
 
 /// The key of a row (or row image) as canonical JSON text: the primary key columns only.
 fn key_of(pk: &[String], row: &Value) -> String {
-    let key: serde_json::Map<String, Value> = pk
-        .iter()
-        .map(|c| (c.clone(), row.get(c).cloned().unwrap_or(Value::Null)))
-        .collect();
-    Value::Object(key).to_string()
+    key_value(pk, row).to_string()
+}
+
+/// The primary key columns of a row image.
+fn key_value(pk: &[String], row: &Value) -> Value {
+    Value::Object(
+        pk.iter()
+            .map(|c| (c.clone(), row.get(c).cloned().unwrap_or(Value::Null)))
+            .collect(),
+    )
 }
 
 /// Updated rows of one table: which of them the learner holds (`sql`, run there) against
@@ -1335,11 +1502,11 @@ fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
             Outcome::Failed { error, changes } => {
                 let tries = st.retry_at.get(&t.id).map(|x| x.1).unwrap_or(0) + 1;
                 let wait =
-                    poco_core::learner::backoff_ms(gucs::retry_delay_ms(), tries).min(60_000);
+                    poco_core::learner::backoff_ms(gucs::retry_delay_ms(), tries).min(10_000);
                 st.retry_at
                     .insert(t.id, (Instant::now() + Duration::from_millis(wait), tries));
                 Spi::run_with_args(
-                    "UPDATE poco.target SET last_sync_error = $2, sync_lag = $3 WHERE id = $1",
+                    "UPDATE poco.target SET last_sync_error = $2, sync_lag = CASE WHEN $3 < 0 THEN sync_lag ELSE $3 END WHERE id = $1",
                     &[t.id.into(), error.as_str().into(), (*changes).into()],
                 )
                 .ok();

@@ -106,6 +106,18 @@ fn a_failed_snapshot_and_a_learner_past_the_backlog_limit_recover_by_themselves(
         Some("streaming again")
     );
     assert_eq!(state(&db, t), "streaming");
+
+    // 3. Learner up, but one transaction brings more changes than the limit: that batch is
+    //    not held in memory; a re-snapshot replaces it, and the learner ends exact.
+    db.execute("INSERT INTO elearning.audit_log (user_id, action) SELECT 21, 'one big batch ' || g FROM generate_series(1, 20) g");
+    let replaced = wait_for(Duration::from_secs(30), || {
+        db.value(&format!(
+            "SELECT 1 FROM poco.events WHERE kind = 'sync_resnapshot' AND target_id = {t} AND message LIKE '%in one batch%'"
+        ))
+    });
+    assert!(replaced.is_some(), "a batch past the limit became a re-snapshot");
+    assert!(synced(&db, t, "1 min"), "{}", state(&db, t));
+    assert_learner_equals_scope(&db, &l.connect("family"), "21");
 }
 
 #[test]
