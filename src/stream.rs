@@ -115,6 +115,8 @@ struct State {
     snapshot_retry: HashMap<i64, (Instant, u32)>,
     /// Targets whose next batch takes the careful (two round trip) path.
     careful: BTreeSet<i64>,
+    /// Connections being opened in the background, by target.
+    connecting: HashMap<i64, Connecting>,
     /// Targets the stream connected to ahead of their first batch.
     preconnected: BTreeSet<i64>,
     /// The compiled scope of the last pass.
@@ -199,6 +201,13 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         }
         // Close the connections of targets that no longer stream (disabled, removed).
         st.conns.retain(|id, _| targets.iter().any(|t| t.id == *id));
+        st.connecting.retain(|id, task| {
+            let keep = targets.iter().any(|t| t.id == *id);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
         if targets.is_empty() {
             return Ok((s, Vec::new(), false));
         }
@@ -261,11 +270,23 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                     && !st.conns.get(&t.id).is_some_and(|c| !c.is_closed())
             })
             .collect();
+        let retrying: Vec<i64> = retrying.iter().map(|t| t.id).collect();
         let mut unreachable = if retrying.is_empty() {
             HashMap::new()
         } else {
-            connect_all(rt, st, &retrying)
+            let refs: Vec<&Target> = groups
+                .values()
+                .flatten()
+                .filter(|t| retrying.contains(&t.id))
+                .collect();
+            connect_all(rt, st, &refs)
         };
+        // Retried targets still connecting wait for a later pass, their backlog unread.
+        let still_connecting: BTreeSet<i64> = retrying
+            .iter()
+            .copied()
+            .filter(|id| !unreachable.contains_key(id) && !st.conns.contains_key(id))
+            .collect();
         let mut steps: Vec<(Target, Step)> = Vec::new();
         let (max_changes, _) = gucs::sync_max_backlog();
         for (position, group) in groups {
@@ -276,6 +297,12 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                 let e = unreachable.remove(&t.id).expect("partitioned on it");
                 // How many changes wait is not known (not read): the lag shown stays.
                 steps.push((t, Step::Done(refused(e, -1))));
+            }
+            let (group, waiting): (Vec<Target>, Vec<Target>) = group
+                .into_iter()
+                .partition(|t| !still_connecting.contains(&t.id));
+            for t in waiting {
+                steps.push((t, Step::Done(Outcome::Again)));
             }
             if group.is_empty() {
                 continue;
@@ -1025,6 +1052,8 @@ fn deliver(
                     changes: b.n,
                 },
             )),
+            // Still connecting (in the background): next pass.
+            None if !st.conns.contains_key(&t.id) => out.push((t, Outcome::Again)),
             None => connected.push((t, b)),
         }
     }
@@ -1354,7 +1383,18 @@ fn deliver_quick(
     out
 }
 
-/// Make sure the stream has a live connection to the target's learner.
+/// A connection being opened in the background (State::connecting).
+type Connecting = tokio::task::JoinHandle<Result<tokio_postgres::Client, JobError>>;
+
+/// How long a pass waits for the connections it has just started (loopback and nearby
+/// learners answer within it; a slow one is picked up by a later pass, and a black-holed one
+/// costs the other targets this once per try, not poco.network_timeout).
+const CONNECT_WAIT: Duration = Duration::from_millis(200);
+
+/// Connections for `targets` that have none: opened concurrently in the background (after a
+/// restart a hundred learners would otherwise wait for each other, and a learner that does
+/// not answer would hold up every other target). Returns the targets whose attempt failed;
+/// those still connecting are in neither `st.conns` nor the result.
 fn connect_all(
     rt: &tokio::runtime::Runtime,
     st: &mut State,
@@ -1370,53 +1410,87 @@ fn connect_all(
         return failed;
     }
     let timeout = gucs::network_timeout();
-    let key = match keys::current() {
-        Ok(k) => k,
-        Err(e) => {
-            for t in need {
-                failed.insert(t.id, JobError::new(e.sqlstate().code(), e.to_string()));
+    let start: Vec<&Target> = need
+        .iter()
+        .copied()
+        .filter(|t| !st.connecting.contains_key(&t.id))
+        .collect();
+    if !start.is_empty() {
+        match keys::current() {
+            Ok(key) => {
+                let allow_private = gucs::allow_private_targets();
+                // What to connect with is read here (SPI, this thread).
+                for t in &start {
+                    let loaded = catalog::load_target(t.id).and_then(|target| {
+                        crate::targets::poco::open_credentials(t.id, &key)
+                            .map(|password| (target.spec, password))
+                    });
+                    match loaded {
+                        Ok((spec, password)) => {
+                            let task = rt.spawn(async move {
+                                let connect = net::connect(
+                                    &spec,
+                                    password.as_deref(),
+                                    allow_private,
+                                    timeout,
+                                    "poco_sync stream",
+                                );
+                                match tokio::time::timeout(timeout * 2, connect).await {
+                                    Ok(r) => r,
+                                    Err(_) => Err(JobError::transient(
+                                        "57014",
+                                        format!(
+                                            "learner: connect: no answer within {} ms (poco.network_timeout)",
+                                            (timeout * 2).as_millis()
+                                        ),
+                                    )),
+                                }
+                            });
+                            st.connecting.insert(t.id, task);
+                        }
+                        Err(e) => {
+                            failed.insert(t.id, JobError::new(e.sqlstate().code(), e.to_string()));
+                        }
+                    }
+                }
+                // Wait a little for the ones just started.
+                let fresh: Vec<i64> = start.iter().map(|t| t.id).collect();
+                let deadline = Instant::now() + CONNECT_WAIT;
+                let connecting = &st.connecting;
+                rt.block_on(async {
+                    while Instant::now() < deadline
+                        && fresh
+                            .iter()
+                            .any(|id| connecting.get(id).is_some_and(|h| !h.is_finished()))
+                    {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                });
             }
-            return failed;
-        }
-    };
-    // What to connect with is read here (SPI, this thread); the connections are opened all at
-    // once (after a restart, a hundred learners would otherwise wait for each other).
-    let mut specs = Vec::new();
-    for t in need {
-        let loaded = catalog::load_target(t.id).and_then(|target| {
-            crate::targets::poco::open_credentials(t.id, &key)
-                .map(|password| (target.spec, password))
-        });
-        match loaded {
-            Ok((spec, password)) => specs.push((t.id, spec, password)),
             Err(e) => {
-                failed.insert(t.id, JobError::new(e.sqlstate().code(), e.to_string()));
+                for t in &start {
+                    failed.insert(t.id, JobError::new(e.sqlstate().code(), e.to_string()));
+                }
             }
         }
     }
-    let allow_private = gucs::allow_private_targets();
-    let futs = specs.iter().map(|(_, spec, password)| {
-        net::step(
-            "connect",
-            timeout * 2,
-            &stopping,
-            net::connect(
-                spec,
-                password.as_deref(),
-                allow_private,
-                timeout,
-                "poco_sync stream",
-            ),
-        )
-    });
-    let results = rt.block_on(futures_util::future::join_all(futs));
-    for ((id, _, _), r) in specs.iter().zip(results) {
-        match r {
-            Ok(client) => {
-                st.conns.insert(*id, client);
+    for t in need {
+        if !st.connecting.get(&t.id).is_some_and(|h| h.is_finished()) {
+            continue; // still connecting (or never started: failed above)
+        }
+        let task = st.connecting.remove(&t.id).expect("checked above");
+        match rt.block_on(task) {
+            Ok(Ok(client)) => {
+                st.conns.insert(t.id, client);
+            }
+            Ok(Err(e)) => {
+                failed.insert(t.id, e);
             }
             Err(e) => {
-                failed.insert(*id, e);
+                failed.insert(
+                    t.id,
+                    JobError::new("XX000", format!("connecting to the learner: {e}")),
+                );
             }
         }
     }

@@ -115,7 +115,10 @@ fn a_failed_snapshot_and_a_learner_past_the_backlog_limit_recover_by_themselves(
             "SELECT 1 FROM poco.events WHERE kind = 'sync_resnapshot' AND target_id = {t} AND message LIKE '%in one batch%'"
         ))
     });
-    assert!(replaced.is_some(), "a batch past the limit became a re-snapshot");
+    assert!(
+        replaced.is_some(),
+        "a batch past the limit became a re-snapshot"
+    );
     assert!(synced(&db, t, "1 min"), "{}", state(&db, t));
     assert_learner_equals_scope(&db, &l.connect("family"), "21");
 }
@@ -413,4 +416,69 @@ fn targets_are_split_between_stream_processes_and_split_again_on_reload() {
             .log()
             .contains(&format!("poco_sync stream {n} of {n} started")));
     }
+}
+
+#[test]
+fn a_learner_that_black_holes_connections_does_not_hold_up_the_others() {
+    // A stuck connection attempt lasts 2 × poco.network_timeout (40 s here); the other target
+    // of the same stream must keep its usual pace meanwhile.
+    let (platform, db) = sample_platform("sync_blackhole", 20);
+    db.execute("ALTER SYSTEM SET poco.network_timeout = '20s'");
+    db.execute("ALTER SYSTEM SET poco.sync_workers = 1");
+    platform.reload();
+    let (la, lb) = (learner("sync_blackhole_a"), learner("sync_blackhole_b"));
+    let mut ids = Vec::new();
+    for (parent, l) in [("21", &la), ("22", &lb)] {
+        let t: i64 = db.query(&format!(
+            "SELECT poco_enable_sync({parent}, '{}')",
+            l.target_url("family", "postgres", "pw")
+        ))[0]
+            .get(0);
+        assert!(synced(&db, t, "1 min"));
+        ids.push(t);
+    }
+    let (ta, tb) = (ids[0], ids[1]);
+    // Learner B goes away and its port answers TCP but never speaks (a black hole).
+    lb.stop("immediate");
+    let hole = std::net::TcpListener::bind(("127.0.0.1", lb.port)).expect("bind B's port");
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let held = held.clone();
+        std::thread::spawn(move || {
+            for s in hole.incoming().take(50).flatten() {
+                held.lock().unwrap().push(s); // keep it open, say nothing
+            }
+        });
+    }
+    // B now has a change to send: its connection attempt hangs in the black hole.
+    db.execute("UPDATE elearning.users SET display_name = 'into the hole' WHERE id = 22");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !held.lock().unwrap().is_empty(),
+        "the stream tried to reach B"
+    );
+    // A keeps syncing within its usual time, ten times over the next seconds.
+    let ldb = la.connect("family");
+    for i in 0..10 {
+        db.execute(&format!(
+            "UPDATE elearning.users SET display_name = 'A {i}' WHERE id = 21"
+        ));
+        let t0 = std::time::Instant::now();
+        assert!(
+            synced(&db, ta, "5 s"),
+            "A held up by B's black hole (round {i})"
+        );
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "round {i}: {:?}",
+            t0.elapsed()
+        );
+        assert_eq!(
+            ldb.value("SELECT display_name FROM elearning.users WHERE id = 21")
+                .as_deref(),
+            Some(format!("A {i}").as_str())
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(!synced(&db, tb, "10 ms"), "B cannot have synced");
 }
