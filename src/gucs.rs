@@ -19,6 +19,7 @@ static SYNC_MAX_BACKLOG: GucSetting<i32> = GucSetting::<i32>::new(100_000);
 static SYNC_MAX_BACKLOG_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 static FAILPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static SYNC_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
+static SYNC_IDLE_S: GucSetting<i32> = GucSetting::<i32>::new(60);
 
 pub fn init() {
     GucRegistry::define_string_guc(
@@ -126,6 +127,17 @@ pub fn init() {
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
+        c"poco.sync_idle_timeout",
+        c"How long a stream keeps a learner connection that carries no batch.",
+        c"Past it the connection is closed (a serverless learner may then suspend) and opened \
+          again with the next batch. 0: keep connections open.",
+        &SYNC_IDLE_S,
+        0,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
         c"poco.sync_max_backlog",
         c"Most captured changes kept for a continuous target that cannot take them (learner down).",
         c"Past it (or past poco.sync_max_backlog_age) the target's backlog is dropped and it is \
@@ -223,4 +235,10 @@ pub fn sync_workers() -> usize {
     SYNC_WORKERS
         .get()
         .clamp(1, crate::shmem::MAX_STREAMS as i32) as usize
+}
+
+/// How long an idle learner connection of a stream is kept (None: forever).
+pub fn sync_idle_timeout() -> Option<std::time::Duration> {
+    let s = SYNC_IDLE_S.get();
+    (s > 0).then(|| std::time::Duration::from_secs(s as u64))
 }

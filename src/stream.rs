@@ -115,6 +115,8 @@ struct State {
     snapshot_retry: HashMap<i64, (Instant, u32)>,
     /// Targets whose next batch takes the careful (two round trip) path.
     careful: BTreeSet<i64>,
+    /// When each learner connection last carried a batch (or was opened).
+    used: HashMap<i64, Instant>,
     /// Connections being opened in the background, by target.
     connecting: HashMap<i64, Connecting>,
     /// Targets the stream connected to ahead of their first batch.
@@ -201,6 +203,14 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         }
         // Close the connections of targets that no longer stream (disabled, removed).
         st.conns.retain(|id, _| targets.iter().any(|t| t.id == *id));
+        // Connections idle for poco.sync_idle_timeout are closed (opened again with the next
+        // batch): a serverless learner can suspend, and idle families hold no connection.
+        if let Some(idle) = gucs::sync_idle_timeout() {
+            let used = &st.used;
+            st.conns
+                .retain(|id, _| used.get(id).is_some_and(|at| at.elapsed() < idle));
+        }
+        st.used.retain(|id, _| st.conns.contains_key(id));
         st.connecting.retain(|id, task| {
             let keep = targets.iter().any(|t| t.id == *id);
             if !keep {
@@ -235,122 +245,147 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         }
         let compiled = st.compiled.clone().expect("compiled above");
         let (sc, pks, fks) = (&compiled.sc, &compiled.pks, &compiled.fks);
-        // Targets that were brought to the same position (all of them, usually: every pass
-        // moves every caught-up target to its S) share one read of the changes and one
-        // attribution.
-        let mut groups: BTreeMap<String, Vec<Target>> = BTreeMap::new();
-        for t in targets {
-            if st
-                .retry_at
+        let in_backoff = |st: &State, t: &Target| {
+            st.retry_at
                 .get(&t.id)
                 .is_some_and(|(at, _)| Instant::now() < *at)
-            {
-                continue;
-            }
-            groups.entry(t.position.clone()).or_default().push(t);
-        }
+        };
         // A target that starts streaming gets its learner connection now, not with its first
         // batch (after a restart every target would pay the connection then, at once). Tried
         // once per target and process; a failure is left for the first batch to report.
-        let fresh: Vec<&Target> = groups
-            .values()
-            .flatten()
-            .filter(|t| !st.conns.contains_key(&t.id) && st.preconnected.insert(t.id))
+        let fresh: Vec<&Target> = targets
+            .iter()
+            .filter(|t| {
+                !in_backoff(st, t)
+                    && !st.conns.contains_key(&t.id)
+                    && !st.preconnected.contains(&t.id)
+            })
             .collect();
         if !fresh.is_empty() {
+            for t in &fresh {
+                st.preconnected.insert(t.id);
+            }
             connect_all(rt, st, &fresh);
         }
         // A target whose last batch failed is connected to first: while its learner does not
         // answer, its backlog is not read and attributed again on every try.
-        let retrying: Vec<&Target> = groups
-            .values()
-            .flatten()
+        let retrying: Vec<&Target> = targets
+            .iter()
             .filter(|t| {
-                st.retry_at.contains_key(&t.id)
+                !in_backoff(st, t)
+                    && st.retry_at.contains_key(&t.id)
                     && !st.conns.get(&t.id).is_some_and(|c| !c.is_closed())
             })
             .collect();
-        let retrying: Vec<i64> = retrying.iter().map(|t| t.id).collect();
         let mut unreachable = if retrying.is_empty() {
             HashMap::new()
         } else {
-            let refs: Vec<&Target> = groups
-                .values()
-                .flatten()
-                .filter(|t| retrying.contains(&t.id))
-                .collect();
-            connect_all(rt, st, &refs)
+            connect_all(rt, st, &retrying)
         };
+        let retrying: Vec<i64> = retrying.iter().map(|t| t.id).collect();
+        // When a failing learner answers again, the targets still waiting out their backoff
+        // are probed at once (in the background, a short wait) and those that answer join
+        // this pass: learners that come back together catch up together, from one read of
+        // the log instead of one read per target as each backoff ends.
+        if retrying.iter().any(|id| st.conns.contains_key(id)) {
+            let waiting_out: Vec<&Target> = targets.iter().filter(|t| in_backoff(st, t)).collect();
+            if !waiting_out.is_empty() {
+                connect_all(rt, st, &waiting_out);
+                for t in &waiting_out {
+                    if st.conns.contains_key(&t.id) {
+                        st.retry_at.remove(&t.id);
+                    }
+                }
+            }
+        }
         // Retried targets still connecting wait for a later pass, their backlog unread.
         let still_connecting: BTreeSet<i64> = retrying
             .iter()
             .copied()
             .filter(|id| !unreachable.contains_key(id) && !st.conns.contains_key(id))
             .collect();
+        // Targets that were brought to the same position (all of them, usually: every pass
+        // moves every caught-up target to its S) share one read of the changes and one
+        // attribution.
         let mut steps: Vec<(Target, Step)> = Vec::new();
-        let (max_changes, _) = gucs::sync_max_backlog();
-        for (position, group) in groups {
-            let (group, down): (Vec<Target>, Vec<Target>) = group
-                .into_iter()
-                .partition(|t| !unreachable.contains_key(&t.id));
-            for t in down {
-                let e = unreachable.remove(&t.id).expect("partitioned on it");
-                // How many changes wait is not known (not read): the lag shown stays.
-                steps.push((t, Step::Done(refused(e, -1))));
-            }
-            let (group, waiting): (Vec<Target>, Vec<Target>) = group
-                .into_iter()
-                .partition(|t| !still_connecting.contains(&t.id));
-            for t in waiting {
-                steps.push((t, Step::Done(Outcome::Again)));
-            }
-            if group.is_empty() {
+        // Every target of the pass shares one read of the log, from the oldest position among
+        // them (positions are snapshots taken one after another, so each target's range is
+        // part of the oldest one's), and one attribution; each then takes the changes its
+        // own position has not seen. Targets whose positions drifted apart (a learner that
+        // failed for a while) cost one read, not one each.
+        let mut group: Vec<(Target, Snap)> = Vec::new();
+        for t in targets {
+            if in_backoff(st, &t) {
                 continue;
             }
+            if let Some(e) = unreachable.remove(&t.id) {
+                // How many changes wait is not known (not read): the lag shown stays.
+                steps.push((t, Step::Done(refused(e, -1))));
+                continue;
+            }
+            if still_connecting.contains(&t.id) {
+                steps.push((t, Step::Done(Outcome::Again)));
+                continue;
+            }
+            match Snap::parse(&t.position) {
+                Some(snap) => group.push((t, snap)),
+                None => {
+                    let why = format!("its position {} cannot be read", t.position);
+                    steps.push((t, Step::Done(Outcome::Resnapshot(why))));
+                }
+            }
+        }
+        if !group.is_empty() {
+            let (max_changes, _) = gucs::sync_max_backlog();
             let parents: Vec<String> = group
                 .iter()
-                .map(|t| t.parent.clone())
+                .map(|(t, _)| t.parent.clone())
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            let (changes, owners) =
-                match load_attributed(&mut st.plans, sc, pks, &position, &parents, max_changes) {
-                    Ok(x) => x,
-                    Err(LoadError::TooMany(n)) => {
-                        // One batch that large is not held in memory: a full snapshot is
-                        // constant memory, and for so many changes not slower.
-                        for t in group {
+            let snaps: Vec<&Snap> = group.iter().map(|(_, p)| p).collect();
+            match load_attributed(&mut st.plans, sc, pks, &snaps, &parents, max_changes) {
+                Err(e) => {
+                    for (t, _) in group {
+                        let error = format!("reading the captured changes: {e}");
+                        steps.push((t, Step::Done(Outcome::Failed { error, changes: 0 })));
+                    }
+                }
+                Ok(loaded) => {
+                    for (i, (t, snap)) in group.into_iter().enumerate() {
+                        if loaded.too_many.contains(&i) {
+                            // One batch that large is not held in memory: a full snapshot is
+                            // constant memory, and for so many changes not slower.
                             let why = format!(
-                                "more than {n} changes waited in one batch (poco.sync_max_backlog)"
+                                "more than {max_changes} changes waited in one batch (poco.sync_max_backlog)"
                             );
                             steps.push((t, Step::Done(Outcome::Resnapshot(why))));
+                            continue;
                         }
-                        continue;
+                        let pi = parents.binary_search(&t.parent).ok().map(|i| i as u32);
+                        let unseen = |c: &Keyed| !snap.visible(c.txid);
+                        let step = if loaded
+                            .changes
+                            .iter()
+                            .zip(&loaded.owners)
+                            .any(|(c, o)| o.concerns(pi) && unseen(c))
+                        {
+                            // The target's share of the batch: its own changes, and those
+                            // whose owner cannot be told, that its position has not seen.
+                            let mine: Vec<&Keyed> = loaded
+                                .changes
+                                .iter()
+                                .zip(&loaded.owners)
+                                .filter(|(c, o)| o.goes_to(pi) && unseen(c))
+                                .map(|(c, _)| c)
+                                .collect();
+                            sync_target(&mut st.plans, sc, pks, fks, &t, &mine)
+                        } else {
+                            Step::Done(Outcome::Advanced)
+                        };
+                        steps.push((t, step));
                     }
-                    Err(LoadError::Failed(e)) => {
-                        for t in group {
-                            let error = format!("reading the captured changes: {e}");
-                            steps.push((t, Step::Done(Outcome::Failed { error, changes: 0 })));
-                        }
-                        continue;
-                    }
-                };
-            for t in group {
-                let pi = parents.binary_search(&t.parent).ok().map(|i| i as u32);
-                let step = if owners.iter().any(|o| o.concerns(pi)) {
-                    // The target's share of the batch: its own changes, and those whose owner
-                    // cannot be told.
-                    let mine: Vec<&Keyed> = changes
-                        .iter()
-                        .zip(&owners)
-                        .filter(|(_, o)| o.goes_to(pi))
-                        .map(|(c, _)| c)
-                        .collect();
-                    sync_target(&mut st.plans, &sc, &pks, &fks, &t, &mine)
-                } else {
-                    Step::Done(Outcome::Advanced)
-                };
-                steps.push((t, step));
+                }
             }
         }
         let out = deliver(rt, st, &s, steps);
@@ -519,74 +554,129 @@ type Change = (u32, String, Option<Value>, Option<Value>);
 /// primary key (as JSON text) of its old and new images. Kept small: a long backlog is held
 /// as a list of these.
 struct Keyed {
+    txid: u64,
     rel: u32,
     op: u8,
     old: Option<Box<str>>,
     new: Option<Box<str>>,
 }
 
-enum LoadError {
-    /// More than this many changes for one batch (poco.sync_max_backlog).
-    TooMany(i64),
-    Failed(String),
+/// A position (`pg_snapshot` as text, `xmin:xmax:xip,…`), to tell which changes it has seen.
+struct Snap {
+    xmin: u64,
+    xmax: u64,
+    xip: Vec<u64>,
+}
+
+impl Snap {
+    fn parse(text: &str) -> Option<Snap> {
+        let mut parts = text.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let mut xip: Vec<u64> = match parts.next() {
+            Some("") | None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<Vec<u64>>>()?,
+        };
+        xip.sort_unstable();
+        Some(Snap { xmin, xmax, xip })
+    }
+    /// Whether the transaction's changes are visible in (were taken into) this position:
+    /// `pg_visible_in_snapshot`.
+    fn visible(&self, txid: u64) -> bool {
+        txid < self.xmin || (txid < self.xmax && self.xip.binary_search(&txid).is_err())
+    }
+}
+
+/// The log as a pass needs it: the changes some target of the pass has not seen, whom each
+/// concerns, and the targets (indexes) whose own share passed poco.sync_max_backlog.
+struct Loaded {
+    changes: Vec<Keyed>,
+    owners: Vec<Owners>,
+    too_many: BTreeSet<usize>,
 }
 
 /// Changes fetched and attributed at a time: what is held is then only their keys.
 const LOAD_CHUNK: i64 = 2_000;
 
-/// The changes of transactions visible in S (the current snapshot) and not in `position`, and
-/// whom each concerns among `parents`. Read through a cursor a chunk at a time: each chunk is
-/// attributed with its whole images, which are then cut down to their primary keys (all a
-/// batch needs of them), so memory follows the number of changes, not their size; past
-/// `max` changes (poco.sync_max_backlog; 0: no limit) the load stops.
+/// The changes of transactions visible in S (the current snapshot) that some of `positions`
+/// has not seen, and whom each concerns among `parents`. Read through a cursor a chunk at a
+/// time: each chunk is attributed with its whole images, which are then cut down to their
+/// primary keys (all a batch needs of them), so memory follows the number of changes, not
+/// their size. A target whose share passes `max` (poco.sync_max_backlog; 0: no limit) is
+/// given up (it is re-snapshotted) and what only it needed is dropped, so what is held stays
+/// under `max` changes.
 fn load_attributed(
     plans: &mut Plans,
     sc: &Scope,
     pks: &HashMap<u32, Vec<String>>,
-    position: &str,
+    positions: &[&Snap],
     parents: &[String],
     max: i64,
-) -> Result<(Vec<Keyed>, Vec<Owners>), LoadError> {
-    let mut changes: Vec<Keyed> = Vec::new();
-    let mut owners: Vec<Owners> = Vec::new();
+) -> Result<Loaded, String> {
+    let mut out = Loaded {
+        changes: Vec::new(),
+        owners: Vec::new(),
+        too_many: BTreeSet::new(),
+    };
+    let mut counts: Vec<i64> = vec![0; positions.len()];
+    let from = positions.iter().map(|p| p.xmin).min().unwrap_or(0);
     // Attribution's own allocations (argument datums) are freed after each chunk.
     let mut cx = pgrx::PgMemoryContexts::new("poco_sync attribution");
     Spi::connect(|c| {
+        // Visible in S (this transaction's snapshot) by construction; from the oldest
+        // position's xmin: everything below it had ended before every position was taken.
         let mut cursor = c
             .try_open_cursor(
-                "SELECT rel, op::text, old, new FROM poco.change \
-                  WHERE txid >= pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot)::text::bigint \
-                    AND NOT pg_catalog.pg_visible_in_snapshot(txid::text::pg_catalog.xid8, $1::pg_catalog.pg_snapshot)",
-                &[position.into()],
+                "SELECT txid, rel, op::text, old, new FROM poco.change WHERE txid >= $1",
+                &[(from as i64).into()],
             )
-            .map_err(|e| LoadError::Failed(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
         loop {
+            let too_many = &out.too_many;
+            let unseen_by_some = |txid: u64| {
+                positions
+                    .iter()
+                    .enumerate()
+                    .any(|(i, p)| !too_many.contains(&i) && !p.visible(txid))
+            };
             // Converting the images to JSON allocates in the current context: cx, too.
             let fetched = unsafe {
                 cx.switch_to(|_| {
                     let rows = cursor.fetch(LOAD_CHUNK as _)?;
                     let table = pg_sys::SPI_tuptable;
-                    let chunk: Vec<Change> = rows
-                        .map(|r| {
+                    let mut n = 0usize;
+                    let mut chunk: Vec<(u64, Change)> = Vec::new();
+                    for r in rows {
+                        n += 1;
+                        let txid = r.get::<i64>(1).ok().flatten().unwrap_or(0) as u64;
+                        if !unseen_by_some(txid) {
+                            continue; // every target of the pass has it
+                        }
+                        chunk.push((
+                            txid,
                             (
-                                r.get::<pg_sys::Oid>(1)
+                                r.get::<pg_sys::Oid>(2)
                                     .ok()
                                     .flatten()
                                     .map(u32::from)
                                     .unwrap_or(0),
-                                r.get::<String>(2).ok().flatten().unwrap_or_default(),
-                                r.get::<pgrx::JsonB>(3).ok().flatten().map(|j| j.0),
+                                r.get::<String>(3).ok().flatten().unwrap_or_default(),
                                 r.get::<pgrx::JsonB>(4).ok().flatten().map(|j| j.0),
-                            )
-                        })
-                        .collect();
-                    Ok::<_, pgrx::spi::SpiError>((chunk, table))
+                                r.get::<pgrx::JsonB>(5).ok().flatten().map(|j| j.0),
+                            ),
+                        ));
+                    }
+                    Ok::<_, pgrx::spi::SpiError>((n, chunk, table))
                 })
             };
-            let (chunk, table) = fetched.map_err(|e| LoadError::Failed(e.to_string()))?;
-            if chunk.is_empty() {
-                return Ok(());
+            let (n, chunk, table) = fetched.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Ok::<(), String>(());
             }
+            let (txids, chunk): (Vec<u64>, Vec<Change>) = chunk.into_iter().unzip();
             let chunk_owners = unsafe { cx.switch_to(|_| attribute(plans, sc, &chunk, parents)) };
             unsafe {
                 cx.reset();
@@ -594,23 +684,52 @@ fn load_attributed(
                     pg_sys::SPI_freetuptable(table);
                 }
             }
-            for (rel, op, old, new) in chunk {
+            for (txid, (rel, op, old, new)) in txids.into_iter().zip(chunk) {
+                for (i, p) in positions.iter().enumerate() {
+                    if !p.visible(txid) {
+                        counts[i] += 1;
+                    }
+                }
                 let pk: &[String] = pks.get(&rel).map(|v| v.as_slice()).unwrap_or(&[]);
                 let cut = |img: Option<Value>| img.map(|i| key_of(pk, &i).into_boxed_str());
-                changes.push(Keyed {
+                out.changes.push(Keyed {
+                    txid,
                     rel,
                     op: op.as_bytes().first().copied().unwrap_or(b'?'),
                     old: cut(old),
                     new: cut(new),
                 });
             }
-            owners.extend(chunk_owners);
-            if max > 0 && changes.len() as i64 > max {
-                return Err(LoadError::TooMany(max));
+            out.owners.extend(chunk_owners);
+            if max > 0 && out.changes.len() as i64 > max {
+                // Give up the targets past the limit and drop what only they needed.
+                for (i, n) in counts.iter().enumerate() {
+                    if *n > max {
+                        out.too_many.insert(i);
+                    }
+                }
+                let too_many = &out.too_many;
+                let keep: Vec<bool> = out
+                    .changes
+                    .iter()
+                    .map(|c| {
+                        positions
+                            .iter()
+                            .enumerate()
+                            .any(|(i, p)| !too_many.contains(&i) && !p.visible(c.txid))
+                    })
+                    .collect();
+                let mut k = keep.iter();
+                out.changes.retain(|_| *k.next().expect("same length"));
+                let mut k = keep.iter();
+                out.owners.retain(|_| *k.next().expect("same length"));
+                if out.too_many.len() == positions.len() {
+                    return Ok(()); // nobody left to read for
+                }
             }
         }
     })?;
-    Ok((changes, owners))
+    Ok(out)
 }
 
 /// Whom one change concerns, among the parents of a group.
@@ -710,7 +829,10 @@ fn sync_keys(
     // changed family, what it owns changed family with it.
     let mut updated: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
     let mut inserted: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
-    for Keyed { rel, op, old, new } in changes.iter().copied() {
+    for Keyed {
+        rel, op, old, new, ..
+    } in changes.iter().copied()
+    {
         let Some(pk) = pks.get(rel) else { continue };
         if pk.is_empty() {
             return Step::Done(Outcome::Failed {
@@ -1054,7 +1176,10 @@ fn deliver(
             )),
             // Still connecting (in the background): next pass.
             None if !st.conns.contains_key(&t.id) => out.push((t, Outcome::Again)),
-            None => connected.push((t, b)),
+            None => {
+                st.used.insert(t.id, Instant::now());
+                connected.push((t, b))
+            }
         }
     }
     // Targets whose learner is where the platform last put it (nearly always) get their batch
@@ -1482,6 +1607,7 @@ fn connect_all(
         match rt.block_on(task) {
             Ok(Ok(client)) => {
                 st.conns.insert(t.id, client);
+                st.used.insert(t.id, Instant::now());
             }
             Ok(Err(e)) => {
                 failed.insert(t.id, e);

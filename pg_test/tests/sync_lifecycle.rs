@@ -482,3 +482,44 @@ fn a_learner_that_black_holes_connections_does_not_hold_up_the_others() {
     }
     assert!(!synced(&db, tb, "10 ms"), "B cannot have synced");
 }
+
+#[test]
+fn an_idle_learner_connection_is_closed_and_opened_again_with_the_next_batch() {
+    let (platform, db) = sample_platform("sync_idle", 20);
+    db.execute("ALTER SYSTEM SET poco.sync_idle_timeout = '1s'");
+    platform.reload();
+    let l = learner("sync_idle_learner");
+    let t: i64 = db.query(&format!(
+        "SELECT poco_enable_sync(21, '{}')",
+        l.target_url("family", "postgres", "pw")
+    ))[0]
+        .get(0);
+    assert!(synced(&db, t, "1 min"));
+    let ldb = l.connect("family");
+    let conns = |n: &'static str| {
+        wait_for(Duration::from_secs(20), || {
+            ldb.value(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'poco_sync stream'",
+            )
+            .filter(|c| c == n)
+        })
+        .is_some()
+    };
+    db.execute("UPDATE elearning.users SET display_name = 'before idle' WHERE id = 21");
+    assert!(synced(&db, t, "30 s"));
+    assert!(
+        conns("1"),
+        "a batch was just sent over the stream's connection"
+    );
+    // Nothing to send for longer than poco.sync_idle_timeout: the connection is closed.
+    assert!(conns("0"), "the idle connection was closed");
+    // The next change opens it again and arrives.
+    db.execute("UPDATE elearning.users SET display_name = 'after idle' WHERE id = 21");
+    assert!(synced(&db, t, "30 s"));
+    assert_eq!(
+        ldb.value("SELECT display_name FROM elearning.users WHERE id = 21")
+            .as_deref(),
+        Some("after idle")
+    );
+    assert!(conns("1"), "opened again for the batch");
+}
