@@ -630,7 +630,7 @@ fn load_attributed(
         // position's xmin: everything below it had ended before every position was taken.
         let mut cursor = c
             .try_open_cursor(
-                "SELECT txid, rel, op::text, old, new FROM poco.change WHERE txid >= $1",
+                "SELECT txid, rel, op::text, old::pg_catalog.jsonb, new::pg_catalog.jsonb FROM poco.change WHERE txid >= $1",
                 &[(from as i64).into()],
             )
             .map_err(|e| e.to_string())?;
