@@ -145,20 +145,24 @@ echo "platform throughput, capture on and off..."
 tps() { qp -qc "CHECKPOINT"; "$BIN/pgbench" $P -n -c 4 -j 2 -T "$THROUGHPUT_SECONDS" -f "$BASE/poco.sql" platform 2>/dev/null | awk '/^tps/ { printf "%.0f", $3 }'; }
 ON=$(tps)
 for f in $(seq $FIRST $LAST); do qp -qAt -c "SELECT poco_disable_sync($f)" >/dev/null; done
-OFF=$(tps)
-# The capture triggers alone, nobody delivering (what the platform's own writes pay; the run
-# above also shares the 2 cores with the stream and the 100 learner databases).
-qp -qc "CREATE TRIGGER poco_capture AFTER INSERT OR UPDATE OR DELETE ON elearning.audit_log FOR EACH ROW EXECUTE FUNCTION poco.capture()"
-CAPTURE_ONLY=$(tps)
-qp -qc "DROP TRIGGER poco_capture ON elearning.audit_log" -c "TRUNCATE poco.change"
-OFF2=$(tps)
+# Sync off and the capture triggers alone (nobody delivering: what the platform's own writes
+# pay; the run above also shares the 2 cores with the streams and the learner databases),
+# alternated CAPTURE_ROUNDS times (default 3): single 10 s runs move by +-5 %.
+OFFS=(); CAPS=()
+for _ in $(seq "${CAPTURE_ROUNDS:-3}"); do
+  OFFS+=("$(tps)")
+  qp -qc "CREATE TRIGGER poco_capture AFTER INSERT OR UPDATE OR DELETE ON elearning.audit_log FOR EACH ROW EXECUTE FUNCTION poco.capture()"
+  CAPS+=("$(tps)")
+  qp -qc "DROP TRIGGER poco_capture ON elearning.audit_log" -c "TRUNCATE poco.change"
+done
+median() { printf "%s\n" "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+OFF=$(median "${OFFS[@]}"); CAPTURE_ONLY=$(median "${CAPS[@]}")
 
 {
 echo "# sync_latency: FAMILIES=$FAMILIES RATE=$RATE DURATION=$SECONDS_ RTT_MS=$RTT_MS SYNC_WORKERS=${SYNC_WORKERS:-2}, $(nproc) cores, PostgreSQL $("$BIN/postgres" --version | awk '{print $3}'), $(date -u +%F)"
 echo "poco_sync   : $SENT rows sent, $N arrivals measured; latency p50 $P50 ms, p99 $P99 ms"
 echo "logical rep.: $LN rows of family $FIRST (row filter); latency p50 $LP50 ms, p99 $LP99 ms"
-OFFM=$(( (OFF + OFF2) / 2 ))
-echo "platform pgbench (4 clients, one audit row per transaction, $THROUGHPUT_SECONDS s): sync off $OFF / $OFF2 tps; capture triggers only $CAPTURE_ONLY tps ($(awk -v a="$CAPTURE_ONLY" -v b="$OFFM" 'BEGIN { printf "%+.0f%%", (a / b - 1) * 100 }')); capture + stream + $FAMILIES learners on the same cores $ON tps ($(awk -v a="$ON" -v b="$OFFM" 'BEGIN { printf "%+.0f%%", (a / b - 1) * 100 }'))"
+echo "platform pgbench (4 clients, one audit row per transaction, $THROUGHPUT_SECONDS s runs): sync off median $OFF tps (${OFFS[*]}); capture triggers only median $CAPTURE_ONLY tps (${CAPS[*]}), $(awk -v a="$CAPTURE_ONLY" -v b="$OFF" 'BEGIN { printf "%+.1f%%", (a / b - 1) * 100 }'); capture + streams + $FAMILIES learners on the same cores $ON tps ($(awk -v a="$ON" -v b="$OFF" 'BEGIN { printf "%+.0f%%", (a / b - 1) * 100 }'))"
 echo "stream processes at the end of the run: $STREAM_RSS"
 echo "pgbench at $RATE/s, poco run: $(grep -E '^(latency average|tps)' "$BASE/pgbench_poco.txt" | tr '\n' ' ')"
 } | tee "$OUT/sync_latency$([ "$RTT_MS" = 0 ] || echo "_rtt$RTT_MS")$([ "$FAMILIES" = 100 ] || echo "_$FAMILIES")$([ "${SYNC_WORKERS:-2}" = 2 ] || echo "_w${SYNC_WORKERS}")$([ "$RATE" = 1000 ] || echo "_r$RATE").txt"
