@@ -125,5 +125,5 @@ The platform is at  psql -h 127.0.0.1 -p $PLATFORM_PORT -U postgres platform
 the learner at      psql -h 127.0.0.1 -p $LEARNER_PORT -U postgres family
 Stop both with:     bash scripts/demo.sh stop
 Continuous sync of parent 21 stays on: change the family's rows on the platform and watch them
-arrive (README, "Continuous sync"; it is still in progress: see "Status").
+arrive (README, "Continuous sync"; figures in BENCHMARKS.md).
 EOF2
