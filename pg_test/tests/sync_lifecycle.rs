@@ -523,3 +523,70 @@ fn an_idle_learner_connection_is_closed_and_opened_again_with_the_next_batch() {
     );
     assert!(conns("1"), "opened again for the batch");
 }
+
+#[test]
+fn a_learner_that_refuses_every_batch_shows_its_error_and_slows_nobody() {
+    let (platform, db) = sample_platform("sync_poison", 20);
+    db.execute("ALTER SYSTEM SET poco.sync_workers = 1");
+    db.execute("ALTER SYSTEM SET poco.retry_delay = '100ms'");
+    platform.reload();
+    let (la, lb) = (learner("sync_poison_a"), learner("sync_poison_b"));
+    let mut ids = Vec::new();
+    for (parent, l) in [("21", &la), ("22", &lb)] {
+        let t: i64 = db.query(&format!(
+            "SELECT poco_enable_sync({parent}, '{}')",
+            l.target_url("family", "postgres", "pw")
+        ))[0]
+            .get(0);
+        assert!(synced(&db, t, "1 min"));
+        ids.push(t);
+    }
+    let (ta, tb) = (ids[0], ids[1]);
+    // Learner B refuses every batch that touches its users (not an integrity or schema error:
+    // retrying is all the platform can do).
+    let lbdb = lb.connect("family");
+    lbdb.execute(
+        "CREATE FUNCTION public.refuse() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'poisoned learner'; END $$; \
+         CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON elearning.users \
+         FOR EACH ROW EXECUTE FUNCTION public.refuse()",
+    );
+    let stream = || {
+        db.value("SELECT string_agg(pid::text, ',') FROM pg_stat_activity WHERE backend_type = 'poco_sync stream'")
+    };
+    let before = stream();
+    assert!(before.is_some());
+    let ldb = la.connect("family");
+    for i in 0..10 {
+        db.execute(&format!(
+            "UPDATE elearning.users SET display_name = 'round {i}' WHERE id IN (21, 22)"
+        ));
+        let t0 = std::time::Instant::now();
+        assert!(synced(&db, ta, "5 s"), "A held up by B (round {i})");
+        assert!(t0.elapsed() < Duration::from_secs(3), "round {i}: {:?}", t0.elapsed());
+        assert_eq!(
+            ldb.value("SELECT display_name FROM elearning.users WHERE id = 21")
+                .as_deref(),
+            Some(format!("round {i}").as_str())
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // B shows why, keeps its changes, and the stream did not crash-loop over it.
+    let shown = wait_for(Duration::from_secs(10), || {
+        db.value(&format!(
+            "SELECT last_error FROM poco_status(22) WHERE target_id = {tb} AND last_error LIKE '%poisoned learner%'"
+        ))
+    });
+    assert!(shown.is_some(), "poco_status shows B's error");
+    assert!(!synced(&db, tb, "10 ms"));
+    assert_eq!(stream(), before, "the same stream process throughout");
+    // B accepts batches again: it catches up by itself, exact.
+    lbdb.execute("DROP TRIGGER refuse ON elearning.users");
+    assert!(synced(&db, tb, "1 min"), "{}", state(&db, tb));
+    assert_learner_equals_scope(&db, &lbdb, "22");
+    assert_eq!(
+        lbdb.value("SELECT display_name FROM elearning.users WHERE id = 22")
+            .as_deref(),
+        Some("round 9")
+    );
+}
