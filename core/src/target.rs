@@ -381,6 +381,14 @@ fn parse_url_into(p: &mut Partial, input: &str) -> Result<()> {
     }
     let path = url.path();
     let db = path.strip_prefix('/').unwrap_or(path);
+    // A bare '@' in the database part is user info in the wrong place (`postgresql:///user:pw@
+    // host`: with three slashes libpq reads all of it as the database name). Taking it as a
+    // name would store a password where names are shown; a real '@' in a name is written %40.
+    if db.contains('@') {
+        return Err(PocoError::BadUrl(
+            "the database name holds a bare '@': user:password@host must come right after postgresql:// (two slashes); write a real '@' in a database name as %40".into(),
+        ));
+    }
     if !db.is_empty() {
         let db = decode(db)?;
         if db.contains('/') {

@@ -425,3 +425,22 @@ fn associated_data_binds_identity() {
     let t2 = ok("postgresql://u:p@evil.example.com/d");
     assert_ne!(t.associated_data(1, "7"), t2.associated_data(1, "7"));
 }
+
+#[test]
+fn user_info_after_three_slashes_is_refused_not_taken_as_a_database_name() {
+    // Found by target_fuzz.rs: libpq would read "alex:secret@db.example.com" as the database
+    // name, and poco_sync would then show the password as part of the name.
+    for url in [
+        "postgresql:///alex:secret@db.example.com?host=db.example.com",
+        "postgres:///:secret@db.example.com:5432?host=db.example.com",
+        "postgresql://db.example.com/alex:secret@other",
+    ] {
+        let e = err(url);
+        assert!(
+            matches!(e, PocoError::BadUrl(_)) && !e.to_string().contains("secret"),
+            "{url}: {e}"
+        );
+    }
+    // A real '@' in a database name, written %40, is still fine.
+    assert_eq!(ok("postgresql://u@db.example.com/my%40db").dbname, "my@db");
+}
