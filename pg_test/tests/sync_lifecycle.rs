@@ -563,7 +563,11 @@ fn a_learner_that_refuses_every_batch_shows_its_error_and_slows_nobody() {
         ));
         let t0 = std::time::Instant::now();
         assert!(synced(&db, ta, "5 s"), "A held up by B (round {i})");
-        assert!(t0.elapsed() < Duration::from_secs(3), "round {i}: {:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "round {i}: {:?}",
+            t0.elapsed()
+        );
         assert_eq!(
             ldb.value("SELECT display_name FROM elearning.users WHERE id = 21")
                 .as_deref(),
