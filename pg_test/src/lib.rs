@@ -521,7 +521,12 @@ pub fn repo(path: &str) -> String {
 
 /// A platform server with the sample schema, `parents` families and the sample scope (sample/).
 pub fn sample_platform(name: &str, parents: u32) -> (Server, Db) {
-    let platform = Server::start(name, &Options::platform());
+    sample_platform_with(name, parents, &Options::platform())
+}
+
+/// `sample_platform` on a server started with `opts`.
+pub fn sample_platform_with(name: &str, parents: u32, opts: &Options) -> (Server, Db) {
+    let platform = Server::start(name, opts);
     for f in ["sample/schema.sql", "sample/data.sql", "sample/scope.sql"] {
         let out = platform.tool(
             "psql",
