@@ -4,6 +4,7 @@
 //! platform killed (kill -9) while it streams loses and duplicates nothing.
 
 use poco_e2e::{assert_learner_equals_scope, sample_platform, wait_for, Db, Server};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 fn learner(name: &str) -> Server {
@@ -207,11 +208,32 @@ fn schema_and_scope_changes_reach_the_learner_without_a_hand() {
 }
 
 #[test]
-fn the_platform_killed_while_streaming_loses_and_duplicates_nothing() {
+fn kill_9_at_random_moments_while_pushing_and_streaming_loses_and_duplicates_nothing() {
+    // POCO_KILL_CYCLES (default 50) times, after a random pause, kill -9 of a random poco_sync
+    // process (a stream, the coordinator, or a push job when one runs): the postmaster
+    // restarts the whole server each time (crash recovery), the writer's sessions included.
+    let cycles: usize = std::env::var("POCO_KILL_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    let mut seed: u64 = std::env::var("POCO_KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x00c0_ffee);
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
     let (platform, db) = sample_platform("sync_kill", 20);
     db.execute("ALTER SYSTEM SET poco.retry_delay = '100ms'");
     platform.reload();
-    let (la, lb) = (learner("sync_kill_a"), learner("sync_kill_b"));
+    let (la, lb, lc) = (
+        learner("sync_kill_a"),
+        learner("sync_kill_b"),
+        learner("sync_kill_c"),
+    );
     let ta: i64 = db.query(&format!(
         "SELECT poco_enable_sync(21, '{}')",
         la.target_url("family", "postgres", "pw")
@@ -222,26 +244,31 @@ fn the_platform_killed_while_streaming_loses_and_duplicates_nothing() {
         lb.target_url("family", "postgres", "pw")
     ))[0]
         .get(0);
+    // A third family is pushed now and then (full overwrites), not synced.
+    db.execute(&format!(
+        "SELECT poco_add_target(23, '{}')",
+        lc.target_url("family", "postgres", "pw")
+    ));
     assert!(synced(&db, ta, "1 min") && synced(&db, tb, "1 min"));
     drop(db);
 
     let conninfo = platform.conninfo("platform");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // A writer that commits all along (inserts, updates, deletes of both families) and
+    // A writer that commits all along (inserts, updates, deletes of the three families) and
     // reconnects after each crash; what it committed is whatever the platform holds at the end.
     let writer = {
         let stop = stop.clone();
         std::thread::spawn(move || {
             let mut committed = 0u32;
             let mut i = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 100_000 {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 1_000_000 {
                 let Ok(w) = Db::try_connect(&conninfo) else {
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
                 };
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 100_000 {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 1_000_000 {
                     i += 1;
-                    let fam = 21 + (i % 2);
+                    let fam = 21 + (i % 3);
                     let sql = format!(
                         "BEGIN; INSERT INTO elearning.audit_log (user_id, action) VALUES ({fam}, 'kill {i}'); \
                          UPDATE elearning.users SET display_name = 'kill {i}' WHERE id = {fam}; \
@@ -259,45 +286,79 @@ fn the_platform_killed_while_streaming_loses_and_duplicates_nothing() {
         })
     };
 
-    // kill -9 of the stream process three times while it streams: the postmaster restarts
-    // every process of the platform (crash recovery), the writer's sessions included.
-    let mut kills = 0;
-    for _ in 0..3 {
-        std::thread::sleep(Duration::from_millis(800));
-        let pid = wait_for(Duration::from_secs(60), || {
+    let mut kills: BTreeMap<String, usize> = BTreeMap::new();
+    for cycle in 0..cycles {
+        std::thread::sleep(Duration::from_millis(100 + rand(500)));
+        // Back up after the last crash: the streams run again.
+        let d = wait_for(Duration::from_secs(60), || {
             let d = Db::try_connect(&platform.conninfo("platform")).ok()?;
-            d.value("SELECT pid FROM pg_stat_activity WHERE backend_type = 'poco_sync stream'")
-        });
-        let pid = pid.expect("the stream runs again after the restart");
+            d.value("SELECT pid FROM pg_stat_activity WHERE backend_type = 'poco_sync stream'")?;
+            Some(d)
+        })
+        .unwrap_or_else(|| panic!("cycle {cycle}: the platform and its streams came back"));
+        if rand(4) == 0 {
+            let _ = d.try_value("SELECT poco_push(23)");
+            std::thread::sleep(Duration::from_millis(rand(100)));
+        }
+        let victims: Vec<(String, String)> = d
+            .query(
+                "SELECT backend_type, pid::text FROM pg_stat_activity \
+                  WHERE backend_type IN ('poco_sync stream', 'poco_sync worker', 'poco_sync push') ORDER BY pid",
+            )
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        drop(d);
+        if victims.is_empty() {
+            continue;
+        }
+        let (kind, pid) = &victims[rand(victims.len() as u64) as usize];
         let _ = std::process::Command::new("kill")
-            .args(["-9", &pid])
+            .args(["-9", pid])
             .status();
-        kills += 1;
+        *kills.entry(kind.clone()).or_default() += 1;
     }
-    std::thread::sleep(Duration::from_millis(800));
+    std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let committed = writer.join().unwrap();
+    let total: usize = kills.values().sum();
+    println!("kill -9 cycles: {total} ({kills:?}); writer transactions committed: {committed}");
     assert!(committed > 50, "the writer kept committing ({committed})");
-    assert_eq!(kills, 3);
+    assert_eq!(total, cycles, "a process was killed in every cycle");
     let crashes = platform.log().matches("terminated by signal 9").count();
-    assert!(crashes >= 3, "the postmaster saw {crashes} of the 3 kills");
+    assert!(
+        crashes >= cycles,
+        "the postmaster saw {crashes} of the {cycles} kills"
+    );
 
     let db = wait_for(Duration::from_secs(60), || {
         Db::try_connect(&platform.conninfo("platform")).ok()
     })
     .unwrap();
-    for (t, l, parent) in [(ta, &la, "21"), (tb, &lb, "22")] {
-        assert!(
-            synced(&db, t, "2 min"),
-            "target {t} caught up after the crashes"
-        );
+    // The pushed family: one more push after the storm, then exact.
+    let job: i64 = db.query("SELECT poco_push(23)")[0].get(0);
+    assert_eq!(
+        db.value(&format!("SELECT poco_wait({job}, '2 min')"))
+            .as_deref(),
+        Some("succeeded")
+    );
+    for (t, l, parent) in [
+        (Some(ta), &la, "21"),
+        (Some(tb), &lb, "22"),
+        (None, &lc, "23"),
+    ] {
+        if let Some(t) = t {
+            assert!(
+                synced(&db, t, "2 min"),
+                "target {t} caught up after the crashes"
+            );
+        }
         let ldb = l.connect("family");
         assert_learner_equals_scope(&db, &ldb, parent);
-        // Nothing of the other family.
-        let other = if parent == "21" { "22" } else { "21" };
+        // Nothing of the other families.
         assert_eq!(
             ldb.value(&format!(
-                "SELECT count(*) FROM elearning.audit_log WHERE user_id = {other}"
+                "SELECT count(*) FROM elearning.audit_log WHERE user_id IN (21, 22, 23) AND user_id <> {parent}"
             ))
             .as_deref(),
             Some("0")
