@@ -577,37 +577,125 @@ mod tests {
     }
 }
 
-/// Every scoped table on the learner holds exactly the rows the scope selects for `parent`
-/// on the platform (compared as sorted row texts), and the learner has no other table of
-/// the platform's.
-pub fn assert_learner_equals_scope(platform: &Db, learner: &Db, parent: &str) -> usize {
-    let tables =
-        platform.query("SELECT table_name, select_sql FROM poco.scope_tables ORDER BY table_name");
-    let mut total = 0;
+/// What a learner holds against its parent's scope on the platform, row by row, keyed by
+/// each table's primary key: `lost` (in the scope, not on the learner), `duplicated` (a key
+/// more than once on the learner), `stale` (on both, different values; or on the learner
+/// after it was deleted on the platform), `leaked` (on the learner, on the platform, but not
+/// in this parent's scope: another family's or an admin's row).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Report {
+    pub rows: usize,
+    pub lost: usize,
+    pub duplicated: usize,
+    pub stale: usize,
+    pub leaked: usize,
+    /// The first few differences, for the failure message.
+    pub examples: Vec<String>,
+}
+
+impl Report {
+    pub fn clean(&self) -> bool {
+        self.lost == 0 && self.duplicated == 0 && self.stale == 0 && self.leaked == 0
+    }
+    fn note(&mut self, what: String) {
+        if self.examples.len() < 5 {
+            self.examples.push(what);
+        }
+    }
+}
+
+/// The history checker: compare the learner with the parent's scope on the platform.
+pub fn check_learner(platform: &Db, learner: &Db, parent: &str) -> Report {
+    use std::collections::BTreeMap;
+    let mut report = Report::default();
+    let tables = platform.query(
+        "SELECT s.table_name, s.select_sql, \
+                (SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY k.n), '{}') \
+                   FROM pg_catalog.pg_index i \
+                   CROSS JOIN LATERAL pg_catalog.unnest(i.indkey) WITH ORDINALITY k(attnum, n) \
+                   JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                  WHERE i.indrelid = s.table_name::regclass AND i.indisprimary) \
+           FROM poco.scope_tables s ORDER BY s.table_name",
+    );
     for t in &tables {
         let name: String = t.get(0);
         let sql: String = t.get(1);
-        let mut want: Vec<String> = platform
-            .query_with(&format!("SELECT s::text FROM ({sql}) s"), &[&parent])
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect();
-        let mut got: Vec<String> = learner
-            .query(&format!("SELECT s::text FROM {name} s"))
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect();
-        want.sort();
-        got.sort();
-        assert_eq!(
-            got.len(),
-            want.len(),
-            "{name}: row count for parent {parent}"
-        );
-        assert!(got == want, "{name}: rows differ for parent {parent}");
-        total += got.len();
+        let pk: Vec<String> = t.get(2);
+        let key = |row: &serde_json::Value| -> String {
+            let k: Vec<String> = pk.iter().map(|c| row[c].to_string()).collect();
+            k.join(",")
+        };
+        let rows = |db: &Db, q: &str, args: &[&(dyn tokio_postgres::types::ToSql + Sync)]| {
+            db.query_with(q, args)
+                .iter()
+                .map(|r| serde_json::from_str::<serde_json::Value>(&r.get::<_, String>(0)).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let want: BTreeMap<String, serde_json::Value> = rows(
+            platform,
+            &format!("SELECT pg_catalog.to_jsonb(s)::text FROM ({sql}) s"),
+            &[&parent],
+        )
+        .into_iter()
+        .map(|r| (key(&r), r))
+        .collect();
+        let everywhere: std::collections::BTreeSet<String> = rows(
+            platform,
+            &format!("SELECT pg_catalog.to_jsonb(s)::text FROM {name} s"),
+            &[],
+        )
+        .iter()
+        .map(|r| key(r))
+        .collect();
+        let mut got: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
+        for r in rows(
+            learner,
+            &format!("SELECT pg_catalog.to_jsonb(s)::text FROM {name} s"),
+            &[],
+        ) {
+            got.entry(key(&r)).or_default().push(r);
+        }
+        report.rows += want.len();
+        for (k, w) in &want {
+            match got.get(k) {
+                None => {
+                    report.lost += 1;
+                    report.note(format!("{name} {k}: lost"));
+                }
+                Some(g) => {
+                    if g.len() > 1 {
+                        report.duplicated += g.len() - 1;
+                        report.note(format!("{name} {k}: {} copies", g.len()));
+                    }
+                    if g[0] != *w {
+                        report.stale += 1;
+                        report.note(format!("{name} {k}: stale"));
+                    }
+                }
+            }
+        }
+        for (k, g) in &got {
+            if want.contains_key(k) {
+                continue;
+            }
+            if everywhere.contains(k) {
+                report.leaked += g.len();
+                report.note(format!("{name} {k}: leaked (outside this parent's scope)"));
+            } else {
+                report.stale += g.len();
+                report.note(format!("{name} {k}: stale (deleted on the platform)"));
+            }
+        }
     }
-    total
+    report
+}
+
+/// Every scoped table of the learner equals the parent's scope on the platform, row by row
+/// (the history checker finds nothing lost, duplicated, stale or leaked). Returns the rows.
+pub fn assert_learner_equals_scope(platform: &Db, learner: &Db, parent: &str) -> usize {
+    let report = check_learner(platform, learner, parent);
+    assert!(report.clean(), "learner of parent {parent}: {report:?}");
+    report.rows
 }
 
 /// A small seeded generator (splitmix64) for randomized tests: a seed replays a run.

@@ -465,3 +465,44 @@ fn a_learner_that_was_down_catches_up_exactly() {
         "no new snapshot"
     );
 }
+
+#[test]
+fn the_history_checker_tells_lost_stale_and_leaked_rows_apart() {
+    // The checker the fault tests rely on must see each kind of damage, or their zeros mean
+    // nothing.
+    let (_platform, db) = poco_e2e::sample_platform("checker", 20);
+    let l = learner("checker_learner");
+    let t: i64 = db.query(&format!(
+        "SELECT poco_add_target(21, '{}')",
+        l.target_url("family", "postgres", "pw")
+    ))[0]
+        .get(0);
+    let job: i64 = db.query(&format!("SELECT poco_push(21, {t})"))[0].get(0);
+    assert_eq!(
+        db.value(&format!("SELECT poco_wait({job}, '1 min')"))
+            .as_deref(),
+        Some("succeeded")
+    );
+    let ldb = l.connect("family");
+    let clean = poco_e2e::check_learner(&db, &ldb, "21");
+    assert!(clean.clean() && clean.rows > 100, "{clean:?}");
+    // One row lost, one stale, one of another family leaked in.
+    let other: String = db
+        .value("SELECT id::text FROM elearning.audit_log WHERE user_id = 22 LIMIT 1")
+        .unwrap();
+    ldb.execute(
+        "SET session_replication_role = replica; \
+         DELETE FROM elearning.audit_log WHERE id = (SELECT min(id) FROM elearning.audit_log); \
+         UPDATE elearning.audit_log SET action = 'tampered' WHERE id = (SELECT max(id) FROM elearning.audit_log)",
+    );
+    ldb.execute(&format!(
+        "SET session_replication_role = replica; \
+         INSERT INTO elearning.audit_log (id, user_id, action) OVERRIDING SYSTEM VALUE VALUES ({other}, 22, 'x')"
+    ));
+    let r = poco_e2e::check_learner(&db, &ldb, "21");
+    assert_eq!(
+        (r.lost, r.duplicated, r.stale, r.leaked),
+        (1, 0, 1, 1),
+        "{r:?}"
+    );
+}

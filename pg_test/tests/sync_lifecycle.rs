@@ -354,7 +354,12 @@ fn kill_9_at_random_moments_while_pushing_and_streaming_loses_and_duplicates_not
             );
         }
         let ldb = l.connect("family");
-        assert_learner_equals_scope(&db, &ldb, parent);
+        let report = poco_e2e::check_learner(&db, &ldb, parent);
+        println!(
+            "history checker, parent {parent}: {} rows; lost {}, duplicated {}, stale {}, leaked {}",
+            report.rows, report.lost, report.duplicated, report.stale, report.leaked
+        );
+        assert!(report.clean(), "parent {parent}: {report:?}");
         // Nothing of the other families.
         assert_eq!(
             ldb.value(&format!(
