@@ -313,7 +313,10 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         // part of the oldest one's), and one attribution; each then takes the changes its
         // own position has not seen. Targets whose positions drifted apart (a learner that
         // failed for a while) cost one read, not one each.
-        let mut group: Vec<(Target, Snap)> = Vec::new();
+        // The pass's targets, each with the index of its position among the distinct ones
+        // (nearly always a single one: every pass moves every caught-up target to its S).
+        let mut group: Vec<(Target, usize)> = Vec::new();
+        let mut positions: Vec<(String, Snap)> = Vec::new();
         for t in targets {
             if in_backoff(st, &t) {
                 continue;
@@ -327,8 +330,15 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                 steps.push((t, Step::Done(Outcome::Again)));
                 continue;
             }
+            if let Some(i) = positions.iter().position(|(text, _)| *text == t.position) {
+                group.push((t, i));
+                continue;
+            }
             match Snap::parse(&t.position) {
-                Some(snap) => group.push((t, snap)),
+                Some(snap) => {
+                    positions.push((t.position.clone(), snap));
+                    group.push((t, positions.len() - 1));
+                }
                 None => {
                     let why = format!("its position {} cannot be read", t.position);
                     steps.push((t, Step::Done(Outcome::Resnapshot(why))));
@@ -343,7 +353,7 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            let snaps: Vec<&Snap> = group.iter().map(|(_, p)| p).collect();
+            let snaps: Vec<&Snap> = positions.iter().map(|(_, p)| p).collect();
             match load_attributed(&mut st.plans, sc, pks, &snaps, &parents, max_changes) {
                 Err(e) => {
                     for (t, _) in group {
@@ -352,8 +362,30 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                     }
                 }
                 Ok(loaded) => {
-                    for (i, (t, snap)) in group.into_iter().enumerate() {
-                        if loaded.too_many.contains(&i) {
+                    // Which targets have something to send: those connect first, so that a
+                    // batch is only built for a learner that can take it now.
+                    let mut concerned: Vec<bool> = Vec::with_capacity(group.len());
+                    for (t, si) in &group {
+                        let pi = parents.binary_search(&t.parent).ok().map(|i| i as u32);
+                        let snap = &positions[*si].1;
+                        concerned.push(
+                            !loaded.too_many.contains(si)
+                                && loaded
+                                    .changes
+                                    .iter()
+                                    .zip(&loaded.owners)
+                                    .any(|(c, o)| o.concerns(pi) && !snap.visible(c.txid)),
+                        );
+                    }
+                    let sending: Vec<&Target> = group
+                        .iter()
+                        .zip(&concerned)
+                        .filter(|(_, c)| **c)
+                        .map(|((t, _), _)| t)
+                        .collect();
+                    let mut failed = connect_all(rt, st, &sending);
+                    for ((t, si), concerned) in group.into_iter().zip(concerned) {
+                        if loaded.too_many.contains(&si) {
                             // One batch that large is not held in memory: a full snapshot is
                             // constant memory, and for so many changes not slower.
                             let why = format!(
@@ -362,27 +394,31 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                             steps.push((t, Step::Done(Outcome::Resnapshot(why))));
                             continue;
                         }
+                        if !concerned {
+                            steps.push((t, Step::Done(Outcome::Advanced)));
+                            continue;
+                        }
+                        if let Some(e) = failed.remove(&t.id) {
+                            steps.push((t, Step::Done(refused(e, -1))));
+                            continue;
+                        }
+                        if !st.conns.contains_key(&t.id) {
+                            // Still connecting (in the background): a later pass sends it.
+                            steps.push((t, Step::Done(Outcome::Again)));
+                            continue;
+                        }
+                        // The target's share of the batch: its own changes, and those whose
+                        // owner cannot be told, that its position has not seen.
                         let pi = parents.binary_search(&t.parent).ok().map(|i| i as u32);
-                        let unseen = |c: &Keyed| !snap.visible(c.txid);
-                        let step = if loaded
+                        let snap = &positions[si].1;
+                        let mine: Vec<&Keyed> = loaded
                             .changes
                             .iter()
                             .zip(&loaded.owners)
-                            .any(|(c, o)| o.concerns(pi) && unseen(c))
-                        {
-                            // The target's share of the batch: its own changes, and those
-                            // whose owner cannot be told, that its position has not seen.
-                            let mine: Vec<&Keyed> = loaded
-                                .changes
-                                .iter()
-                                .zip(&loaded.owners)
-                                .filter(|(c, o)| o.goes_to(pi) && unseen(c))
-                                .map(|(c, _)| c)
-                                .collect();
-                            sync_target(&mut st.plans, sc, pks, fks, &t, &mine)
-                        } else {
-                            Step::Done(Outcome::Advanced)
-                        };
+                            .filter(|(c, o)| o.goes_to(pi) && !snap.visible(c.txid))
+                            .map(|(c, _)| c)
+                            .collect();
+                        let step = sync_target(&mut st.plans, sc, pks, fks, &t, &mine);
                         steps.push((t, step));
                     }
                 }
@@ -769,6 +805,9 @@ impl Owners {
 /// changed ancestor's old image (above it nothing changed, so its chain at S is the one the
 /// learner knew). Reference rows and TRUNCATE concern everyone.
 fn attribute(plans: &mut Plans, sc: &Scope, changes: &[Change], parents: &[String]) -> Vec<Owners> {
+    // The candidates as one text[] datum for the whole chunk (in the caller's memory context),
+    // not one array per row image.
+    let candidates: pgrx::datum::DatumWithOid = parents.to_vec().into();
     changes
         .iter()
         .map(|(rel, op, old, new)| {
@@ -782,7 +821,15 @@ fn attribute(plans: &mut Plans, sc: &Scope, changes: &[Change], parents: &[Strin
             let mut old_unknown = false;
             for (img, is_old) in [(old, true), (new, false)] {
                 let Some(img) = img else { continue };
-                let args = [parents.to_vec().into(), pgrx::JsonB(img.clone()).into()];
+                let args = [
+                    unsafe {
+                        pgrx::datum::DatumWithOid::new_from_datum(
+                            candidates.datum(),
+                            candidates.oid(),
+                        )
+                    },
+                    pgrx::JsonB(img.clone()).into(),
+                ];
                 match select_kept(
                     plans,
                     &table.owners_sql,
@@ -1101,6 +1148,21 @@ struct Batch {
     n: i64,
 }
 
+/// A batch the learner committed. The `stream_ack_lost` failpoint (tests) makes the platform
+/// miss the acknowledgement once, as if the connection had dropped after the commit.
+fn acknowledged(st: &mut State, target: i64, n: i64) -> Outcome {
+    if gucs::failpoint().as_deref() == Some("stream_ack_lost")
+        && st.fired.insert("stream_ack_lost".into())
+    {
+        st.conns.remove(&target);
+        return Outcome::Failed {
+            error: "failpoint stream_ack_lost: the batch's acknowledgement was lost".into(),
+            changes: n,
+        };
+    }
+    Outcome::Applied { changes: n }
+}
+
 /// A learner error for a batch: refused by the learner itself (a key or constraint its copy no
 /// longer agrees with, a table or column changed there) means a new snapshot, since retrying
 /// the same batch cannot help; anything else backs off and retries.
@@ -1163,23 +1225,14 @@ fn deliver(
             Step::Send(b) => sends.push((t, b)),
         }
     }
-    let mut failed = connect_all(rt, st, &sends.iter().map(|(t, _)| t).collect::<Vec<_>>());
+    // Connected in pass() before their batch was built.
     let mut connected = Vec::new();
     for (t, b) in sends {
-        match failed.remove(&t.id) {
-            Some(e) => out.push((
-                t,
-                Outcome::Failed {
-                    error: e.message,
-                    changes: b.n,
-                },
-            )),
-            // Still connecting (in the background): next pass.
-            None if !st.conns.contains_key(&t.id) => out.push((t, Outcome::Again)),
-            None => {
-                st.used.insert(t.id, Instant::now());
-                connected.push((t, b))
-            }
+        if st.conns.contains_key(&t.id) {
+            st.used.insert(t.id, Instant::now());
+            connected.push((t, b));
+        } else {
+            out.push((t, Outcome::Again));
         }
     }
     // Targets whose learner is where the platform last put it (nearly always) get their batch
@@ -1341,21 +1394,7 @@ fn deliver(
                 st.conns.remove(&t.id);
                 refused(e, b.n)
             }
-            (None, Ok(())) if sql.is_some() => {
-                // Failpoint for tests: the learner committed, the platform never hears of it.
-                if gucs::failpoint().as_deref() == Some("stream_ack_lost")
-                    && st.fired.insert("stream_ack_lost".into())
-                {
-                    st.conns.remove(&t.id);
-                    Outcome::Failed {
-                        error: "failpoint stream_ack_lost: the batch's acknowledgement was lost"
-                            .into(),
-                        changes: b.n,
-                    }
-                } else {
-                    Outcome::Applied { changes: b.n }
-                }
-            }
+            (None, Ok(())) if sql.is_some() => acknowledged(st, t.id, b.n),
             (None, Ok(())) => Outcome::Applied { changes: 0 }, // already there
         };
         out.push((t, o));
@@ -1438,20 +1477,7 @@ fn deliver_quick(
                 st.careful.insert(t.id);
                 Outcome::Again
             }
-            Some(Ok(())) => {
-                if gucs::failpoint().as_deref() == Some("stream_ack_lost")
-                    && st.fired.insert("stream_ack_lost".into())
-                {
-                    st.conns.remove(&t.id);
-                    Outcome::Failed {
-                        error: "failpoint stream_ack_lost: the batch's acknowledgement was lost"
-                            .into(),
-                        changes: b.n,
-                    }
-                } else {
-                    Outcome::Applied { changes: b.n }
-                }
-            }
+            Some(Ok(())) => acknowledged(st, t.id, b.n),
             Some(Err(e)) => {
                 // The transaction is aborted on the learner: roll it back (or drop the
                 // connection if that fails too).
