@@ -425,17 +425,7 @@ impl Db {
     }
 
     pub fn query(&self, sql: &str) -> Vec<Row> {
-        self.rt
-            .block_on(self.client.query(sql, &[]))
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{}: {}",
-                    redact(sql),
-                    e.as_db_error()
-                        .map(|d| d.message().to_string())
-                        .unwrap_or(e.to_string())
-                )
-            })
+        self.query_with(sql, &[])
     }
 
     /// The first column of the first row as text, or the error (no panic).
@@ -547,6 +537,25 @@ pub fn sample_platform_with(name: &str, parents: u32, opts: &Options) -> (Server
     }
     let db = platform.connect("platform");
     (platform, db)
+}
+
+/// Turn on continuous sync of `parent` into database `family` of `learner` (as its
+/// superuser) and wait for the first snapshot to succeed; the target id.
+pub fn enable_sync(platform: &Db, parent: &str, learner: &Server) -> i64 {
+    let url = learner.target_url("family", "postgres", "pw");
+    let t: i64 = platform.query(&format!("SELECT poco_enable_sync({parent}, '{url}')"))[0].get(0);
+    let job: i64 = platform.query(&format!(
+        "SELECT max(id) FROM poco.job WHERE target_id = {t}"
+    ))[0]
+        .get(0);
+    assert_eq!(
+        platform
+            .value(&format!("SELECT poco_wait({job}, '1 min')"))
+            .as_deref(),
+        Some("succeeded"),
+        "the first snapshot of parent {parent}"
+    );
+    t
 }
 
 /// Poll `f` every 100 ms until it returns Some, for at most `limit`.

@@ -2,7 +2,9 @@
 //! first snapshot, which becomes the target's position; changes reach the learner; disabling
 //! removes the capture and keeps the learner's data.
 
-use poco_e2e::{assert_learner_equals_scope, sample_platform, Db, Options, Server};
+use poco_e2e::{
+    assert_learner_equals_scope, enable_sync as enable, sample_platform, Db, Options, Server,
+};
 
 fn learner(name: &str) -> Server {
     let s = Server::start(name, &Options::learner());
@@ -153,21 +155,6 @@ fn enabling_sync_snapshots_and_captures_and_disabling_stops_the_capture() {
     );
     db.execute(&format!("SELECT poco_remove_target({t2})"));
     assert_eq!(captured_tables(&db), "0");
-}
-
-fn enable(db: &Db, parent: &str, l: &Server) -> i64 {
-    let url = l.target_url("family", "postgres", "pw");
-    let t: i64 = db.query(&format!("SELECT poco_enable_sync({parent}, '{url}')"))[0].get(0);
-    let job: i64 = db.query(&format!(
-        "SELECT max(id) FROM poco.job WHERE target_id = {t}"
-    ))[0]
-        .get(0);
-    assert_eq!(
-        db.value(&format!("SELECT poco_wait({job}, '1 min')"))
-            .as_deref(),
-        Some("succeeded")
-    );
-    t
 }
 
 #[test]

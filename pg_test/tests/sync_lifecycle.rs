@@ -3,7 +3,7 @@
 //! back; schema and scope changes on the platform reach the learner without a hand; the
 //! platform killed (kill -9) while it streams loses and duplicates nothing.
 
-use poco_e2e::{assert_learner_equals_scope, sample_platform, wait_for, Db, Server};
+use poco_e2e::{assert_learner_equals_scope, enable_sync, sample_platform, wait_for, Db, Server};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -128,8 +128,7 @@ fn a_failed_snapshot_and_a_learner_past_the_backlog_limit_recover_by_themselves(
 fn schema_and_scope_changes_reach_the_learner_without_a_hand() {
     let (_platform, db) = sample_platform("sync_schema", 20);
     let l = learner("sync_schema_learner");
-    let url = l.target_url("family", "postgres", "pw");
-    let t: i64 = db.query(&format!("SELECT poco_enable_sync(21, '{url}')"))[0].get(0);
+    let t = enable_sync(&db, "21", &l);
     assert!(synced(&db, t, "1 min"));
     let ldb = l.connect("family");
     let columns = |d: &Db, table: &str| {
@@ -234,16 +233,7 @@ fn kill_9_at_random_moments_while_pushing_and_streaming_loses_and_duplicates_not
         learner("sync_kill_b"),
         learner("sync_kill_c"),
     );
-    let ta: i64 = db.query(&format!(
-        "SELECT poco_enable_sync(21, '{}')",
-        la.target_url("family", "postgres", "pw")
-    ))[0]
-        .get(0);
-    let tb: i64 = db.query(&format!(
-        "SELECT poco_enable_sync(22, '{}')",
-        lb.target_url("family", "postgres", "pw")
-    ))[0]
-        .get(0);
+    let (ta, tb) = (enable_sync(&db, "21", &la), enable_sync(&db, "22", &lb));
     // A third family is pushed now and then (full overwrites), not synced.
     db.execute(&format!(
         "SELECT poco_add_target(23, '{}')",
@@ -429,12 +419,7 @@ fn targets_are_split_between_stream_processes_and_split_again_on_reload() {
     let (la, lb) = (learner("sync_split_a"), learner("sync_split_b"));
     let mut targets = Vec::new();
     for (parent, l) in [("21", &la), ("22", &lb)] {
-        let t: i64 = db.query(&format!(
-            "SELECT poco_enable_sync({parent}, '{}')",
-            l.target_url("family", "postgres", "pw")
-        ))[0]
-            .get(0);
-        targets.push((t, parent, l));
+        targets.push((enable_sync(&db, parent, l), parent, l));
     }
     let streams = |n: usize| {
         wait_for(Duration::from_secs(30), || {
@@ -493,17 +478,8 @@ fn a_learner_that_black_holes_connections_does_not_hold_up_the_others() {
     db.execute("ALTER SYSTEM SET poco.sync_workers = 1");
     platform.reload();
     let (la, lb) = (learner("sync_blackhole_a"), learner("sync_blackhole_b"));
-    let mut ids = Vec::new();
-    for (parent, l) in [("21", &la), ("22", &lb)] {
-        let t: i64 = db.query(&format!(
-            "SELECT poco_enable_sync({parent}, '{}')",
-            l.target_url("family", "postgres", "pw")
-        ))[0]
-            .get(0);
-        assert!(synced(&db, t, "1 min"));
-        ids.push(t);
-    }
-    let (ta, tb) = (ids[0], ids[1]);
+    let (ta, tb) = (enable_sync(&db, "21", &la), enable_sync(&db, "22", &lb));
+    assert!(synced(&db, ta, "1 min") && synced(&db, tb, "1 min"));
     // Learner B goes away and its port answers TCP but never speaks (a black hole).
     lb.stop("immediate");
     let hole = std::net::TcpListener::bind(("127.0.0.1", lb.port)).expect("bind B's port");
@@ -555,11 +531,7 @@ fn an_idle_learner_connection_is_closed_and_opened_again_with_the_next_batch() {
     db.execute("ALTER SYSTEM SET poco.sync_idle_timeout = '1s'");
     platform.reload();
     let l = learner("sync_idle_learner");
-    let t: i64 = db.query(&format!(
-        "SELECT poco_enable_sync(21, '{}')",
-        l.target_url("family", "postgres", "pw")
-    ))[0]
-        .get(0);
+    let t = enable_sync(&db, "21", &l);
     assert!(synced(&db, t, "1 min"));
     let ldb = l.connect("family");
     let conns = |n: &'static str| {
@@ -597,17 +569,8 @@ fn a_learner_that_refuses_every_batch_shows_its_error_and_slows_nobody() {
     db.execute("ALTER SYSTEM SET poco.retry_delay = '100ms'");
     platform.reload();
     let (la, lb) = (learner("sync_poison_a"), learner("sync_poison_b"));
-    let mut ids = Vec::new();
-    for (parent, l) in [("21", &la), ("22", &lb)] {
-        let t: i64 = db.query(&format!(
-            "SELECT poco_enable_sync({parent}, '{}')",
-            l.target_url("family", "postgres", "pw")
-        ))[0]
-            .get(0);
-        assert!(synced(&db, t, "1 min"));
-        ids.push(t);
-    }
-    let (ta, tb) = (ids[0], ids[1]);
+    let (ta, tb) = (enable_sync(&db, "21", &la), enable_sync(&db, "22", &lb));
+    assert!(synced(&db, ta, "1 min") && synced(&db, tb, "1 min"));
     // Learner B refuses every batch that touches its users (not an integrity or schema error:
     // retrying is all the platform can do).
     let lbdb = lb.connect("family");

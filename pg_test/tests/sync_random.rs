@@ -105,20 +105,8 @@ fn a_randomized_concurrent_workload_ends_with_every_learner_equal_to_its_scope()
     for f in &FAMILIES[..4] {
         let l = Server::start(&format!("sync_random_l{f}"), &Options::learner());
         l.psql("postgres", "CREATE DATABASE family");
-        let url = l.target_url("family", "postgres", "pw");
-        let t: i64 = db.query(&format!("SELECT poco_enable_sync({f}, '{url}')"))[0].get(0);
+        let t = poco_e2e::enable_sync(&db, &f.to_string(), &l);
         learners.push((*f, t, l));
-    }
-    for (_, t, _) in &learners {
-        let job: i64 = db.query(&format!(
-            "SELECT max(id) FROM poco.job WHERE target_id = {t}"
-        ))[0]
-            .get(0);
-        assert_eq!(
-            db.value(&format!("SELECT poco_wait({job}, '1 min')"))
-                .as_deref(),
-            Some("succeeded")
-        );
     }
 
     // Two phases: with moves between families (handled by new snapshots), then without (every
