@@ -15,51 +15,15 @@ cd "$(dirname "$0")/.."
 TARGETS=${TARGETS:-1}
 CHANGES=${CHANGES:-100000}
 SYNC_WORKERS=${SYNC_WORKERS:-2}
-PG_MAJOR=${PG_MAJOR:-15}
-BIN=/usr/lib/postgresql/$PG_MAJOR/bin
-USER_=${POCO_TEST_USER:-poco}
 BASE=/var/tmp/poco_sync-bench-catchup
-OUT=bench/out
-mkdir -p "$OUT" "$BASE"; chown "$USER_" "$BASE"
-as_user() { runuser -u "$USER_" -- "$@"; }
-P="-h 127.0.0.1 -p 55461 -U postgres"
-L="-h 127.0.0.1 -p 55462 -U postgres"
-qp() { "$BIN/psql" -X -v ON_ERROR_STOP=1 $P -d platform "$@"; }
-ql() { local db=$1; shift; "$BIN/psql" -X -v ON_ERROR_STOP=1 $L -d "$db" "$@"; }
 FIRST=21; LAST=$((20 + TARGETS))
-FAMILIES=$(( TARGETS < 20 ? 20 : TARGETS ))
-
-server() { # name port extra-conf
-  local d=$BASE/$1
-  if [ -f "$d/data/PG_VERSION" ]; then
-    as_user "$BIN/pg_ctl" status -D "$d/data" >/dev/null 2>&1 && as_user "$BIN/pg_ctl" stop -w -m fast -D "$d/data" >/dev/null
-    rm -rf "$d"
-  fi
-  mkdir -p "$d"; chown "$USER_" "$d"
-  as_user "$BIN/initdb" -D "$d/data" -U postgres --auth=trust -E UTF8 >/dev/null
-  printf "listen_addresses = '127.0.0.1'\nport = %s\nunix_socket_directories = '%s'\nmax_connections = %s\nshared_buffers = '256MB'\n%b" "$2" "$d" $((TARGETS + 100)) "$3" >> "$d/data/postgresql.conf"
-  as_user "$BIN/pg_ctl" start -w -D "$d/data" -l "$d/server.log" >/dev/null
-}
-if [ ! -f "$BASE.key" ]; then head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$BASE.key"; fi
-chown "$USER_" "$BASE.key"; chmod 600 "$BASE.key"
-server platform 55461 "shared_preload_libraries = 'poco_sync'\npoco.database = 'platform'\npoco.key_file = '$BASE.key'\npoco.allow_private_targets = on\npoco.sync_workers = $SYNC_WORKERS\nmax_worker_processes = 16\n"
-server learner 55462 ""
-"$BIN/psql" -X -q $P -d postgres -c "CREATE DATABASE platform"
-qp -qc "CREATE EXTENSION poco_sync" -f sample/schema.sql
-qp -q -v parents="$FAMILIES" -f sample/data.sql
-qp -q -o /dev/null -f sample/scope.sql
+PPORT=55461; LPORT=55462; PARENTS=$(( TARGETS < 20 ? 20 : TARGETS )); MAX_CONNECTIONS=$((TARGETS + 100))
+PLATFORM_CONF="poco.sync_workers = $SYNC_WORKERS\n"
+. bench/sync_common.sh
+start_servers
 
 echo "enabling sync for $TARGETS families..."
-for f in $(seq $FIRST $LAST); do
-  ql postgres -qc "CREATE DATABASE fam$f"
-  qp -qAt -c "SELECT poco_enable_sync($f, 'postgresql://postgres:x@127.0.0.1:55462/fam$f?sslmode=disable')" >/dev/null
-done
-for _ in $(seq 600); do
-  left=$(qp -qAt -c "SELECT count(*) FROM poco.target WHERE sync_state <> 'streaming'")
-  [ "$left" = 0 ] && break
-  sleep 0.5
-done
-[ "$left" = 0 ] || { echo "targets did not reach streaming: $left left" >&2; exit 1; }
+enable_families "$LPORT"
 
 echo "learner down; $CHANGES transactions on the platform..."
 as_user "$BIN/pg_ctl" stop -w -m fast -D "$BASE/learner/data" >/dev/null
@@ -119,5 +83,5 @@ echo "catch-up: learner start to poco_sync_wait true for every target $(awk -v a
 echo "stream processes during the catch-up: peak VmHWM $HWM kB, peak RssAnon $ANON kB"
 echo "learners equal to their family's rows: $((TARGETS - BAD)) of $TARGETS"
 } | tee "$OUT/sync_catchup$([ "$TARGETS" = 1 ] || echo "_t$TARGETS")$([ "$SYNC_WORKERS" = 2 ] || echo "_w$SYNC_WORKERS").txt"
-[ "${KEEP:-0}" = 1 ] || for s in platform learner; do as_user "$BIN/pg_ctl" stop -w -m fast -D "$BASE/$s/data" >/dev/null; done
+stop_servers
 [ "$BAD" = 0 ]

@@ -23,44 +23,17 @@ FAMILIES=${FAMILIES:-100}
 RATE=${RATE:-1000}
 SECONDS_=${DURATION:-20}
 THROUGHPUT_SECONDS=${THROUGHPUT_SECONDS:-10}
-PG_MAJOR=${PG_MAJOR:-15}
-BIN=/usr/lib/postgresql/$PG_MAJOR/bin
-USER_=${POCO_TEST_USER:-poco}
+RTT_MS=${RTT_MS:-0}
+SYNC_WORKERS=${SYNC_WORKERS:-2}
 BASE=/var/tmp/poco_sync-bench-sync
-OUT=bench/out
-mkdir -p "$OUT" "$BASE"; chown "$USER_" "$BASE"
-as_user() { runuser -u "$USER_" -- "$@"; }
-P="-h 127.0.0.1 -p 55451 -U postgres"
-L="-h 127.0.0.1 -p 55452 -U postgres"
-qp() { "$BIN/psql" -X -v ON_ERROR_STOP=1 $P -d platform "$@"; }
-ql() { local db=$1; shift; "$BIN/psql" -X -v ON_ERROR_STOP=1 $L -d "$db" "$@"; }
+PPORT=55451; LPORT=55452; PARENTS=$FAMILIES; MAX_CONNECTIONS=$((FAMILIES + 200))
+PLATFORM_CONF="poco.sync_workers = $SYNC_WORKERS\nwal_level = logical\n"
 FIRST=21; LAST=$((20 + FAMILIES))
-
-server() { # name port extra-conf
-  local d=$BASE/$1
-  if [ -f "$d/data/PG_VERSION" ]; then
-    as_user "$BIN/pg_ctl" status -D "$d/data" >/dev/null 2>&1 && as_user "$BIN/pg_ctl" stop -w -m fast -D "$d/data" >/dev/null
-    rm -rf "$d"
-  fi
-  mkdir -p "$d"; chown "$USER_" "$d"
-  as_user "$BIN/initdb" -D "$d/data" -U postgres --auth=trust -E UTF8 >/dev/null
-  printf "listen_addresses = '127.0.0.1'\nport = %s\nunix_socket_directories = '%s'\nmax_connections = %s\nshared_buffers = '256MB'\n%b" "$2" "$d" $((FAMILIES + 200)) "$3" >> "$d/data/postgresql.conf"
-  as_user "$BIN/pg_ctl" start -w -D "$d/data" -l "$d/server.log" >/dev/null
-}
-if [ ! -f "$BASE.key" ]; then head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$BASE.key"; fi
-chown "$USER_" "$BASE.key"; chmod 600 "$BASE.key"
-server platform 55451 "shared_preload_libraries = 'poco_sync'\npoco.database = 'platform'\npoco.key_file = '$BASE.key'\npoco.allow_private_targets = on\npoco.sync_workers = ${SYNC_WORKERS:-2}\nwal_level = logical\nmax_worker_processes = 16\n"
-server learner 55452 ""
-"$BIN/psql" -X -q $P -d postgres -c "CREATE DATABASE platform"
-qp -qc "CREATE EXTENSION poco_sync" -f sample/schema.sql
-qp -q -v parents="$FAMILIES" -f sample/data.sql
-qp -q -o /dev/null -f sample/scope.sql
+. bench/sync_common.sh
+start_servers
 
 # RTT_MS > 0: the learner (and, for logical replication, the platform as the subscriber sees
 # it) is reached through bench/delay_proxy.py, which adds that round-trip time.
-RTT_MS=${RTT_MS:-0}
-SYNC_WORKERS=${SYNC_WORKERS:-2}
-LPORT=55452; PPORT=55451
 if [ "$RTT_MS" != 0 ]; then
   pkill -f "delay_proxy.py 5545[34]" 2>/dev/null || true
   python3 bench/delay_proxy.py 55453 55452 "$RTT_MS" & PROXY1=$!
@@ -71,16 +44,7 @@ if [ "$RTT_MS" != 0 ]; then
 fi
 
 echo "enabling sync for $FAMILIES families..."
-for f in $(seq $FIRST $LAST); do
-  ql postgres -qc "CREATE DATABASE fam$f"
-  qp -qAt -c "SELECT poco_enable_sync($f, 'postgresql://postgres:x@127.0.0.1:$LPORT/fam$f?sslmode=disable')" >/dev/null
-done
-for _ in $(seq 600); do
-  left=$(qp -qAt -c "SELECT count(*) FROM poco.target WHERE sync_state <> 'streaming'")
-  [ "$left" = 0 ] && break
-  sleep 0.5
-done
-[ "$left" = 0 ] || { echo "targets did not reach streaming: $left left" >&2; exit 1; }
+enable_families "$LPORT"
 # Each learner database notes when each benchmark row arrived.
 for f in $(seq $FIRST $LAST); do
   ql "fam$f" -q <<'SQL'
@@ -167,4 +131,4 @@ echo "stream processes at the end of the run: $STREAM_RSS"
 echo "pgbench at $RATE/s, poco run: $(grep -E '^(latency average|tps)' "$BASE/pgbench_poco.txt" | tr '\n' ' ')"
 } | tee "$OUT/sync_latency$([ "$RTT_MS" = 0 ] || echo "_rtt$RTT_MS")$([ "$FAMILIES" = 100 ] || echo "_$FAMILIES")$([ "${SYNC_WORKERS:-2}" = 2 ] || echo "_w${SYNC_WORKERS}")$([ "$RATE" = 1000 ] || echo "_r$RATE").txt"
 # KEEP=1 leaves both servers running (for a look at the learners' arrival tables).
-[ "${KEEP:-0}" = 1 ] || for s in platform learner; do as_user "$BIN/pg_ctl" stop -w -m fast -D "$BASE/$s/data" >/dev/null; done
+stop_servers
