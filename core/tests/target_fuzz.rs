@@ -4,7 +4,7 @@
 //! encrypting sslmode; every generated loopback, private, link-local, socket or multi-host form
 //! is refused; the redacted URL never shows the password.
 //!
-//! Deterministic: `POCO_FUZZ_SEED` replays a run, `POCO_FUZZ_CASES` (default 12,000 per
+//! Failure messages mask the generated passwords (`shown`). Deterministic: `POCO_FUZZ_SEED` replays a run, `POCO_FUZZ_CASES` (default 12,000 per
 //! generator) scales it.
 
 use poco_core::target::{classify_ip, parse_json, parse_url, TargetHost, TargetSpec};
@@ -162,6 +162,30 @@ fn junk(r: &mut Rng, max: usize) -> String {
     (0..r.below(max + 1)).map(|_| r.pick(ALPHABET)).collect()
 }
 
+/// An input as a failure message may show it: the generated passwords masked, so that even a
+/// failing run prints no password.
+fn shown(input: &str) -> String {
+    let mut out = String::new();
+    let mut rest = input;
+    while let Some(i) = rest.find("Pw") {
+        let tail = &rest[i..];
+        let is_marker = tail.len() >= 20
+            && tail.is_char_boundary(18)
+            && tail[2..18].bytes().all(|b| b.is_ascii_hexdigit())
+            && tail[18..].starts_with("Zz");
+        out.push_str(&rest[..i]);
+        if is_marker {
+            out.push_str("***");
+            rest = &tail[20..];
+        } else {
+            out.push_str("Pw");
+            rest = &tail[2..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// A password the test can look for in outputs: nothing else in the URL contains it.
 fn marker(r: &mut Rng) -> String {
     format!("Pw{:016x}Zz", r.next())
@@ -251,6 +275,7 @@ fn mutate(r: &mut Rng, url: &str) -> String {
 
 /// What an accepted target must satisfy with private targets off.
 fn check_public(input: &str, t: &TargetSpec) {
+    let input = &shown(input);
     assert!(
         !t.sslmode.may_be_plaintext(),
         "{input:?}: plaintext sslmode accepted with private targets off"
@@ -294,11 +319,13 @@ fn check_public(input: &str, t: &TargetSpec) {
 }
 
 fn check_redaction(input: &str, t: &TargetSpec, password: Option<&str>) {
+    let input = &shown(input);
     if let Some(pw) = password {
-        let shown = t.redacted_url();
+        let redacted = t.redacted_url();
         assert!(
-            !shown.contains(pw),
-            "{input:?}: the password shows in the redacted URL {shown:?}"
+            !redacted.contains(pw),
+            "{input:?}: the password shows in the redacted URL {:?}",
+            shown(&redacted)
         );
         let debug = format!("{t:?}");
         assert!(
@@ -312,7 +339,7 @@ fn check_redaction(input: &str, t: &TargetSpec, password: Option<&str>) {
 fn parse_no_panic<T>(input: &str, f: impl FnOnce() -> T) -> T {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(v) => v,
-        Err(_) => panic!("the parser panicked on {input:?}"),
+        Err(_) => panic!("the parser panicked on {:?}", shown(input)),
     }
 }
 
@@ -335,7 +362,8 @@ fn generated_urls_never_panic_and_never_let_a_private_host_through() {
                 check_public(&url, &t);
                 assert!(
                     kind == HostKind::Public || !intact,
-                    "{url:?}: a {} host was accepted with private targets off: {:?}",
+                    "{:?}: a {} host was accepted with private targets off: {:?}",
+                    shown(&url),
                     if kind == HostKind::Private {
                         "private"
                     } else {
@@ -355,7 +383,8 @@ fn generated_urls_never_panic_and_never_let_a_private_host_through() {
             if let TargetHost::Name(n) = &t.host {
                 assert!(
                     !n.contains('/') && !n.contains(','),
-                    "{url:?}: {n:?} accepted as one host"
+                    "{:?}: {n:?} accepted as one host",
+                    shown(&url)
                 );
             }
         }
@@ -456,12 +485,23 @@ fn generated_json_targets_never_panic_and_never_let_a_private_host_through() {
             // given either way cannot have been replaced by a public one.
             assert!(
                 !private || public_host,
-                "{text}: a private host was accepted with private targets off"
+                "{}: a private host was accepted with private targets off",
+                shown(&text)
             );
         }
     }
     assert!(
         accepted > cases() / 200,
         "only {accepted} json targets accepted"
+    );
+}
+
+#[test]
+fn failure_messages_mask_the_generated_passwords() {
+    let mut r = Rng(7);
+    let pw = marker(&mut r);
+    assert_eq!(
+        shown(&format!("postgresql://u:{pw}@h/db?x=Pw&y={pw}")),
+        "postgresql://u:***@h/db?x=Pw&y=***"
     );
 }
