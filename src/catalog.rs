@@ -279,13 +279,18 @@ pub fn load_job(job_id: i64) -> Option<JobRow> {
 }
 
 /// Jobs left 'running' whose process is gone (the server restarted, or a job worker died):
-/// they end as failed. `live` are the jobs that do have a process.
+/// they end as failed. `live` are the jobs that do have a process. A continuous target whose
+/// snapshot it was shows the error, so that its stream takes the snapshot again (as after a
+/// snapshot that failed by itself).
 pub fn fail_orphans(live: &[i64], why: &str) -> Vec<i64> {
     Spi::connect_mut(|client| {
         client
             .update(
-                "UPDATE poco.job SET state = 'failed', finished_at = now(), error = $2, error_sqlstate = '57P01' \
-                 WHERE state = 'running' AND id <> ALL($1) RETURNING id",
+                "WITH f AS (UPDATE poco.job SET state = 'failed', finished_at = now(), error = $2, error_sqlstate = '57P01' \
+                             WHERE state = 'running' AND id <> ALL($1) RETURNING id, target_id), \
+                      t AS (UPDATE poco.target SET sync_state = 'error', last_sync_error = $2 \
+                             WHERE continuous AND id IN (SELECT target_id FROM f)) \
+                 SELECT id FROM f",
                 None,
                 &[live.to_vec().into(), why.into()],
             )

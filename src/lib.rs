@@ -5,6 +5,7 @@ use pgrx::prelude::*;
 
 mod catalog;
 mod errors;
+mod failpoint;
 mod gucs;
 mod jobs;
 mod keys;

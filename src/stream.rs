@@ -104,8 +104,6 @@ struct State {
     conns: HashMap<i64, tokio_postgres::Client>,
     /// A target that failed waits until then (backoff) before it is tried again.
     retry_at: HashMap<i64, (Instant, u32)>,
-    /// Failpoints (poco.failpoint) this process has fired: each fires once.
-    fired: BTreeSet<String>,
     /// The last error of a whole pass, logged once.
     last_error: Option<String>,
     /// Prepared attribution queries, by SQL text (a scope change gives new texts; Postgres
@@ -737,6 +735,12 @@ fn load_attributed(
                 });
             }
             out.owners.extend(chunk_owners);
+            if crate::failpoint::fires("stream_key_loading") {
+                return Err(
+                    "failpoint stream_key_loading: the pass failed while loading the changes' keys"
+                        .into(),
+                );
+            }
             if max > 0 && out.changes.len() as i64 > max {
                 // Give up the targets past the limit and drop what only they needed.
                 for (i, n) in counts.iter().enumerate() {
@@ -1151,9 +1155,7 @@ struct Batch {
 /// A batch the learner committed. The `stream_ack_lost` failpoint (tests) makes the platform
 /// miss the acknowledgement once, as if the connection had dropped after the commit.
 fn acknowledged(st: &mut State, target: i64, n: i64) -> Outcome {
-    if gucs::failpoint().as_deref() == Some("stream_ack_lost")
-        && st.fired.insert("stream_ack_lost".into())
-    {
+    if crate::failpoint::fires("stream_ack_lost") {
         st.conns.remove(&target);
         return Outcome::Failed {
             error: "failpoint stream_ack_lost: the batch's acknowledgement was lost".into(),

@@ -112,6 +112,14 @@ impl Options {
             create_extension: true,
         }
     }
+    /// `platform()` with every logging setting at its most verbose and pg_stat_statements
+    /// tracking every statement: for the scenarios that end with `assert_secret_kept`.
+    pub fn platform_verbose() -> Options {
+        Options {
+            extra_conf: verbose_logging(),
+            ..Options::platform()
+        }
+    }
     pub fn learner() -> Options {
         Options {
             preload: false,
@@ -539,10 +547,89 @@ pub fn sample_platform_with(name: &str, parents: u32, opts: &Options) -> (Server
     (platform, db)
 }
 
+/// The learner password the scenarios' target URLs carry, looked for by `assert_secret_kept`
+/// (test learners trust loopback connections, so any password logs in).
+pub const SECRET: &str = "Qz7-learner-secret-Lm4";
+
+/// Server settings for logging everything there is to log.
+pub fn verbose_logging() -> Vec<String> {
+    [
+        "shared_preload_libraries = 'poco_sync, pg_stat_statements'",
+        "pg_stat_statements.track = all",
+        "log_min_messages = debug5",
+        "log_min_error_statement = debug5",
+        "log_error_verbosity = verbose",
+        "log_statement = all",
+        "log_connections = on",
+        "log_disconnections = on",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// After a scenario: the learner password `SECRET` shows nowhere on the platform but in the
+/// caller's own statements (a server log line holding it must hold one of `own`, such as
+/// `"poco_enable_sync("`): not in any other log line (errors, panics, debug output), nor in
+/// pg_stat_activity, pg_stat_statements, pg_settings, any table or view of schema poco,
+/// poco_status of any parent, or `pg_dumpall`. The queries never hold it themselves. Returns
+/// how many log lines held it (the caller's statements).
+pub fn assert_secret_kept(platform: &Server, own: &[&str]) -> usize {
+    let db = wait_for(Duration::from_secs(60), || platform.try_connect("platform"))
+        .expect("the platform answers");
+    let (a, b) = SECRET.split_at(5);
+    let like = format!("'%' || '{a}' || '{b}' || '%'");
+    let mut checks = vec![
+        ("pg_stat_activity".to_string(), format!("SELECT count(*) FROM pg_stat_activity WHERE query LIKE {like}")),
+        ("pg_settings".to_string(), format!("SELECT count(*) FROM pg_settings WHERE setting LIKE {like} OR reset_val LIKE {like} OR boot_val LIKE {like}")),
+        ("poco_status".to_string(), format!("SELECT count(*) FROM (SELECT DISTINCT parent_id FROM poco.target) p, LATERAL poco_status(p.parent_id) s WHERE s::text LIKE {like}")),
+    ];
+    if db
+        .value("SELECT count(*) FROM pg_settings WHERE name = 'pg_stat_statements.track'")
+        .as_deref()
+        == Some("1")
+    {
+        db.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements");
+        checks.push((
+            "pg_stat_statements".into(),
+            format!("SELECT count(*) FROM pg_stat_statements WHERE query LIKE {like}"),
+        ));
+    }
+    for r in db.query(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+          WHERE n.nspname = 'poco' AND c.relkind IN ('r', 'v', 'm') ORDER BY 1",
+    ) {
+        let rel: String = r.get(0);
+        checks.push((rel.clone(), format!("SELECT count(*) FROM {rel} t WHERE t::text LIKE {like}")));
+    }
+    for (what, sql) in &checks {
+        assert_eq!(
+            db.value(sql).as_deref(),
+            Some("0"),
+            "the learner password shows in {what}"
+        );
+    }
+    let dump = platform.tool("pg_dumpall", &[]);
+    assert!(dump.contains("poco"), "pg_dumpall dumped the platform");
+    assert!(
+        !dump.contains(SECRET),
+        "the learner password shows in pg_dumpall"
+    );
+    let mut seen = 0;
+    for line in platform.log().lines().filter(|l| l.contains(SECRET)) {
+        assert!(
+            own.iter().any(|o| line.contains(o)),
+            "the learner password in a server log line: {}",
+            line.replace(SECRET, "<the password>")
+        );
+        seen += 1;
+    }
+    seen
+}
+
 /// Turn on continuous sync of `parent` into database `family` of `learner` (as its
 /// superuser) and wait for the first snapshot to succeed; the target id.
 pub fn enable_sync(platform: &Db, parent: &str, learner: &Server) -> i64 {
-    let url = learner.target_url("family", "postgres", "pw");
+    let url = learner.target_url("family", "postgres", SECRET);
     let t: i64 = platform.query(&format!("SELECT poco_enable_sync({parent}, '{url}')"))[0].get(0);
     let job: i64 = platform.query(&format!(
         "SELECT max(id) FROM poco.job WHERE target_id = {t}"
