@@ -44,6 +44,13 @@ impl JobError {
         self.hint = Some(h.into());
         self
     }
+    /// The message with its SQLSTATE and hint, as continuous sync shows it in poco_status.
+    pub fn describe(&self) -> String {
+        match &self.hint {
+            Some(h) => format!("{} (SQLSTATE {}) HINT: {h}", self.message, self.sqlstate),
+            None => format!("{} (SQLSTATE {})", self.message, self.sqlstate),
+        }
+    }
     pub fn cancelled() -> Self {
         JobError::new("57014", "the push was cancelled")
     }
@@ -63,7 +70,10 @@ impl JobError {
                 transient: transient_sqlstate(code),
                 ..JobError::new(code, msg)
             };
-            je.hint = db.hint().map(str::to_string);
+            je.hint = db
+                .hint()
+                .map(str::to_string)
+                .or_else(|| poco_core::learner::learner_hint(code).map(str::to_string));
             je
         } else {
             // I/O, closed connection, TLS or protocol trouble: a retry may succeed.

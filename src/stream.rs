@@ -1176,7 +1176,7 @@ fn refused(e: JobError, n: i64) -> Outcome {
         ))
     } else {
         Outcome::Failed {
-            error: e.message,
+            error: e.describe(),
             changes: n,
         }
     }
@@ -1297,7 +1297,7 @@ fn deliver(
                     ))
                 } else {
                     Outcome::Failed {
-                        error: e.message,
+                        error: e.describe(),
                         changes: b.n,
                     }
                 };

@@ -340,9 +340,37 @@ pub fn transient_sqlstate(code: &str) -> bool {
         )
 }
 
+/// What the operator can do about a learner's error, for the common ones the learner gives no
+/// hint for (shown with the error in poco_status and poco.jobs).
+pub fn learner_hint(code: &str) -> Option<&'static str> {
+    Some(match code {
+        "53100" => "The learner's disk is full: free space there (or give the database more). Nothing was applied in part; continuous sync retries by itself and catches up.",
+        "53200" => "The learner's server ran out of memory: continuous sync retries by itself; lower poco.sync_max_backlog if it keeps happening.",
+        "53300" => "The learner has no free connection slot: raise its max_connections or close other sessions there; poco_sync retries by itself.",
+        "42501" => "The target's user lacks a privilege on the learner's copy: grant it there (or use the user that owns the copy). Continuous sync retries by itself.",
+        "28000" | "28P01" => "The learner refused the target's user: check its name, password and LOGIN right there, or replace the target (poco_remove_target, then poco_add_target or poco_enable_sync with the new URL).",
+        "3D000" => "The learner's database does not exist: create it there, or replace the target with the right URL.",
+        "57P01" | "57P02" | "57P03" => "The learner's server is shutting down or starting up: poco_sync retries by itself.",
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn common_learner_errors_have_a_hint() {
+        for code in [
+            "53100", "42501", "28000", "28P01", "3D000", "53300", "57P01",
+        ] {
+            assert!(
+                learner_hint(code).is_some_and(|h| h.ends_with('.')),
+                "{code}"
+            );
+        }
+        assert_eq!(learner_hint("23505"), None);
+    }
 
     fn esc(s: &str) -> String {
         let mut v = Vec::new();
