@@ -225,9 +225,9 @@ fn kill_9_at_random_moments_while_pushing_and_streaming_loses_and_duplicates_not
         seed ^= seed << 17;
         seed % n
     };
-    let (platform, db) = sample_platform("sync_kill", 20);
-    db.execute("ALTER SYSTEM SET poco.retry_delay = '100ms'");
-    platform.reload();
+    let mut opts = poco_e2e::Options::platform_verbose();
+    opts.extra_conf.push("poco.retry_delay = '100ms'".into());
+    let (platform, db) = poco_e2e::sample_platform_with("sync_kill", 20, &opts);
     let (la, lb, lc) = (
         learner("sync_kill_a"),
         learner("sync_kill_b"),
@@ -237,7 +237,7 @@ fn kill_9_at_random_moments_while_pushing_and_streaming_loses_and_duplicates_not
     // A third family is pushed now and then (full overwrites), not synced.
     db.execute(&format!(
         "SELECT poco_add_target(23, '{}')",
-        lc.target_url("family", "postgres", "pw")
+        lc.target_url("family", "postgres", poco_e2e::SECRET)
     ));
     assert!(synced(&db, ta, "1 min") && synced(&db, tb, "1 min"));
     drop(db);
@@ -359,6 +359,8 @@ fn kill_9_at_random_moments_while_pushing_and_streaming_loses_and_duplicates_not
             Some("0")
         );
     }
+    drop(db);
+    poco_e2e::assert_secret_kept(&platform, &["poco_enable_sync(", "poco_add_target("]);
 }
 
 #[test]
