@@ -642,6 +642,16 @@ const LOAD_CHUNK: i64 = 2_000;
 /// their size. A target whose share passes `max` (poco.sync_max_backlog; 0: no limit) is
 /// given up (it is re-snapshotted) and what only it needed is dropped, so what is held stays
 /// under `max` changes.
+/// The SQL for a change image as load_attributed reads it (see there).
+fn key_image(col: &str) -> String {
+    format!(
+        "CASE WHEN {col} IS NULL OR rel = $2 OR pg_catalog.octet_length({col}::text) <= 1048576 THEN {col}::pg_catalog.jsonb \
+              ELSE (SELECT pg_catalog.jsonb_object_agg(e.key, CASE WHEN pg_catalog.octet_length(e.value::text) > 65536 \
+                                                               THEN 'null'::pg_catalog.json ELSE e.value END) \
+                      FROM pg_catalog.json_each({col}) e) END"
+    )
+}
+
 fn load_attributed(
     plans: &mut Plans,
     sc: &Scope,
@@ -662,10 +672,18 @@ fn load_attributed(
     Spi::connect(|c| {
         // Visible in S (this transaction's snapshot) by construction; from the oldest
         // position's xmin: everything below it had ended before every position was taken.
+        // Attribution and keys need the key and foreign key columns of an image, and the
+        // root's predicate columns: an image over 1 MB of any other table comes without its
+        // values over 64 kB (no key holds one: btree entries are at most ~2.7 kB), so a 100 MB
+        // value is not parsed and copied here for nothing. The rows sent are read at S anyway.
         let mut cursor = c
             .try_open_cursor(
-                "SELECT txid, rel, op::text, old::pg_catalog.jsonb, new::pg_catalog.jsonb FROM poco.change WHERE txid >= $1",
-                &[(from as i64).into()],
+                &format!(
+                    "SELECT txid, rel, op::text, {}, {} FROM poco.change WHERE txid >= $1",
+                    key_image("old"),
+                    key_image("new")
+                ),
+                &[(from as i64).into(), pgrx::pg_sys::Oid::from(sc.root).into()],
             )
             .map_err(|e| e.to_string())?;
         loop {
