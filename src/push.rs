@@ -258,20 +258,7 @@ pub(crate) fn in_snapshot<R>(f: impl FnOnce() -> Result<R, JobError>) -> Result<
         pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
     }
     let r = PgTryBuilder::new(std::panic::AssertUnwindSafe(f))
-        .catch_others(|e| {
-            let (code, msg) = match &e {
-                pg_sys::panic::CaughtError::PostgresError(r)
-                | pg_sys::panic::CaughtError::ErrorReport(r) => (
-                    unpack_sqlstate(r.sql_error_code() as i32),
-                    format!("platform: {}", r.message()),
-                ),
-                pg_sys::panic::CaughtError::RustPanic { ereport, .. } => (
-                    "XX000".to_string(),
-                    format!("platform: {}", ereport.message()),
-                ),
-            };
-            Err(JobError::new(&code, msg))
-        })
+        .catch_others(|e| Err(caught(e)))
         .execute();
     unsafe {
         if r.is_ok() {
@@ -280,6 +267,47 @@ pub(crate) fn in_snapshot<R>(f: impl FnOnce() -> Result<R, JobError>) -> Result<
         } else {
             pg_sys::AbortCurrentTransaction();
         }
+    }
+    r
+}
+
+/// An error raised on the platform (or a panic), as a JobError.
+fn caught(e: pg_sys::panic::CaughtError) -> JobError {
+    let (code, msg) = match &e {
+        pg_sys::panic::CaughtError::PostgresError(r)
+        | pg_sys::panic::CaughtError::ErrorReport(r) => (
+            unpack_sqlstate(r.sql_error_code() as i32),
+            format!("platform: {}", r.message()),
+        ),
+        pg_sys::panic::CaughtError::RustPanic { ereport, .. } => (
+            "XX000".to_string(),
+            format!("platform: {}", ereport.message()),
+        ),
+    };
+    JobError::new(&code, msg)
+}
+
+/// Run `f` in a subtransaction of the current transaction: an error raised in it (a value too
+/// big for one statement, say) rolls back only the subtransaction and comes back as a
+/// JobError, and the transaction (its snapshot, its other work) goes on, as a plpgsql
+/// EXCEPTION block does.
+pub(crate) fn in_subtransaction<R>(f: impl FnOnce() -> R) -> Result<R, JobError> {
+    let (cx, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
+    unsafe {
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(cx);
+    }
+    let r = PgTryBuilder::new(std::panic::AssertUnwindSafe(|| Ok(f())))
+        .catch_others(|e| Err(caught(e)))
+        .execute();
+    unsafe {
+        if r.is_ok() {
+            pg_sys::ReleaseCurrentSubTransaction();
+        } else {
+            pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        }
+        pg_sys::MemoryContextSwitchTo(cx);
+        pg_sys::CurrentResourceOwner = owner;
     }
     r
 }

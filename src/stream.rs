@@ -416,7 +416,26 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                             .filter(|(c, o)| o.goes_to(pi) && !snap.visible(c.txid))
                             .map(|(c, _)| c)
                             .collect();
-                        let step = sync_target(&mut st.plans, sc, pks, fks, &t, &mine);
+                        // In a subtransaction: an error building one target's batch is
+                        // that target's, not the whole pass's (every target of the stream).
+                        let plans = &mut st.plans;
+                        let step = match crate::push::in_subtransaction(|| {
+                            sync_target(plans, sc, pks, fks, &t, &mine)
+                        }) {
+                            Ok(step) => step,
+                            // A program limit (a value or a table's rows in one batch past
+                            // jsonb's 256 MB): the batch cannot be built, a COPY can.
+                            Err(e) if e.sqlstate.starts_with("54") => {
+                                Step::Done(Outcome::Resnapshot(format!(
+                                    "the batch cannot be sent as one statement ({}): a new snapshot copies the rows",
+                                    e.describe()
+                                )))
+                            }
+                            Err(e) => Step::Done(Outcome::Failed {
+                                error: format!("building the batch: {}", e.describe()),
+                                changes: mine.len() as i64,
+                            }),
+                        };
                         steps.push((t, step));
                     }
                 }
@@ -635,13 +654,6 @@ struct Loaded {
 /// Changes fetched and attributed at a time: what is held is then only their keys.
 const LOAD_CHUNK: i64 = 2_000;
 
-/// The changes of transactions visible in S (the current snapshot) that some of `positions`
-/// has not seen, and whom each concerns among `parents`. Read through a cursor a chunk at a
-/// time: each chunk is attributed with its whole images, which are then cut down to their
-/// primary keys (all a batch needs of them), so memory follows the number of changes, not
-/// their size. A target whose share passes `max` (poco.sync_max_backlog; 0: no limit) is
-/// given up (it is re-snapshotted) and what only it needed is dropped, so what is held stays
-/// under `max` changes.
 /// The SQL for a change image as load_attributed reads it (see there).
 fn key_image(col: &str) -> String {
     format!(
@@ -652,6 +664,13 @@ fn key_image(col: &str) -> String {
     )
 }
 
+/// The changes of transactions visible in S (the current snapshot) that some of `positions`
+/// has not seen, and whom each concerns among `parents`. Read through a cursor a chunk at a
+/// time: each chunk is attributed with its whole images, which are then cut down to their
+/// primary keys (all a batch needs of them), so memory follows the number of changes, not
+/// their size. A target whose share passes `max` (poco.sync_max_backlog; 0: no limit) is
+/// given up (it is re-snapshotted) and what only it needed is dropped, so what is held stays
+/// under `max` changes.
 fn load_attributed(
     plans: &mut Plans,
     sc: &Scope,
@@ -683,7 +702,10 @@ fn load_attributed(
                     key_image("old"),
                     key_image("new")
                 ),
-                &[(from as i64).into(), pgrx::pg_sys::Oid::from(sc.root).into()],
+                &[
+                    (from as i64).into(),
+                    pgrx::pg_sys::Oid::from(sc.root).into(),
+                ],
             )
             .map_err(|e| e.to_string())?;
         loop {

@@ -12,7 +12,10 @@ fn learner(name: &str) -> Server {
 }
 
 fn platform(name: &str, ddl: &str) -> (Server, Db) {
-    let p = Server::start(name, &Options::platform());
+    let mut opts = Options::platform();
+    // One stream for every target: what one target's batch does, the others feel.
+    opts.extra_conf.push("poco.sync_workers = 1".into());
+    let p = Server::start(name, &opts);
     let db = p.connect("platform");
     db.execute(ddl);
     db.execute("ALTER SYSTEM SET poco.retry_delay = '100ms'");
@@ -120,6 +123,39 @@ fn a_100_mb_value_is_pushed_and_synced_whole() {
             .value("SELECT count(*) FROM blob WHERE fam_id <> 1")
             .as_deref(),
         Some("0")
+    );
+
+    // 300 MB: past what one batch statement can carry (jsonb holds at most 256 MB). That
+    // target is snapshotted again (COPY carries it); family 2, on the same stream, is not
+    // held up meanwhile.
+    let l2 = learner("big_value_sync2");
+    let t2 = poco_e2e::enable_sync(&db, "2", &l2);
+    db.execute("UPDATE blob SET body = body || body || body WHERE id = 1");
+    let want3 = digest(&db);
+    assert!(want3.starts_with("314572800 "), "{want3}");
+    for i in 0..3 {
+        db.execute(&format!("UPDATE blob SET body = 'other {i}' WHERE id = 2"));
+        assert_eq!(
+            db.value(&format!("SELECT poco_sync_wait({t2}, '20 s')"))
+                .as_deref(),
+            Some("t"),
+            "family 2 is not held up by family 1's giant batch"
+        );
+    }
+    assert_eq!(
+        db.value(&format!("SELECT poco_sync_wait({t}, '5 min')"))
+            .as_deref(),
+        Some("t")
+    );
+    assert_eq!(digest(&ls.connect("family")), want3, "300 MB synced whole");
+    let why = db.value(&format!(
+        "SELECT message FROM poco.events WHERE kind = 'sync_resnapshot' AND target_id = {t} ORDER BY id DESC LIMIT 1"
+    ));
+    println!("big_data: 300 MB value: {why:?}");
+    assert!(
+        why.as_deref()
+            .is_some_and(|m| m.contains("cannot be sent as one statement")),
+        "{why:?}"
     );
 }
 
