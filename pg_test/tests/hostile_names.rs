@@ -220,7 +220,7 @@ fn hostile_names_and_values_go_through_scope_push_and_sync() {
     let mut r = Rng(seed);
     for k in 0..schemas {
         // A platform of its own for each schema (one scope root per database).
-        let platform = Server::start(&format!("hostile{k}"), &Options::platform());
+        let platform = Server::start(&format!("hostile{k}"), &Options::platform_verbose());
         let db = platform.connect("platform");
         db.execute("ALTER SYSTEM SET poco.retry_delay = '100ms'");
         platform.reload();
@@ -325,5 +325,7 @@ fn hostile_names_and_values_go_through_scope_push_and_sync() {
             "hostile_names: {what}: {:?} pushed and synced clean",
             n.schema
         );
+        drop(db);
+        poco_e2e::assert_secret_kept(&platform, &["poco_add_target(", "poco_enable_sync("]);
     }
 }

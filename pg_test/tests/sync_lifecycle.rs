@@ -566,10 +566,10 @@ fn an_idle_learner_connection_is_closed_and_opened_again_with_the_next_batch() {
 
 #[test]
 fn a_learner_that_refuses_every_batch_shows_its_error_and_slows_nobody() {
-    let (platform, db) = sample_platform("sync_poison", 20);
-    db.execute("ALTER SYSTEM SET poco.sync_workers = 1");
-    db.execute("ALTER SYSTEM SET poco.retry_delay = '100ms'");
-    platform.reload();
+    let mut opts = poco_e2e::Options::platform_verbose();
+    opts.extra_conf.push("poco.sync_workers = 1".into());
+    opts.extra_conf.push("poco.retry_delay = '100ms'".into());
+    let (platform, db) = poco_e2e::sample_platform_with("sync_poison", 20, &opts);
     let (la, lb) = (learner("sync_poison_a"), learner("sync_poison_b"));
     let (ta, tb) = (enable_sync(&db, "21", &la), enable_sync(&db, "22", &lb));
     assert!(synced(&db, ta, "1 min") && synced(&db, tb, "1 min"));
@@ -624,4 +624,6 @@ fn a_learner_that_refuses_every_batch_shows_its_error_and_slows_nobody() {
             .as_deref(),
         Some("round 9")
     );
+    drop(db);
+    poco_e2e::assert_secret_kept(&platform, &["poco_enable_sync("]);
 }
