@@ -645,6 +645,33 @@ pub fn enable_sync(platform: &Db, parent: &str, learner: &Server) -> i64 {
     t
 }
 
+/// Wait (`poco_wait`, at most `limit`) for push job `job` and assert it succeeded; a failure
+/// names the job's error.
+pub fn assert_job_succeeds(db: &Db, job: i64, limit: &str) {
+    assert_eq!(
+        db.value(&format!("SELECT poco_wait({job}, '{limit}')"))
+            .as_deref(),
+        Some("succeeded"),
+        "job {job}: {:?}",
+        db.value(&format!("SELECT error FROM poco.job WHERE id = {job}"))
+    );
+}
+
+/// A learner server with an empty database `family`.
+pub fn learner(name: &str) -> Server {
+    let s = Server::start(name, &Options::learner());
+    s.psql("postgres", "CREATE DATABASE family");
+    s
+}
+
+/// The environment variable `name` parsed (a test's scale or seed), or `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Poll `f` every 100 ms until it returns Some, for at most `limit`.
 pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let t = Instant::now();

@@ -2,14 +2,8 @@
 //! (POCO_BIG_ROWS) pushed with the push process's private memory flat, sampled from /proc
 //! while it runs. The figures are printed; the bounds asserted are loose (the debug build).
 
-use poco_e2e::{wait_for, Db, Options, Server, SECRET};
+use poco_e2e::{learner, wait_for, Db, Options, Server, SECRET};
 use std::time::{Duration, Instant};
-
-fn learner(name: &str) -> Server {
-    let s = Server::start(name, &Options::learner());
-    s.psql("postgres", "CREATE DATABASE family");
-    s
-}
 
 fn platform(name: &str, ddl: &str) -> (Server, Db) {
     let mut opts = Options::platform();
@@ -21,16 +15,6 @@ fn platform(name: &str, ddl: &str) -> (Server, Db) {
     db.execute("ALTER SYSTEM SET poco.retry_delay = '100ms'");
     p.reload();
     (p, db)
-}
-
-fn wait_job(db: &Db, job: i64, limit: &str) {
-    assert_eq!(
-        db.value(&format!("SELECT poco_wait({job}, '{limit}')"))
-            .as_deref(),
-        Some("succeeded"),
-        "{:?}",
-        db.value(&format!("SELECT error FROM poco.job WHERE id = {job}"))
-    );
 }
 
 /// A process's private resident memory (RssAnon) in kB, if it still runs.
@@ -69,7 +53,7 @@ fn a_100_mb_value_is_pushed_and_synced_whole() {
         lp.target_url("family", "postgres", SECRET)
     ))[0]
         .get(0);
-    wait_job(&db, job, "5 min");
+    poco_e2e::assert_job_succeeds(&db, job, "5 min");
     println!("big_data: 100 MB value pushed in {:?}", t0.elapsed());
     let lpdb = lp.connect("family");
     assert_eq!(digest(&lpdb), want, "pushed whole");
@@ -161,10 +145,7 @@ fn a_100_mb_value_is_pushed_and_synced_whole() {
 
 #[test]
 fn ten_million_rows_are_pushed_with_flat_memory() {
-    let rows: u64 = std::env::var("POCO_BIG_ROWS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10_000_000);
+    let rows: u64 = poco_e2e::env_or("POCO_BIG_ROWS", 10_000_000);
     let (p, db) = platform(
         "big_rows",
         "CREATE TABLE fam (id bigint PRIMARY KEY, name text);
@@ -208,7 +189,7 @@ fn ten_million_rows_are_pushed_with_flat_memory() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    wait_job(&db, job, "15 min");
+    poco_e2e::assert_job_succeeds(&db, job, "15 min");
     let took = t0.elapsed();
     let ldb = l.connect("family");
     let sums =

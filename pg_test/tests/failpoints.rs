@@ -7,16 +7,10 @@
 //! leaked), with no new snapshot where none is needed, and the password nowhere.
 
 use poco_e2e::{
-    assert_secret_kept, check_learner, enable_sync, sample_platform_with, wait_for, Db, Options,
-    Server, SECRET,
+    assert_secret_kept, check_learner, enable_sync, learner, sample_platform_with, wait_for, Db,
+    Options, Server, SECRET,
 };
 use std::time::Duration;
-
-fn learner(name: &str) -> Server {
-    let s = Server::start(name, &Options::learner());
-    s.psql("postgres", "CREATE DATABASE family");
-    s
-}
 
 /// Arm failpoints (`spec` as in poco.failpoint; empty disarms) and give the running
 /// processes time to read it.
@@ -84,11 +78,7 @@ fn failpoints_at_every_moment_that_matters_leave_old_or_new_and_recover() {
     db.execute(&format!("SELECT poco_add_target(23, '{url}')"));
     let push = |db: &Db| -> i64 { db.query("SELECT poco_push(23)")[0].get(0) };
     let first = push(&db);
-    assert_eq!(
-        db.value(&format!("SELECT poco_wait({first}, '1 min')"))
-            .as_deref(),
-        Some("succeeded")
-    );
+    poco_e2e::assert_job_succeeds(&db, first, "1 min");
     let lpdb = lp.connect("family");
 
     // 1. Pushes failing at a moment, then retried (attempt 2) by themselves.
@@ -128,12 +118,7 @@ fn failpoints_at_every_moment_that_matters_leave_old_or_new_and_recover() {
                 "{point}: nothing of the failed attempt shows"
             );
         }
-        assert_eq!(
-            db.value(&format!("SELECT poco_wait({id}, '1 min')"))
-                .as_deref(),
-            Some("succeeded"),
-            "{point}"
-        );
+        poco_e2e::assert_job_succeeds(&db, id, "1 min");
         assert_eq!(
             job(&db, id).1,
             2,
@@ -188,11 +173,7 @@ fn failpoints_at_every_moment_that_matters_leave_old_or_new_and_recover() {
         arm(&platform, "");
         let db = reconnect(&platform);
         let again = push(&db);
-        assert_eq!(
-            db.value(&format!("SELECT poco_wait({again}, '1 min')"))
-                .as_deref(),
-            Some("succeeded")
-        );
+        poco_e2e::assert_job_succeeds(&db, again, "1 min");
         clean(&db, &lpdb, "23", point);
     }
     let kills = platform.log().matches("terminated by signal 9").count();

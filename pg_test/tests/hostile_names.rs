@@ -6,7 +6,7 @@
 //! another synced through inserts, updates and deletes of every table; both learners must
 //! equal their scope by the history checker. POCO_HOSTILE_SEED / POCO_HOSTILE_SCHEMAS replay.
 
-use poco_e2e::{check_learner, Options, Rng, Server, SECRET};
+use poco_e2e::{check_learner, learner, Options, Rng, Server, SECRET};
 
 const FRAGMENTS: &[&str] = &[
     "Ünï",
@@ -200,22 +200,10 @@ fn changes(r: &mut Rng, n: &Names, fam: i64, next: &mut i64) -> String {
     stmts.join(";\n")
 }
 
-fn learner(name: &str) -> Server {
-    let s = Server::start(name, &Options::learner());
-    s.psql("postgres", "CREATE DATABASE family");
-    s
-}
-
 #[test]
 fn hostile_names_and_values_go_through_scope_push_and_sync() {
-    let seed: u64 = std::env::var("POCO_HOSTILE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x4057_11e);
-    let schemas: usize = std::env::var("POCO_HOSTILE_SCHEMAS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let seed: u64 = poco_e2e::env_or("POCO_HOSTILE_SEED", 0x4057_11e);
+    let schemas: usize = poco_e2e::env_or("POCO_HOSTILE_SCHEMAS", 3);
     println!("hostile_names: seed {seed}, {schemas} schemas");
     let mut r = Rng(seed);
     for k in 0..schemas {
@@ -281,13 +269,7 @@ fn hostile_names_and_values_go_through_scope_push_and_sync() {
             lp.target_url("family", "postgres", SECRET)
         ))[0]
             .get(0);
-        assert_eq!(
-            db.value(&format!("SELECT poco_wait({job}, '1 min')"))
-                .as_deref(),
-            Some("succeeded"),
-            "{what}: {:?}",
-            db.value(&format!("SELECT error FROM poco.job WHERE id = {job}"))
-        );
+        poco_e2e::assert_job_succeeds(&db, job, "1 min");
         let lpdb = lp.connect("family");
         let rep = check_learner(&db, &lpdb, "1");
         assert!(rep.clean() && rep.rows >= 10, "{what}, pushed: {rep:?}");

@@ -2,15 +2,7 @@
 //! first snapshot, which becomes the target's position; changes reach the learner; disabling
 //! removes the capture and keeps the learner's data.
 
-use poco_e2e::{
-    assert_learner_equals_scope, enable_sync as enable, sample_platform, Db, Options, Server,
-};
-
-fn learner(name: &str) -> Server {
-    let s = Server::start(name, &Options::learner());
-    s.psql("postgres", "CREATE DATABASE family");
-    s
-}
+use poco_e2e::{assert_learner_equals_scope, enable_sync as enable, learner, sample_platform, Db};
 
 fn status(db: &Db, parent: &str) -> String {
     db.value(&format!(

@@ -9,30 +9,17 @@
 //! the password shows nowhere. POCO_PROXY_SEED replays a run.
 
 use poco_e2e::{
-    assert_secret_kept, check_learner, enable_sync, sample_platform_with, Db, FaultProxy, Options,
-    Rng, Server, SECRET,
+    assert_secret_kept, check_learner, enable_sync, learner, sample_platform_with, Db, FaultProxy,
+    Options, Rng, SECRET,
 };
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn learner(name: &str) -> Server {
-    let s = Server::start(name, &Options::learner());
-    s.psql("postgres", "CREATE DATABASE family");
-    s
-}
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
 #[test]
 fn hundreds_of_network_faults_during_sync_lose_duplicate_and_leak_nothing() {
-    let target_faults = env("POCO_PROXY_FAULTS", 200);
-    let seed = env("POCO_PROXY_SEED", 0x5eed_fa17);
+    let target_faults = poco_e2e::env_or("POCO_PROXY_FAULTS", 200u64);
+    let seed = poco_e2e::env_or("POCO_PROXY_SEED", 0x5eed_fa17u64);
     println!("sync_faults: seed {seed}, {target_faults} faults");
     let mut r = Rng(seed);
     let mut opts = Options::platform_verbose();

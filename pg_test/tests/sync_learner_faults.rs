@@ -9,17 +9,11 @@
 //! rest of the harness (which runs the servers as an unprivileged user through sudo).
 
 use poco_e2e::{
-    assert_secret_kept, check_learner, enable_sync, sample_platform_with, wait_for, Db, FaultProxy,
-    Options, Server, SECRET,
+    assert_secret_kept, check_learner, enable_sync, learner, sample_platform_with, wait_for, Db,
+    FaultProxy, Options, Server, SECRET,
 };
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn learner(name: &str) -> Server {
-    let s = Server::start(name, &Options::learner());
-    s.psql("postgres", "CREATE DATABASE family");
-    s
-}
 
 fn synced(db: &Db, t: i64, limit: &str) -> bool {
     db.value(&format!("SELECT poco_sync_wait({t}, '{limit}')"))

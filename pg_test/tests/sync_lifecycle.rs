@@ -3,15 +3,9 @@
 //! back; schema and scope changes on the platform reach the learner without a hand; the
 //! platform killed (kill -9) while it streams loses and duplicates nothing.
 
-use poco_e2e::{assert_learner_equals_scope, enable_sync, sample_platform, wait_for, Db, Server};
+use poco_e2e::{assert_learner_equals_scope, enable_sync, learner, sample_platform, wait_for, Db};
 use std::collections::BTreeMap;
 use std::time::Duration;
-
-fn learner(name: &str) -> Server {
-    let s = Server::start(name, &poco_e2e::Options::learner());
-    s.psql("postgres", "CREATE DATABASE family");
-    s
-}
 
 fn state(db: &Db, t: i64) -> String {
     db.value(&format!(
@@ -211,14 +205,8 @@ fn kill_9_at_random_moments_while_pushing_and_streaming_loses_and_duplicates_not
     // POCO_KILL_CYCLES (default 50) times, after a random pause, kill -9 of a random poco_sync
     // process (a stream, the coordinator, or a push job when one runs): the postmaster
     // restarts the whole server each time (crash recovery), the writer's sessions included.
-    let cycles: usize = std::env::var("POCO_KILL_CYCLES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(50);
-    let mut seed: u64 = std::env::var("POCO_KILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0x00c0_ffee);
+    let cycles: usize = poco_e2e::env_or("POCO_KILL_CYCLES", 50);
+    let mut seed: u64 = poco_e2e::env_or("POCO_KILL_SEED", 0x00c0_ffee);
     let mut rand = move |n: u64| {
         seed ^= seed << 13;
         seed ^= seed >> 7;

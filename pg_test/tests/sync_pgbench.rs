@@ -5,7 +5,8 @@
 //! duplicated, stale, leaked: 0), with the password nowhere.
 
 use poco_e2e::{
-    assert_secret_kept, check_learner, enable_sync, sample_platform_with, Options, Server, SECRET,
+    assert_secret_kept, check_learner, enable_sync, learner, sample_platform_with, Options, Server,
+    SECRET,
 };
 use std::time::{Duration, Instant};
 
@@ -19,18 +20,9 @@ INSERT INTO elearning.lesson_progress (enrollment_id, lesson_id, status, score) 
 END;
 ";
 
-fn learner(name: &str) -> Server {
-    let s = Server::start(name, &Options::learner());
-    s.psql("postgres", "CREATE DATABASE family");
-    s
-}
-
 #[test]
 fn pgbench_write_load_while_three_families_sync_and_one_is_pushed() {
-    let seconds: u64 = std::env::var("POCO_PGBENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+    let seconds: u64 = poco_e2e::env_or("POCO_PGBENCH_SECONDS", 20);
     let (platform, db) = sample_platform_with("pgbench", 30, &Options::platform_verbose());
     let ls: Vec<Server> = (0..3).map(|i| learner(&format!("pgbench_{i}"))).collect();
     let ts: Vec<i64> = ls
@@ -71,12 +63,7 @@ fn pgbench_write_load_while_three_families_sync_and_one_is_pushed() {
         let mut pushes = 0;
         while start.elapsed() < Duration::from_secs(seconds.saturating_sub(3)) {
             let job: i64 = db.query("SELECT poco_push(24)")[0].get(0);
-            assert_eq!(
-                db.value(&format!("SELECT poco_wait({job}, '2 min')"))
-                    .as_deref(),
-                Some("succeeded"),
-                "push {pushes} under load"
-            );
+            poco_e2e::assert_job_succeeds(&db, job, "2 min");
             pushes += 1;
         }
         assert!(pushes >= 2, "pushed {pushes} times under load");
@@ -124,11 +111,7 @@ fn pgbench_write_load_while_three_families_sync_and_one_is_pushed() {
     }
     // The pushed family equals its scope as of the last push: pushed once more at rest.
     let job: i64 = db.query("SELECT poco_push(24)")[0].get(0);
-    assert_eq!(
-        db.value(&format!("SELECT poco_wait({job}, '1 min')"))
-            .as_deref(),
-        Some("succeeded")
-    );
+    poco_e2e::assert_job_succeeds(&db, job, "1 min");
     let r = check_learner(&db, &lp.connect("family"), "24");
     assert!(r.clean() && r.rows > 0, "parent 24: {r:?}");
     drop(db);
