@@ -727,6 +727,48 @@ impl Report {
     }
 }
 
+/// The recorded side of the history checker: the changes a test's writer recorded as
+/// committed (each a value it inserted, such as an audit action) against what a learner (or
+/// the platform) holds. `missing`: recorded as committed, not there; `duplicated`: there more
+/// than once; `unexpected`: there, but neither committed nor in doubt (a statement whose
+/// COMMIT got no answer, as when the server was killed, may or may not have committed).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct History {
+    pub committed: usize,
+    pub missing: usize,
+    pub duplicated: usize,
+    pub unexpected: usize,
+}
+
+impl History {
+    pub fn clean(&self) -> bool {
+        self.missing == 0 && self.duplicated == 0 && self.unexpected == 0
+    }
+}
+
+/// `sql` lists the values on `db` (one text column); `committed` and `in_doubt` are what the
+/// writer recorded.
+pub fn check_history(
+    db: &Db,
+    sql: &str,
+    committed: &std::collections::BTreeSet<String>,
+    in_doubt: &std::collections::BTreeSet<String>,
+) -> History {
+    let mut seen: std::collections::BTreeMap<String, usize> = Default::default();
+    for r in db.query(sql) {
+        *seen.entry(r.get::<_, String>(0)).or_default() += 1;
+    }
+    History {
+        committed: committed.len(),
+        missing: committed.iter().filter(|c| !seen.contains_key(*c)).count(),
+        duplicated: seen.values().filter(|n| **n > 1).count(),
+        unexpected: seen
+            .keys()
+            .filter(|v| !committed.contains(*v) && !in_doubt.contains(*v))
+            .count(),
+    }
+}
+
 /// The history checker: compare the learner with the parent's scope on the platform.
 pub fn check_learner(platform: &Db, learner: &Db, parent: &str) -> Report {
     use std::collections::BTreeMap;

@@ -237,7 +237,10 @@ fn kill_9_at_random_moments_while_pushing_and_streaming_loses_and_duplicates_not
     let writer = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let mut committed = 0u32;
+            // Every transaction recorded: committed (its COMMIT answered) or in doubt (an
+            // error, as when the server was killed: it may or may not have committed).
+            let mut committed: Vec<u64> = Vec::new();
+            let mut in_doubt: Vec<u64> = Vec::new();
             let mut i = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 1_000_000 {
                 let Ok(w) = Db::try_connect(&conninfo) else {
@@ -251,16 +254,18 @@ fn kill_9_at_random_moments_while_pushing_and_streaming_loses_and_duplicates_not
                         "BEGIN; INSERT INTO elearning.audit_log (user_id, action) VALUES ({fam}, 'kill {i}'); \
                          UPDATE elearning.users SET display_name = 'kill {i}' WHERE id = {fam}; \
                          DELETE FROM elearning.audit_log WHERE user_id = {fam} AND action = 'kill {}'; COMMIT",
-                        i.saturating_sub(10)
+                        // Half the time, the same family's row of 9 transactions ago.
+                        if i % 6 < 3 { i.saturating_sub(9) } else { 0 }
                     );
                     if w.try_value(&sql).is_err() {
+                        in_doubt.push(i);
                         break;
                     }
-                    committed += 1;
+                    committed.push(i);
                     std::thread::sleep(Duration::from_millis(2));
                 }
             }
-            committed
+            (committed, in_doubt)
         })
     };
 
@@ -298,10 +303,18 @@ fn kill_9_at_random_moments_while_pushing_and_streaming_loses_and_duplicates_not
     }
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let committed = writer.join().unwrap();
+    let (committed, in_doubt) = writer.join().unwrap();
     let total: usize = kills.values().sum();
-    println!("kill -9 cycles: {total} ({kills:?}); writer transactions committed: {committed}");
-    assert!(committed > 50, "the writer kept committing ({committed})");
+    println!(
+        "kill -9 cycles: {total} ({kills:?}); writer transactions committed: {}, in doubt: {}",
+        committed.len(),
+        in_doubt.len()
+    );
+    assert!(
+        committed.len() > 50,
+        "the writer kept committing ({})",
+        committed.len()
+    );
     assert_eq!(total, cycles, "a process was killed in every cycle");
     let crashes = platform.log().matches("terminated by signal 9").count();
     assert!(
@@ -338,6 +351,45 @@ fn kill_9_at_random_moments_while_pushing_and_streaming_loses_and_duplicates_not
             report.rows, report.lost, report.duplicated, report.stale, report.leaked
         );
         assert!(report.clean(), "parent {parent}: {report:?}");
+        // And against the writer's own record: each committed insert once, nothing else.
+        // Transaction i inserts 'kill i'; transaction i+9 deletes it when (i+9) % 6 < 3. The
+        // row is there if i committed and its deleter did not run; either way if one of them
+        // is in doubt; never if the deleter committed.
+        let fam: u64 = parent.parse().unwrap();
+        let done: std::collections::BTreeSet<u64> = committed.iter().copied().collect();
+        let doubt: std::collections::BTreeSet<u64> = in_doubt.iter().copied().collect();
+        let deleter = |i: u64| Some(i + 9).filter(|j| j % 6 < 3);
+        let ours = |i: &&u64| 21 + **i % 3 == fam;
+        let name = |i: &u64| format!("kill {i}");
+        let c: std::collections::BTreeSet<String> = done
+            .iter()
+            .filter(ours)
+            .filter(|i| deleter(**i).is_none_or(|j| !done.contains(&j) && !doubt.contains(&j)))
+            .map(name)
+            .collect();
+        let d: std::collections::BTreeSet<String> = done
+            .iter()
+            .chain(doubt.iter())
+            .filter(ours)
+            .filter(|i| doubt.contains(i) || deleter(**i).is_some_and(|j| doubt.contains(&j)))
+            .map(name)
+            .collect();
+        let sql = format!(
+            "SELECT action FROM elearning.audit_log WHERE user_id = {parent} AND action LIKE 'kill %'"
+        );
+        for (side, h) in [
+            ("platform", poco_e2e::check_history(&db, &sql, &c, &d)),
+            ("learner", poco_e2e::check_history(&ldb, &sql, &c, &d)),
+        ] {
+            println!(
+                "recorded history, parent {parent}, {side}: {} committed; missing {}, duplicated {}, unexpected {}",
+                h.committed, h.missing, h.duplicated, h.unexpected
+            );
+            assert!(
+                h.clean() && h.committed > 0,
+                "parent {parent}, {side}: {h:?}"
+            );
+        }
         // Nothing of the other families.
         assert_eq!(
             ldb.value(&format!(
