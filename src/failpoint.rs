@@ -10,6 +10,7 @@
 //! snapshots), `stream_key_loading`, `stream_ack_lost` (continuous sync).
 
 use crate::gucs;
+use crate::net::JobError;
 use pgrx::prelude::*;
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -20,12 +21,25 @@ thread_local! {
 
 /// Whether `name` fails now (once per process). A `:crash` entry kills the process here.
 pub fn fires(name: &str) -> bool {
-    fires_when(name, true) && FIRED.with(|f| f.borrow_mut().insert(name.to_string()))
+    let first = FIRED.with(|f| !f.borrow().contains(name));
+    fires_when(name, first) && FIRED.with(|f| f.borrow_mut().insert(name.to_string()))
+}
+
+/// A push's failpoint: on the job's first attempt, `name` fails the push there as a lost
+/// connection would (a transient error, so the push is retried).
+pub fn push_step(name: &str, attempt: i32, what: impl std::fmt::Display) -> Result<(), JobError> {
+    if fires_when(name, attempt <= 1) {
+        return Err(JobError::transient(
+            "08006",
+            format!("failpoint {name}: {what}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `name` fails now, if `eligible` (a push's first attempt). A `:crash` entry kills the
 /// process here whatever `eligible` says.
-pub fn fires_when(name: &str, eligible: bool) -> bool {
+fn fires_when(name: &str, eligible: bool) -> bool {
     let Some(spec) = gucs::failpoint() else {
         return false;
     };

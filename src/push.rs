@@ -469,13 +469,11 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
                         },
                     ))?;
                     progress(|s| s.bytes_done += n);
-                    if crate::failpoint::fires_when("push_mid_copy", job.attempts <= 1) {
-                        return Err(JobError::transient(
-                            "08006",
-                            format!("failpoint push_mid_copy: the connection failed during COPY {ident}"),
-                        ));
-                    }
-                    Ok(())
+                    crate::failpoint::push_step(
+                        "push_mid_copy",
+                        job.attempts,
+                        format_args!("the connection failed during COPY {ident}"),
+                    )
                 },
             )?;
             let loaded = rt.block_on(net::step(
@@ -500,16 +498,12 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
             }
             counts.push((p.def.ident.clone(), rows));
             progress(|s| s.tables_done += 1);
-            if counts.len() < plans.len()
-                && crate::failpoint::fires_when("push_between_tables", job.attempts <= 1)
-            {
-                return Err(JobError::transient(
-                    "08006",
-                    format!(
-                        "failpoint push_between_tables: the connection failed after {}",
-                        p.def.ident
-                    ),
-                ));
+            if counts.len() < plans.len() {
+                crate::failpoint::push_step(
+                    "push_between_tables",
+                    job.attempts,
+                    format_args!("the connection failed after {}", p.def.ident),
+                )?;
             }
         }
         progress(|s| s.set_current_table("(indexes and keys)"));
@@ -576,12 +570,11 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
             )?;
         }
         exec("committing", "COMMIT".to_string())?;
-        if crate::failpoint::fires_when("push_after_learner_commit", job.attempts <= 1) {
-            return Err(JobError::transient(
-                "08006",
-                "failpoint push_after_learner_commit: the learner committed, the platform did not hear it",
-            ));
-        }
+        crate::failpoint::push_step(
+            "push_after_learner_commit",
+            job.attempts,
+            "the learner committed, the platform did not hear it",
+        )?;
         let (bin, txt): (Vec<_>, Vec<_>) = plans.iter().partition(|p| binary_ok && p.binary);
         Ok(Done {
             left_out,

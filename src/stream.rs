@@ -654,6 +654,15 @@ struct Loaded {
 /// Changes fetched and attributed at a time: what is held is then only their keys.
 const LOAD_CHUNK: i64 = 2_000;
 
+/// load_attributed's query, built once.
+static LOAD_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT txid, rel, op::text, {}, {} FROM poco.change WHERE txid >= $1",
+        key_image("old"),
+        key_image("new")
+    )
+});
+
 /// The SQL for a change image as load_attributed reads it (see there).
 fn key_image(col: &str) -> String {
     format!(
@@ -697,11 +706,7 @@ fn load_attributed(
         // value is not parsed and copied here for nothing. The rows sent are read at S anyway.
         let mut cursor = c
             .try_open_cursor(
-                &format!(
-                    "SELECT txid, rel, op::text, {}, {} FROM poco.change WHERE txid >= $1",
-                    key_image("old"),
-                    key_image("new")
-                ),
+                LOAD_SQL.as_str(),
                 &[
                     (from as i64).into(),
                     pgrx::pg_sys::Oid::from(sc.root).into(),
