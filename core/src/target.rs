@@ -415,6 +415,16 @@ pub fn parse_url(input: &str) -> Result<TargetSpec> {
     p.finish()
 }
 
+/// The keys a jsonb target may hold (libpq's environment variable names, and a URL).
+pub const JSON_TARGET_KEYS: &[&str] = &[
+    "DATABASE_URL",
+    "PGHOST",
+    "PGPORT",
+    "PGUSER",
+    "PGPASSWORD",
+    "PGDATABASE",
+    "PGSSLMODE",
+];
 /// Parse a target given as a JSON object (`DATABASE_URL`, `PGHOST`, `PGPORT`, `PGUSER`,
 /// `PGPASSWORD`, `PGDATABASE`, `PGSSLMODE`). Where the URL and a key both give a value, they
 /// must agree. A JSON string holding a URL is accepted too.
@@ -432,17 +442,8 @@ pub fn parse_json(v: &Value) -> Result<TargetSpec> {
             Some(_) => Err(PocoError::BadJsonValue(k.to_string())),
         }
     };
-    const KEYS: &[&str] = &[
-        "DATABASE_URL",
-        "PGHOST",
-        "PGPORT",
-        "PGUSER",
-        "PGPASSWORD",
-        "PGDATABASE",
-        "PGSSLMODE",
-    ];
     for k in obj.keys() {
-        if !KEYS.contains(&k.as_str()) {
+        if !JSON_TARGET_KEYS.contains(&k.as_str()) {
             return Err(PocoError::UnknownJsonKey(shorten(k)));
         }
     }

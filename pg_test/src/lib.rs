@@ -657,6 +657,31 @@ pub fn assert_job_succeeds(db: &Db, job: i64, limit: &str) {
     );
 }
 
+/// A change just committed reaches target `t` in time (the target is not held up by another):
+/// `poco_sync_wait` returns true within `limit`, and `learner` shows user `id`'s display_name
+/// as `want`.
+pub fn assert_arrives(db: &Db, t: i64, learner: &Db, id: i64, want: &str, limit: Duration) {
+    let t0 = Instant::now();
+    let wait = format!(
+        "SELECT poco_sync_wait({t}, '{} ms')",
+        limit.as_millis() + 2000
+    );
+    assert_eq!(
+        db.value(&wait).as_deref(),
+        Some("t"),
+        "{want}: target {t} held up"
+    );
+    assert!(t0.elapsed() < limit, "{want}: {:?}", t0.elapsed());
+    assert_eq!(
+        learner
+            .value(&format!(
+                "SELECT display_name FROM elearning.users WHERE id = {id}"
+            ))
+            .as_deref(),
+        Some(want)
+    );
+}
+
 /// A learner server with an empty database `family`.
 pub fn learner(name: &str) -> Server {
     let s = Server::start(name, &Options::learner());
