@@ -16,17 +16,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MB=${SIZE_MB:-1024}
 PARENT=21
-PG_MAJOR=${PG_MAJOR:-15}
-BIN=/usr/lib/postgresql/$PG_MAJOR/bin
-USER_=${POCO_TEST_USER:-poco}
 BASE=/var/tmp/poco_sync-bench-push
-OUT=bench/out
-mkdir -p "$OUT" "$BASE"; chown "$USER_" "$BASE"
-as_user() { runuser -u "$USER_" -- "$@"; }
-P="-h 127.0.0.1 -p 55441 -U postgres"
-L="-h 127.0.0.1 -p 55442 -U postgres"
-qp() { "$BIN/psql" -X -v ON_ERROR_STOP=1 $P -d platform "$@"; }
-ql() { local db=$1; shift; "$BIN/psql" -X -v ON_ERROR_STOP=1 $L -d "$db" "$@"; }
+PPORT=55441; LPORT=55442
+. bench/env.sh
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", b - a }'; }
 
@@ -42,8 +34,8 @@ server() { # name port extra-conf
 }
 if [ ! -f "$BASE/key" ]; then head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$BASE/key"; fi
 chown "$USER_" "$BASE/key"; chmod 600 "$BASE/key"
-server platform 55441 "shared_preload_libraries = 'poco_sync'\npoco.database = 'platform'\npoco.key_file = '$BASE/key'\npoco.allow_private_targets = on\n"
-server learner 55442 ""
+server platform "$PPORT" "shared_preload_libraries = 'poco_sync'\npoco.database = 'platform'\npoco.key_file = '$BASE/key'\npoco.allow_private_targets = on\n"
+server learner "$LPORT" ""
 
 have=$(qp -qAt -c "SELECT coalesce((SELECT (detail->>'size_mb')::int FROM poco.events WHERE kind = 'bench_loaded' ORDER BY id DESC LIMIT 1), 0)" 2>/dev/null || echo 0)
 if [ "$have" != "$SIZE_MB" ]; then
@@ -80,7 +72,7 @@ runs() { local name=$1; shift; echo "$(median <<< "$*") s (median of $#: $*)"; }
 
 # poco_push, with memory sampling of the job process.
 fresh poco
-TARGET=$(qp -qAt -c "SELECT poco_add_target($PARENT, 'postgresql://postgres:x@127.0.0.1:55442/poco?sslmode=disable')")
+TARGET=$(qp -qAt -c "SELECT poco_add_target($PARENT, 'postgresql://postgres:x@127.0.0.1:$LPORT/poco?sslmode=disable')")
 run_push() {
   local job pid=0 peak_hwm=0 peak_anon=0 k v t0 t1 i
   t0=$(now)

@@ -3,16 +3,7 @@
 # the sample platform loaded, continuous sync for families FIRST..LAST.
 # Set before sourcing: BASE, PPORT (platform), LPORT (learner), PARENTS (sample families),
 # MAX_CONNECTIONS, PLATFORM_CONF (extra postgresql.conf lines, \n-separated).
-PG_MAJOR=${PG_MAJOR:-15}
-BIN=/usr/lib/postgresql/$PG_MAJOR/bin
-USER_=${POCO_TEST_USER:-poco}
-OUT=bench/out
-mkdir -p "$OUT" "$BASE"; chown "$USER_" "$BASE"
-as_user() { runuser -u "$USER_" -- "$@"; }
-P="-h 127.0.0.1 -p $PPORT -U postgres"
-L="-h 127.0.0.1 -p $LPORT -U postgres"
-qp() { "$BIN/psql" -X -v ON_ERROR_STOP=1 $P -d platform "$@"; }
-ql() { local db=$1; shift; "$BIN/psql" -X -v ON_ERROR_STOP=1 $L -d "$db" "$@"; }
+. bench/env.sh
 
 server() { # name port extra-conf
   local d=$BASE/$1
