@@ -626,6 +626,16 @@ pub fn assert_secret_kept(platform: &Server, own: &[&str]) -> usize {
     seen
 }
 
+/// Push `parent` to a new target, database `family` of `learner` (as its superuser, with the
+/// password `SECRET`); the job id.
+pub fn push_to_new_target(platform: &Db, parent: &str, learner: &Server) -> i64 {
+    platform.query(&format!(
+        "SELECT poco_push({parent}, poco_add_target({parent}, '{}'))",
+        learner.target_url("family", "postgres", SECRET)
+    ))[0]
+        .get(0)
+}
+
 /// Turn on continuous sync of `parent` into database `family` of `learner` (as its
 /// superuser) and wait for the first snapshot to succeed; the target id.
 pub fn enable_sync(platform: &Db, parent: &str, learner: &Server) -> i64 {

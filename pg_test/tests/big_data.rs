@@ -2,7 +2,7 @@
 //! (POCO_BIG_ROWS) pushed with the push process's private memory flat, sampled from /proc
 //! while it runs. The figures are printed; the bounds asserted are loose (the debug build).
 
-use poco_e2e::{learner, wait_for, Db, Options, Server, SECRET};
+use poco_e2e::{learner, wait_for, Db, Options, Server};
 use std::time::{Duration, Instant};
 
 fn platform(name: &str, ddl: &str) -> (Server, Db) {
@@ -48,11 +48,7 @@ fn a_100_mb_value_is_pushed_and_synced_whole() {
 
     let lp = learner("big_value_push");
     let t0 = Instant::now();
-    let job: i64 = db.query(&format!(
-        "SELECT poco_push(1, poco_add_target(1, '{}'))",
-        lp.target_url("family", "postgres", SECRET)
-    ))[0]
-        .get(0);
+    let job = poco_e2e::push_to_new_target(&db, "1", &lp);
     poco_e2e::assert_job_succeeds(&db, job, "5 min");
     println!("big_data: 100 MB value pushed in {:?}", t0.elapsed());
     let lpdb = lp.connect("family");
@@ -166,11 +162,7 @@ fn ten_million_rows_are_pushed_with_flat_memory() {
     );
     let l = learner("big_rows_learner");
     let t0 = Instant::now();
-    let job: i64 = db.query(&format!(
-        "SELECT poco_push(1, poco_add_target(1, '{}'))",
-        l.target_url("family", "postgres", SECRET)
-    ))[0]
-        .get(0);
+    let job = poco_e2e::push_to_new_target(&db, "1", &l);
     // Sample the push process's private memory while it runs, with the rows done so far.
     let probe = p.connect("platform");
     let pid = wait_for(Duration::from_secs(60), || {

@@ -26,6 +26,18 @@ fn reconnect(platform: &Server) -> Db {
         .expect("the platform answers (after its crash restart)")
 }
 
+/// Whether target `t` catches up within `secs` seconds, asked again after each crash restart.
+fn synced_across_restarts(platform: &Server, t: i64, secs: u64) -> bool {
+    wait_for(Duration::from_secs(secs), || {
+        let db = platform.try_connect("platform")?;
+        (db.try_value(&format!("SELECT poco_sync_wait({t}, '5 s')"))
+            .ok()??
+            == "t")
+            .then_some(())
+    })
+    .is_some()
+}
+
 /// How many times the failpoint `name` fired (its log lines).
 fn fired(platform: &Server, name: &str) -> usize {
     platform
@@ -217,15 +229,8 @@ fn failpoints_at_every_moment_that_matters_leave_old_or_new_and_recover() {
             (fired(&platform, point) > fired_before).then_some(())
         });
         assert!(reached.is_some(), "{spec} fired");
-        let caught_up = wait_for(Duration::from_secs(60), || {
-            let db = platform.try_connect("platform")?;
-            (db.try_value(&format!("SELECT poco_sync_wait({t}, '5 s')"))
-                .ok()??
-                == "t")
-                .then_some(())
-        });
         assert!(
-            caught_up.is_some(),
+            synced_across_restarts(&platform, t, 60),
             "{spec}: the target caught up by itself"
         );
         let db = reconnect(&platform);
@@ -250,14 +255,10 @@ fn failpoints_at_every_moment_that_matters_leave_old_or_new_and_recover() {
     let url2 = l2.target_url("family", "postgres", SECRET);
     let t2: i64 = db.query(&format!("SELECT poco_enable_sync(22, '{url2}')"))[0].get(0);
     drop(db);
-    let synced = wait_for(Duration::from_secs(90), || {
-        let db = platform.try_connect("platform")?;
-        (db.try_value(&format!("SELECT poco_sync_wait({t2}, '5 s')"))
-            .ok()??
-            == "t")
-            .then_some(())
-    });
-    assert!(synced.is_some(), "the killed snapshot was taken again");
+    assert!(
+        synced_across_restarts(&platform, t2, 90),
+        "the killed snapshot was taken again"
+    );
     assert!(platform
         .log()
         .contains("failpoint push_between_tables fired: the process is killed here"));

@@ -6,7 +6,7 @@
 //! another synced through inserts, updates and deletes of every table; both learners must
 //! equal their scope by the history checker. POCO_HOSTILE_SEED / POCO_HOSTILE_SCHEMAS replay.
 
-use poco_e2e::{check_learner, learner, Options, Rng, Server, SECRET};
+use poco_e2e::{check_learner, learner, Options, Rng, Server};
 
 const FRAGMENTS: &[&str] = &[
     "Ünï",
@@ -264,11 +264,7 @@ fn hostile_names_and_values_go_through_scope_push_and_sync() {
             learner(&format!("hostile_p{k}")),
             learner(&format!("hostile_s{k}")),
         );
-        let job: i64 = db.query(&format!(
-            "SELECT poco_push(1, poco_add_target(1, '{}'))",
-            lp.target_url("family", "postgres", SECRET)
-        ))[0]
-            .get(0);
+        let job = poco_e2e::push_to_new_target(&db, "1", &lp);
         poco_e2e::assert_job_succeeds(&db, job, "1 min");
         let lpdb = lp.connect("family");
         let rep = check_learner(&db, &lpdb, "1");
