@@ -1,0 +1,337 @@
+//! Batch building: the statements that bring one learner from its position to the pass's
+//! snapshot, read through the parent's scope.
+
+use super::*;
+
+/// Bring one target from its position to `s`.
+pub(super) fn sync_target(
+    plans: &mut Plans,
+    sc: &Scope,
+    pks: &HashMap<u32, Vec<String>>,
+    fks: &BTreeSet<(u32, u32)>,
+    t: &Target,
+    changes: &[&Keyed],
+) -> Step {
+    if changes.is_empty() {
+        return Step::Done(Outcome::Advanced);
+    }
+    let n = changes.len() as i64;
+    if changes.iter().any(|c| c.op == b'T') {
+        return Step::Done(Outcome::Resnapshot("a scoped table was truncated".into()));
+    }
+    sync_keys(plans, sc, pks, fks, t, changes, n)
+}
+
+pub(super) fn sync_keys(
+    plans: &mut Plans,
+    sc: &Scope,
+    pks: &HashMap<u32, Vec<String>>,
+    fks: &BTreeSet<(u32, u32)>,
+    t: &Target,
+    changes: &[&Keyed],
+    n: i64,
+) -> Step {
+    // Keys touched, per table.
+    let mut touched: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+    // Keys of rows that existed before the batch and were updated (not inserted in it): if one
+    // changed family, what it owns changed family with it.
+    let mut updated: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+    let mut inserted: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+    for Keyed {
+        rel, op, old, new, ..
+    } in changes.iter().copied()
+    {
+        let Some(pk) = pks.get(rel) else { continue };
+        if pk.is_empty() {
+            return Step::Done(Outcome::Failed {
+                error: format!("table {rel} has no primary key: it cannot be synced"),
+                changes: n,
+            });
+        }
+        for k in [old, new].into_iter().flatten() {
+            let k = k.to_string();
+            match op {
+                b'U' => updated.entry(*rel).or_default().insert(k.clone()),
+                b'I' => inserted.entry(*rel).or_default().insert(k.clone()),
+                _ => false,
+            };
+            touched.entry(*rel).or_default().insert(k);
+        }
+    }
+    let mut membership: Vec<MembershipCheck> = Vec::new();
+    // Reference tables to re-check: touched ones, and those a touched table (or one re-checked)
+    // points at: new references arrive, rows nothing points at any more leave.
+    let mut recheck: BTreeSet<u32> = BTreeSet::new();
+    loop {
+        let before = recheck.len();
+        for table in sc
+            .tables
+            .iter()
+            .filter(|t| matches!(t.role, Role::Reference(_)))
+        {
+            let r = table.oid;
+            if touched.contains_key(&r)
+                || fks.iter().any(|(from, to)| {
+                    *to == r && *from != r && (touched.contains_key(from) || recheck.contains(from))
+                })
+            {
+                recheck.insert(r);
+            }
+        }
+        if recheck.len() == before {
+            break;
+        }
+    }
+    // The learner's statements: deletes of touched keys, upserts of the rows in scope at S.
+    let mut stmts: Vec<String> = Vec::new();
+    for table in &sc.tables {
+        let pk = &pks[&table.oid];
+        let pk_list = pk
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let k_list = pk
+            .iter()
+            .map(|c| format!("k.{}", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let t_list = pk
+            .iter()
+            .map(|c| format!("t.{}", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let reference = matches!(table.role, Role::Reference(_));
+        let keys: Option<String> = touched
+            .get(&table.oid)
+            .map(|k| format!("[{}]", k.iter().cloned().collect::<Vec<_>>().join(",")));
+        if (keys.is_none() && !reference) || (reference && !recheck.contains(&table.oid)) {
+            continue;
+        }
+        // Rows of the parent's scope at S: the touched ones, or (reference tables) all; and
+        // their keys apart (the rows go to the learner as text, never parsed here).
+        let key_agg = format!(
+            "pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object({}))::text",
+            pk.iter()
+                .map(|c| format!("{}, s.{}", literal(c), quote_ident(c)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let rows_sql = match &keys {
+            Some(_) if !reference => {
+                // `column = ANY (array)` per key column is pushed down into the scope's query,
+                // where the primary key's index finds the touched rows (a semi-join against
+                // the key list is not, and the planner then read the family's rows whole);
+                // with several key columns the exact tuples are checked as well.
+                let keyset = format!(
+                    "pg_catalog.jsonb_populate_recordset(NULL::{}, $2::pg_catalog.jsonb) k",
+                    table.ident
+                );
+                let mut conds: Vec<String> = pk
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "s.{c} = ANY (ARRAY(SELECT k.{c} FROM {keyset}))",
+                            c = quote_ident(c)
+                        )
+                    })
+                    .collect();
+                if pk.len() > 1 {
+                    conds.push(format!(
+                        "({}) IN (SELECT {k_list} FROM {keyset})",
+                        pk.iter()
+                            .map(|c| format!("s.{}", quote_ident(c)))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+                format!(
+                    "SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s))::text, {key_agg} FROM ({}) s WHERE {}",
+                    table.select_sql,
+                    conds.join(" AND ")
+                )
+            }
+            _ => format!(
+                "SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s))::text, {key_agg} FROM ({}) s",
+                table.select_sql
+            ),
+        };
+        let keys_text = keys.clone().unwrap_or_else(|| "[]".into());
+        let read = select_kept_cols(
+            plans,
+            &rows_sql,
+            &[PgBuiltInOids::TEXTOID, PgBuiltInOids::TEXTOID],
+            &[t.parent.as_str().into(), keys_text.as_str().into()],
+        );
+        // (the rows as JSON text, their keys); no row of the scope among the keys: NULLs.
+        let (rows_text, row_keys) = match read {
+            Ok(mut v) if !v.is_empty() => {
+                let mut cols = v.swap_remove(0).into_iter();
+                (
+                    cols.next().flatten().unwrap_or_else(|| "[]".into()),
+                    cols.next().flatten().unwrap_or_else(|| "[]".into()),
+                )
+            }
+            Ok(_) => ("[]".into(), "[]".into()),
+            Err(e) => {
+                return Step::Done(Outcome::Failed {
+                    error: format!("reading {}: {e}", table.ident),
+                    changes: n,
+                })
+            }
+        };
+        let rows_lit = literal(&rows_text);
+        drop(rows_text);
+        // The keys of the rows in scope at S.
+        let in_now: BTreeSet<String> = match serde_json::from_str::<Vec<Value>>(&row_keys) {
+            Ok(a) => a.iter().map(|r| key_of(pk, r)).collect(),
+            Err(e) => {
+                return Step::Done(Outcome::Failed {
+                    error: format!("reading {}: {e}", table.ident),
+                    changes: n,
+                })
+            }
+        };
+        drop(row_keys);
+        if let (false, Some(upd)) = (reference, updated.get(&table.oid)) {
+            let upd: BTreeSet<String> = upd
+                .difference(inserted.get(&table.oid).unwrap_or(&BTreeSet::new()))
+                .cloned()
+                .collect();
+            if !upd.is_empty() {
+                let join = |keys: &BTreeSet<&String>| {
+                    format!(
+                        "FROM {} t JOIN pg_catalog.jsonb_populate_recordset(NULL::{}, {}::pg_catalog.jsonb) k ON ({t_list}) = ({k_list})",
+                        table.ident,
+                        table.ident,
+                        literal(&format!("[{}]", keys.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(",")))
+                    )
+                };
+                // Moved out: updated, not in scope now, still on the learner. Moved in: updated,
+                // in scope now, not on the learner.
+                let out_keys: BTreeSet<&String> =
+                    upd.iter().filter(|k| !in_now.contains(*k)).collect();
+                let in_keys: BTreeSet<&String> =
+                    upd.iter().filter(|k| in_now.contains(*k)).collect();
+                let mut guard: Vec<String> = Vec::new();
+                if !out_keys.is_empty() {
+                    guard.push(format!("EXISTS (SELECT 1 {})", join(&out_keys)));
+                }
+                if !in_keys.is_empty() {
+                    guard.push(format!(
+                        "(SELECT pg_catalog.count(*) {}) <> {}",
+                        join(&in_keys),
+                        in_keys.len()
+                    ));
+                }
+                let guard = if guard.is_empty() {
+                    "false".to_string()
+                } else {
+                    guard.join(" OR ")
+                };
+                membership.push(MembershipCheck {
+                    guard,
+                    sql: format!(
+                        "SELECT pg_catalog.jsonb_build_object({})::text FROM {} t \
+                          JOIN pg_catalog.jsonb_populate_recordset(NULL::{}, {}::pg_catalog.jsonb) k ON ({t_list}) = ({k_list})",
+                        pk.iter().map(|c| format!("{}, t.{}", literal(c), quote_ident(c))).collect::<Vec<_>>().join(", "),
+                        table.ident,
+                        table.ident,
+                        literal(&format!("[{}]", upd.iter().cloned().collect::<Vec<_>>().join(",")))
+                    ),
+                    table: table.ident.clone(),
+                    pk: pk.clone(),
+                    // Only asked about updated keys.
+                    in_now: upd.intersection(&in_now).cloned().collect(),
+                    updated: upd,
+                });
+            }
+        }
+        if reference {
+            stmts.push(format!(
+                "DELETE FROM {} t WHERE ({t_list}) NOT IN (SELECT {k_list} FROM pg_catalog.jsonb_populate_recordset(NULL::{}, {rows_lit}::pg_catalog.jsonb) k)",
+                table.ident, table.ident
+            ));
+        } else if keys.is_some() {
+            // Delete only the touched keys that are out of scope now. A row still in scope is
+            // upserted in place: deleting and re-inserting it would fire the learner's ON DELETE
+            // CASCADE / SET NULL on rows this batch does not send again.
+            let gone: Vec<String> = touched[&table.oid]
+                .iter()
+                .filter(|k| !in_now.contains(*k))
+                .cloned()
+                .collect();
+            if !gone.is_empty() {
+                stmts.push(format!(
+                    "DELETE FROM {} t USING pg_catalog.jsonb_populate_recordset(NULL::{}, {}::pg_catalog.jsonb) k WHERE ({t_list}) = ({k_list})",
+                    table.ident,
+                    table.ident,
+                    literal(&format!("[{}]", gone.join(",")))
+                ));
+            }
+        }
+        if !in_now.is_empty() {
+            let cols = table.columns.join(", ");
+            let set: Vec<String> = table
+                .columns
+                .iter()
+                .filter(|c| !pk.iter().any(|p| quote_ident(p) == **c || p == *c))
+                .map(|c| format!("{c} = EXCLUDED.{c}"))
+                .collect();
+            let action = if set.is_empty() {
+                "NOTHING".to_string()
+            } else {
+                format!("UPDATE SET {}", set.join(", "))
+            };
+            stmts.push(format!(
+                "INSERT INTO {} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM pg_catalog.jsonb_populate_recordset(NULL::{}, {rows_lit}::pg_catalog.jsonb) \
+                 ON CONFLICT ({pk_list}) DO {action}",
+                table.ident, table.ident
+            ));
+        }
+    }
+    Step::Send(Batch {
+        stmts,
+        membership,
+        n,
+    })
+}
+
+/// What a pass does for one target: an outcome already known, or a batch to send.
+pub(super) enum Step {
+    Done(Outcome),
+    Send(Batch),
+}
+
+pub(super) struct Batch {
+    pub(super) stmts: Vec<String>,
+    pub(super) membership: Vec<MembershipCheck>,
+    pub(super) n: i64,
+}
+
+/// The key of a row (or row image) as canonical JSON text: the primary key columns only.
+pub(super) fn key_of(pk: &[String], row: &Value) -> String {
+    key_value(pk, row).to_string()
+}
+
+/// The primary key columns of a row image.
+pub(super) fn key_value(pk: &[String], row: &Value) -> Value {
+    Value::Object(
+        pk.iter()
+            .map(|c| (c.clone(), row.get(c).cloned().unwrap_or(Value::Null)))
+            .collect(),
+    )
+}
+
+/// Updated rows of one table: which of them the learner holds (`sql`, run there) against
+/// which are in the parent's scope now.
+pub(super) struct MembershipCheck {
+    pub(super) table: String,
+    pub(super) pk: Vec<String>,
+    pub(super) sql: String,
+    /// The same check as a condition for the learner itself (true: a row moved), for the one
+    /// round trip path.
+    pub(super) guard: String,
+    pub(super) updated: BTreeSet<String>,
+    pub(super) in_now: BTreeSet<String>,
+}

@@ -1,0 +1,277 @@
+//! Positions: snapshots as positions, what a pass records, pruning and maintenance.
+
+use super::*;
+
+/// A position (`pg_snapshot` as text, `xmin:xmax:xip,…`), to tell which changes it has seen.
+pub(super) struct Snap {
+    pub(super) xmin: u64,
+    pub(super) xmax: u64,
+    pub(super) xip: Vec<u64>,
+}
+
+impl Snap {
+    pub(super) fn parse(text: &str) -> Option<Snap> {
+        let mut parts = text.split(':');
+        let xmin = parts.next()?.parse().ok()?;
+        let xmax = parts.next()?.parse().ok()?;
+        let mut xip: Vec<u64> = match parts.next() {
+            Some("") | None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(|x| x.parse().ok())
+                .collect::<Option<Vec<u64>>>()?,
+        };
+        xip.sort_unstable();
+        Some(Snap { xmin, xmax, xip })
+    }
+    /// Whether the transaction's changes are visible in (were taken into) this position:
+    /// `pg_visible_in_snapshot`.
+    pub(super) fn visible(&self, txid: u64) -> bool {
+        txid < self.xmin || (txid < self.xmax && self.xip.binary_search(&txid).is_err())
+    }
+}
+
+/// Record the pass on the platform, and prune what every target has.
+pub(super) fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
+    // Targets with nothing to send reached S: noted here, recorded later (State::ahead).
+    for (t, o) in results {
+        match o {
+            Outcome::Advanced => {
+                st.retry_at.remove(&t.id);
+                st.ahead.insert(t.id, (t.recorded.clone(), s.to_string()));
+            }
+            Outcome::Applied { .. } => {
+                st.retry_at.remove(&t.id);
+                st.ahead.remove(&t.id);
+            }
+            _ => {}
+        }
+    }
+    let waited = crate::shmem::snapshot().sync_wait_at;
+    let someone_waits = waited != 0 && crate::shmem::now() - waited < 2_000_000;
+    let flush = someone_waits
+        || st
+            .recorded_at
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(1));
+    // Targets moved to S (applied) or to where they reached (nothing to send), in one
+    // statement per kind: only if they are still where this pass found them (a push may have
+    // moved them meanwhile).
+    let applied: Vec<(i64, String, String)> = results
+        .iter()
+        .filter(|(_, o)| matches!(o, Outcome::Applied { .. }))
+        .map(|(t, _)| (t.id, t.recorded.clone(), s.to_string()))
+        .collect();
+    let reached: Vec<(i64, String, String)> = if flush {
+        st.recorded_at = Some(Instant::now());
+        st.ahead
+            .drain()
+            .map(|(id, (recorded, reached))| (id, recorded, reached))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for (moved, learner) in [
+        (applied, "learner_position = m.to_position::pg_catalog.pg_snapshot, last_applied_at = pg_catalog.now(), last_sync_error = NULL,"),
+        (reached, ""),
+    ] {
+        if moved.is_empty() {
+            continue;
+        }
+        let ids: Vec<i64> = moved.iter().map(|m| m.0).collect();
+        let from: Vec<String> = moved.iter().map(|m| m.1.clone()).collect();
+        let to: Vec<String> = moved.iter().map(|m| m.2.clone()).collect();
+        Spi::run_with_args(
+            &format!(
+                "UPDATE poco.target t SET sync_position = m.to_position::pg_catalog.pg_snapshot, {learner} \
+                        sync_position_at = pg_catalog.now(), sync_lag = 0 \
+                   FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::text[])) \
+                        AS m(id, from_position, to_position) \
+                  WHERE t.id = m.id AND t.sync_state = 'streaming' AND t.sync_position::text = m.from_position"
+            ),
+            &[ids.into(), from.into(), to.into()],
+        )
+        .ok();
+    }
+    for (t, o) in results {
+        match o {
+            Outcome::Advanced | Outcome::Again => {}
+            Outcome::Applied { changes } => {
+                st.careful.remove(&t.id);
+                debug1!(
+                    "poco_sync stream: target {}: {changes} changes applied",
+                    t.id
+                );
+            }
+            Outcome::Resnapshot(why) => {
+                st.retry_at.remove(&t.id);
+                st.careful.remove(&t.id);
+                resnapshot(t.id, why);
+            }
+            Outcome::Failed { error, changes } => {
+                let tries = st.retry_at.get(&t.id).map(|x| x.1).unwrap_or(0) + 1;
+                let wait =
+                    poco_core::learner::backoff_ms(gucs::retry_delay_ms(), tries).min(10_000);
+                st.retry_at
+                    .insert(t.id, (Instant::now() + Duration::from_millis(wait), tries));
+                Spi::run_with_args(
+                    "UPDATE poco.target SET last_sync_error = $2, sync_lag = CASE WHEN $3 < 0 THEN sync_lag ELSE $3 END WHERE id = $1",
+                    &[t.id.into(), error.as_str().into(), (*changes).into()],
+                )
+                .ok();
+                if tries == 1 {
+                    log!("poco_sync stream: target {}: {error}", t.id);
+                }
+            }
+        }
+    }
+    // One stream prunes (two would wait on each other's row locks), a few times a second.
+    if st.part == 0
+        && st
+            .pruned_at
+            .is_none_or(|at| at.elapsed() >= Duration::from_millis(200))
+    {
+        st.pruned_at = Some(Instant::now());
+        prune();
+    }
+}
+
+/// Changes every continuous target has (or will not need: below the position of a target
+/// waiting for a snapshot) are no longer needed.
+pub(super) fn prune() {
+    Spi::run(
+        "DELETE FROM poco.change WHERE txid < (SELECT pg_catalog.min(pg_catalog.pg_snapshot_xmin(sync_position)::text::bigint) \
+           FROM poco.target WHERE continuous AND sync_position IS NOT NULL)",
+    )
+    .ok();
+}
+
+/// Start a target over with a full snapshot (poco.resnapshot: state, event, the push job).
+pub(super) fn resnapshot(target: i64, why: &str) {
+    if let Err(e) = Spi::run_with_args(
+        "SELECT poco.resnapshot($1, $2)",
+        &[target.into(), why.into()],
+    ) {
+        log!("poco_sync stream: target {target}: could not queue its re-snapshot: {e}");
+    }
+}
+
+/// Once a second: targets whose snapshot failed are tried again (with backoff), and targets
+/// whose backlog passed poco.sync_max_backlog(_age) are re-snapshotted instead of holding the
+/// log. Returns whether any target syncs continuously.
+pub(super) fn maintain(st: &mut State) -> bool {
+    if st
+        .maintained_at
+        .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+    {
+        return st.any_continuous;
+    }
+    st.maintained_at = Some(Instant::now());
+    let (max_rows, max_age) = gucs::sync_max_backlog();
+    BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
+        // (id, state, seconds since the position moved, position)
+        let rows: Vec<(i64, String, f64, String)> = Spi::connect(|c| {
+            c.select(
+                "SELECT t.id, t.sync_state, extract(epoch FROM pg_catalog.now() - coalesce(t.sync_position_at, pg_catalog.now()))::float8, \
+                        coalesce(t.sync_position::text, '') \
+                   FROM poco.target t \
+                  WHERE t.continuous AND t.sync_state IN ('streaming', 'error') AND t.id % $2 = $1 \
+                    AND NOT EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = t.id AND j.state IN ('queued', 'running')) \
+                  ORDER BY t.id",
+                None,
+                &[st.part.into(), st.parts.into()],
+            )
+            .map(|rows| {
+                rows.map(|r| {
+                    (
+                        r.get::<i64>(1).ok().flatten().unwrap_or(0),
+                        r.get::<String>(2).ok().flatten().unwrap_or_default(),
+                        r.get::<f64>(3).ok().flatten().unwrap_or(0.0),
+                        r.get::<String>(4).ok().flatten().unwrap_or_default(),
+                    )
+                })
+                .collect()
+            })
+            .unwrap_or_default()
+        });
+        st.snapshot_retry.retain(|id, _| {
+            rows.iter()
+                .any(|(r, state, ..)| r == id && state == "error")
+        });
+        let mut counted: HashMap<String, i64> = HashMap::new();
+        for (id, state, behind_s, position) in rows {
+            if st
+                .ahead
+                .get(&id)
+                .is_some_and(|(recorded, _)| *recorded == position)
+            {
+                continue; // caught up at the last pass, not recorded yet: not behind
+            }
+            if state == "error" {
+                // The snapshot failed (its own retries spent): try again, waiting longer each time.
+                let (at, tries) = *st.snapshot_retry.entry(id).or_insert_with(|| {
+                    (
+                        Instant::now()
+                            + Duration::from_millis(poco_core::learner::backoff_ms(
+                                gucs::retry_delay_ms(),
+                                1,
+                            )),
+                        1,
+                    )
+                });
+                if Instant::now() >= at {
+                    let wait = poco_core::learner::backoff_ms(gucs::retry_delay_ms(), tries + 1)
+                        .min(300_000);
+                    st.snapshot_retry.insert(
+                        id,
+                        (Instant::now() + Duration::from_millis(wait), tries + 1),
+                    );
+                    resnapshot(id, "trying the failed snapshot again");
+                }
+                continue;
+            }
+            if behind_s < 1.0 {
+                continue; // moved within the last second: not behind
+            }
+            if let Some(age) = max_age.filter(|a| behind_s >= a.as_secs_f64()) {
+                st.retry_at.remove(&id);
+                resnapshot(
+                    id,
+                    &format!(
+                        "its backlog is older than poco.sync_max_backlog_age ({} s)",
+                        age.as_secs()
+                    ),
+                );
+                continue;
+            }
+            if max_rows > 0 && !position.is_empty() {
+                let n = *counted.entry(position.clone()).or_insert_with(|| {
+                    Spi::get_one_with_args::<i64>(
+                        "SELECT count(*) FROM (SELECT 1 FROM poco.change \
+                          WHERE txid >= pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot)::text::bigint \
+                            AND NOT pg_catalog.pg_visible_in_snapshot(txid::text::pg_catalog.xid8, $1::pg_catalog.pg_snapshot) LIMIT $2) x",
+                        &[position.as_str().into(), (max_rows + 1).into()],
+                    )
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0)
+                });
+                if n > max_rows {
+                    st.retry_at.remove(&id);
+                    resnapshot(
+                        id,
+                        &format!("its backlog passed poco.sync_max_backlog ({max_rows} changes)"),
+                    );
+                }
+            }
+        }
+        if st.part == 0 {
+            prune();
+        }
+        st.any_continuous =
+            Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM poco.target WHERE continuous)")
+                .ok()
+                .flatten()
+                .unwrap_or(false);
+        st.any_continuous
+    }))
+}
