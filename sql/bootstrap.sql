@@ -79,12 +79,17 @@ CREATE TABLE poco.scope (
 CREATE UNIQUE INDEX scope_one_root_idx ON poco.scope ((true)) WHERE role = 'root';
 COMMENT ON TABLE poco.scope IS 'Account scope declarations: the root, owned and reference tables';
 
+-- An excluded column is kept by number (it follows the column through renames: the event
+-- trigger poco_schema_changed updates col) and by name (pg_dump and restore keep names, not
+-- numbers). Both are excluded when they part (src/scope.rs), and the row stays when the column
+-- is dropped, so a column added again under that name is excluded too.
 CREATE TABLE poco.scope_exclusion (
     rel         regclass NOT NULL,
+    attnum      smallint NOT NULL,
     col         name NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now(),
     created_by  name NOT NULL DEFAULT session_user,
-    PRIMARY KEY (rel, col)
+    PRIMARY KEY (rel, attnum)
 );
 COMMENT ON TABLE poco.scope_exclusion IS 'Columns that never leave the platform';
 

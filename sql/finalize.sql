@@ -348,6 +348,11 @@ BEGIN
     FROM pg_event_trigger_ddl_commands() d
    WHERE (d.classid = 'pg_class'::regclass AND d.objid IN (SELECT oid FROM scoped))
       OR (d.classid = 'pg_type'::regclass AND d.objid IN (SELECT oid FROM types));
+  -- An excluded column renamed: its exclusion follows it (by number) and takes its new name.
+  UPDATE poco.scope_exclusion e SET col = a.attname
+    FROM pg_attribute a
+   WHERE a.attrelid = e.rel AND a.attnum = e.attnum AND NOT a.attisdropped AND a.attname <> e.col
+     AND e.rel::oid IN (SELECT d.objid FROM pg_event_trigger_ddl_commands() d WHERE d.classid = 'pg_class'::regclass);
   IF hit IS NOT NULL THEN
     UPDATE poco.scope_generation SET n = n + 1;
     IF EXISTS (SELECT 1 FROM poco.target WHERE continuous) THEN

@@ -880,8 +880,7 @@ fn platform_identity() -> (String, String) {
 const TABLE_SQL: &str = r#"
 WITH c AS (SELECT c.oid, c.relname, n.nspname FROM pg_catalog.pg_class c
              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::pg_catalog.int8::pg_catalog.oid),
-     ex AS (SELECT COALESCE(pg_catalog.array_agg(a.attnum), '{}') AS nums FROM pg_catalog.pg_attribute a, c
-             WHERE a.attrelid = c.oid AND a.attnum > 0 AND pg_catalog.quote_ident(a.attname) = ANY ($2::pg_catalog.text[])),
+     ex AS (SELECT $2::pg_catalog.int2[] AS nums),
      -- Objects the learner cannot have: functions outside pg_catalog, other tables' sequences,
      -- operators, operator classes and the like that are not built in.
      foreign_dep AS (
@@ -1079,7 +1078,7 @@ fn describe(sc: &Scope) -> Result<(Vec<Plan>, Vec<TypeDef>, Vec<String>), JobErr
     for st in &sc.tables {
         let v = json_query(
             TABLE_SQL,
-            &[(st.oid as i64).into(), st.excluded.clone().into()],
+            &[(st.oid as i64).into(), st.excluded_attnums.clone().into()],
         )
         .pop()
         .ok_or_else(|| JobError::new("42P01", format!("table {} vanished", st.ident)))?;

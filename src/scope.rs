@@ -11,7 +11,8 @@ use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use poco_core::scope::{
-    self as core_scope, Catalog, Column, Declarations, ForeignKey, RefMode, Scope, Table,
+    self as core_scope, Catalog, Column, Declarations, Exclusion, ForeignKey, Generated, RefMode,
+    Scope, Table,
 };
 use poco_core::{PocoError, Result, SqlState};
 use serde_json::json;
@@ -59,25 +60,44 @@ pub fn load_catalog() -> Catalog {
     }) {
         cat.tables.insert(t.oid, t);
     }
+    // A generated column's expression: the columns it reads and whether it calls a function
+    // outside pg_catalog (pg_depend of its pg_attrdef; 'i' is its dependency on itself).
     let q = format!(
         "SELECT a.attrelid::int8, a.attnum, a.attname::text, pg_catalog.quote_ident(a.attname), \
-                pg_catalog.format_type(a.atttypid, a.atttypmod) \
+                pg_catalog.format_type(a.atttypid, a.atttypmod), a.attgenerated <> '', \
+                (SELECT pg_catalog.array_agg(DISTINCT d.refobjsubid::int2) FROM pg_catalog.pg_attrdef ad \
+                   JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND d.objid = ad.oid \
+                  WHERE a.attgenerated <> '' AND ad.adrelid = a.attrelid AND ad.adnum = a.attnum AND d.deptype = 'n' \
+                    AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid = a.attrelid AND d.refobjsubid > 0), \
+                EXISTS (SELECT 1 FROM pg_catalog.pg_attrdef ad \
+                   JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND d.objid = ad.oid \
+                   JOIN pg_catalog.pg_proc p ON d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND p.oid = d.refobjid \
+                  WHERE a.attgenerated <> '' AND ad.adrelid = a.attrelid AND ad.adnum = a.attnum \
+                    AND p.pronamespace <> 'pg_catalog'::pg_catalog.regnamespace) \
            FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
           WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p') AND {SYSTEM_SCHEMAS} \
           ORDER BY a.attrelid, a.attnum"
     );
-    for (oid, col) in rows(&q, &[], |r| {
-        (
-            oid_of(r, 1),
-            Column {
-                attnum: r.get::<i16>(2).ok().flatten().unwrap_or(0),
-                name: s(r, 3),
-                ident: s(r, 4),
-                type_sql: s(r, 5),
-            },
-        )
-    }) {
+    for (oid, col) in
+        rows(&q, &[], |r| {
+            (
+                oid_of(r, 1),
+                Column {
+                    attnum: r.get::<i16>(2).ok().flatten().unwrap_or(0),
+                    name: s(r, 3),
+                    ident: s(r, 4),
+                    type_sql: s(r, 5),
+                    generated: r.get::<bool>(6).ok().flatten().unwrap_or(false).then(|| {
+                        Generated {
+                            reads: r.get::<Vec<i16>>(7).ok().flatten().unwrap_or_default(),
+                            calls_user_function: r.get::<bool>(8).ok().flatten().unwrap_or(false),
+                        }
+                    }),
+                },
+            )
+        })
+    {
         if let Some(t) = cat.tables.get_mut(&oid) {
             t.columns.push(col);
         }
@@ -130,9 +150,13 @@ pub fn load_declarations() -> Result<Declarations> {
         }
     }
     d.excluded = rows(
-        "SELECT rel::oid::int8, col::text FROM poco.scope_exclusion ORDER BY 1, 2",
+        "SELECT rel::oid::int8, col::text, attnum FROM poco.scope_exclusion ORDER BY 1, 2",
         &[],
-        |r| (oid_of(r, 1), s(r, 2)),
+        |r| Exclusion {
+            rel: oid_of(r, 1),
+            name: s(r, 2),
+            attnum: r.get::<i16>(3).ok().flatten(),
+        },
     );
     Ok(d)
 }
@@ -261,7 +285,7 @@ fn check_predicate_sql(sc: &Scope) {
     if let Err((code, msg)) = res {
         pgrx::pg_sys::panic::ErrorReport::new(code, format!("invalid root predicate: {msg}"), "poco_sync")
             .set_hint(format!(
-                "The predicate is evaluated on {} alone, $1 being the parent id of type {}; qualify other tables with their schema.",
+                "The predicate is evaluated on {} alone, $1 being the parent id of type {}: name its columns plainly or as poco_root.column (no other alias), and qualify other tables with their schema.",
                 root.ident, sc.key_type
             ))
             .report(PgLogLevel::ERROR);
@@ -442,21 +466,25 @@ pub mod poco {
         let col = col.unwrap_or_else(|| raise(PocoError::NullArgument("col")));
         lock();
         let name = checked_table(oid);
-        let exists = rows(
-            "SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
+        let attnum = rows(
+            "SELECT attnum FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attname = $2 AND attnum > 0 AND NOT attisdropped",
             &[oid.into(), col.into()],
-            |_| (),
-        );
-        if exists.is_empty() {
+            |r| r.get::<i16>(1).ok().flatten(),
+        )
+        .pop()
+        .flatten();
+        if attnum.is_none() {
             raise(core_scope::scope_err(
                 SqlState::UndefinedColumn,
                 format!("column \"{col}\" of {name} does not exist"),
                 "Give the column's exact name (case matters for quoted names).",
             ));
         }
+        // By column number (it follows renames) and name (a dump and restore keeps it).
         Spi::run_with_args(
-            "INSERT INTO poco.scope_exclusion (rel, col) VALUES ($1::oid::regclass, $2) ON CONFLICT DO NOTHING",
-            &[oid.into(), col.into()],
+            "INSERT INTO poco.scope_exclusion (rel, attnum, col) VALUES ($1::oid::regclass, $2, $3) \
+             ON CONFLICT (rel, attnum) DO UPDATE SET col = EXCLUDED.col",
+            &[oid.into(), attnum.into(), col.into()],
         )
         .or_raise();
         validate_and_log(
@@ -470,8 +498,11 @@ pub mod poco {
         let oid = tbl.unwrap_or_else(|| raise(PocoError::NullArgument("tbl")));
         let col = col.unwrap_or_else(|| raise(PocoError::NullArgument("col")));
         lock();
+        // The exclusion of the column of that name now (by number), or one declared under it.
         let n = rows(
-            "DELETE FROM poco.scope_exclusion WHERE rel = $1::oid::regclass AND col = $2 RETURNING 1",
+            "DELETE FROM poco.scope_exclusion e WHERE e.rel = $1::oid::regclass AND (e.col = $2 OR e.attnum = \
+               (SELECT a.attnum FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped)) \
+             RETURNING 1",
             &[oid.into(), col.into()],
             |_| (),
         )

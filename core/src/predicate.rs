@@ -45,8 +45,10 @@ impl Predicate {
                     continue;
                 }
                 b'"' => {
-                    i = skip_quoted(b, i, b'"', false)
+                    let end = skip_quoted(b, i, b'"', false)
                         .ok_or_else(|| bad("unterminated quoted identifier"))?;
+                    reserved(&text[i + 1..end - 1].replace("\"\"", "\""))?;
+                    i = end;
                     nonblank = true;
                     continue;
                 }
@@ -130,6 +132,18 @@ impl Predicate {
                     }
                 }
                 b';' => return Err(bad("it contains a semicolon; give one boolean expression")),
+                c if is_ident(c) && !c.is_ascii_digit() && (i == 0 || !is_ident(b[i - 1])) => {
+                    // A name (or a keyword): the compiled queries' own names are not the
+                    // predicate's to use.
+                    let mut j = i;
+                    while j < b.len() && (is_ident(b[j]) || b[j] == b'$') {
+                        j += 1;
+                    }
+                    reserved(&text[i..j])?;
+                    i = j;
+                    nonblank = true;
+                    continue;
+                }
                 _ => {}
             }
             if !c.is_ascii_whitespace() {
@@ -159,6 +173,19 @@ impl Predicate {
     pub fn uses(&self) -> usize {
         self.parts.len() - 1
     }
+}
+
+/// Names beginning with `poco_` belong to the queries poco_sync compiles around the predicate
+/// (`poco_p`, the candidate parents; `poco_r`, the rows reached): a predicate naming one could
+/// bind to them. `poco_root` is the root row itself.
+fn reserved(name: &str) -> Result<()> {
+    let lower = name.to_lowercase();
+    if lower.starts_with("poco_") && lower != crate::scope::ROOT_ALIAS {
+        return Err(bad(&format!(
+            "it uses the name {name}; names beginning with poco_ belong to the queries poco_sync builds around the predicate (only poco_root, the root row, may be named)"
+        )));
+    }
+    Ok(())
 }
 
 fn is_ident(c: u8) -> bool {

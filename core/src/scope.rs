@@ -28,6 +28,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 pub type Oid = u32;
 
+/// The root table's alias wherever its predicate is evaluated, in every compiled query: the
+/// predicate may name the root's columns plainly or as `poco_root.column`, and is checked
+/// alone against `FROM root poco_root` when declared (src/scope.rs), so any other qualifier
+/// (the compiled queries' own aliases, which would bind to another table) is refused there.
+pub const ROOT_ALIAS: &str = "poco_root";
+
 /// Longest ownership path searched, in foreign keys.
 pub const MAX_PATH_LEN: usize = 12;
 /// At most this many candidate paths are collected (and listed in an error).
@@ -35,7 +41,7 @@ const MAX_CANDIDATES: usize = 16;
 /// Bound on the path search's work, whatever the shape of the schema.
 const MAX_SEARCH_STEPS: usize = 200_000;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Column {
     pub attnum: i16,
     pub name: String,
@@ -43,6 +49,18 @@ pub struct Column {
     pub ident: String,
     /// format_type() of the column's type.
     pub type_sql: String,
+    /// A generated column: what its expression reads.
+    pub generated: Option<Generated>,
+}
+
+/// What a generated column's expression depends on (pg_depend of its pg_attrdef).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Generated {
+    /// Columns of the same table it reads.
+    pub reads: Vec<i16>,
+    /// It calls a function outside pg_catalog (which may read anything, an excluded column
+    /// of any table among it, whatever it is declared to be).
+    pub calls_user_function: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -132,7 +150,28 @@ pub struct Declarations {
     pub root: Option<(Oid, String)>,
     pub owned: Vec<(Oid, Option<String>)>,
     pub reference: Vec<(Oid, RefMode)>,
-    pub excluded: Vec<(Oid, String)>,
+    pub excluded: Vec<Exclusion>,
+}
+
+/// A column that never leaves the platform, as declared: the column's number (which follows
+/// it through renames) and the name it had (which a dump and restore keeps). Both are
+/// excluded when they no longer name the same column, so a rename, a dropped and re-added
+/// column, or renumbered columns after a restore never send what was excluded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exclusion {
+    pub rel: Oid,
+    pub attnum: Option<i16>,
+    pub name: String,
+}
+
+impl Exclusion {
+    pub fn named(rel: Oid, name: &str) -> Exclusion {
+        Exclusion {
+            rel,
+            attnum: None,
+            name: name.to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,7 +212,10 @@ pub struct ScopedTable {
     pub chain: Vec<usize>,
     /// Quoted names of the columns that leave the platform, in attnum order.
     pub columns: Vec<String>,
+    /// Quoted names of the columns that stay, declared or derived (a generated column that
+    /// reads one), and their numbers.
     pub excluded: Vec<String>,
+    pub excluded_attnums: Vec<i16>,
     pub fks: Vec<FkVerdict>,
     pub warnings: Vec<String>,
     /// `$1` = parent id (text). Returns the sent columns of the parent's rows.
@@ -224,7 +266,11 @@ struct Ctx<'a> {
     roles: BTreeMap<Oid, Role>,
     root: Option<Oid>,
     by_child: BTreeMap<Oid, Vec<usize>>,
-    excluded: BTreeMap<Oid, BTreeSet<String>>,
+    /// The columns that never leave, by table: declared and derived.
+    excluded: BTreeMap<Oid, BTreeSet<i16>>,
+    /// Why columns were excluded beyond what was declared, or what an exclusion no longer
+    /// matches, by table: shown in the preview's warnings.
+    exclusion_notes: BTreeMap<Oid, Vec<String>>,
 }
 
 impl<'a> Ctx<'a> {
@@ -245,14 +291,7 @@ impl<'a> Ctx<'a> {
             .unwrap_or_else(|| format!("OID {oid}"))
     }
     fn is_excluded(&self, oid: Oid, attnum: i16) -> bool {
-        let Some(set) = self.excluded.get(&oid) else {
-            return false;
-        };
-        self.cat
-            .tables
-            .get(&oid)
-            .and_then(|t| t.column(attnum))
-            .is_some_and(|c| set.contains(&c.name))
+        self.excluded.get(&oid).is_some_and(|s| s.contains(&attnum))
     }
     fn fk_cols_text(&self, oid: Oid, cols: &[i16]) -> String {
         match self.cat.tables.get(&oid) {
@@ -456,10 +495,7 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
     for (i, fk) in cat.fks.iter().enumerate() {
         by_child.entry(fk.child).or_default().push(i);
     }
-    let mut excluded: BTreeMap<Oid, BTreeSet<String>> = BTreeMap::new();
-    for (t, c) in &decls.excluded {
-        excluded.entry(*t).or_default().insert(c.clone());
-    }
+    let (excluded, exclusion_notes) = effective_exclusions(cat, decls)?;
     let cx = Ctx {
         cat,
         decls,
@@ -467,6 +503,7 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
         root: decls.root.as_ref().map(|r| r.0),
         by_child,
         excluded,
+        exclusion_notes,
     };
 
     // Every declared table exists and is a table.
@@ -480,24 +517,25 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
             ));
         }
     }
-    // Exclusions name real, non-key columns.
-    for (oid, col) in &decls.excluded {
+    // No excluded column (declared or derived) is part of a primary key.
+    for (oid, nums) in &cx.excluded {
         let t = cx.table(*oid)?;
-        let Some(c) = t.column_named(col) else {
-            return Err(scope_err(
-                SqlState::UndefinedColumn,
-                format!("column \"{col}\" of {} does not exist", t.ident),
-                "Check the column name; remove a stale exclusion with poco_scope_include_column().",
-            ));
-        };
-        if t.pk.as_ref().is_some_and(|pk| pk.contains(&c.attnum)) {
+        if let Some(c) = nums
+            .iter()
+            .find(|a| t.pk.as_ref().is_some_and(|pk| pk.contains(a)))
+            .and_then(|a| t.column(*a))
+        {
             return Err(scope_err(
                 SqlState::InvalidParameterValue,
                 format!(
                     "column {} of {} is part of its primary key and cannot be excluded",
                     c.ident, t.ident
                 ),
-                "The learner needs the key to identify rows. Exclude other columns.",
+                if c.generated.is_some() {
+                    "It is a generated column that reads an excluded column (or calls a function outside pg_catalog): the learner needs the key to identify rows. Key the table on other columns, or do not exclude what it reads."
+                } else {
+                    "The learner needs the key to identify rows. Exclude other columns."
+                },
             ));
         }
     }
@@ -597,21 +635,24 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
             .iter()
             .filter(|c| !cx.is_excluded(oid, c.attnum))
             .collect();
-        let excl: Vec<String> = t
+        let excl: Vec<&Column> = t
             .columns
             .iter()
             .filter(|c| cx.is_excluded(oid, c.attnum))
-            .map(|c| c.ident.clone())
             .collect();
+        let mut warns = warnings(&cx, oid, role, chains.get(&oid));
+        warns.extend(cx.exclusion_notes.get(&oid).into_iter().flatten().cloned());
+        // The root is always `poco_root` where its predicate is evaluated (see ROOT_ALIAS).
+        let me = if role == Role::Root { ROOT_ALIAS } else { "t" };
         let col_list = if cols.is_empty() {
             "NULL".to_string()
         } else {
             cols.iter()
-                .map(|c| format!("t.{}", c.ident))
+                .map(|c| format!("{me}.{}", c.ident))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let mut forward = g.member(oid, "t", &g.param_forward(), &mut Counter::default());
+        let mut forward = g.member(oid, me, &g.param_forward(), &mut Counter::default());
         if !forward.contains("$1") {
             // 'all' tables and tables nothing pulls: same one-parameter shape as the others.
             forward = format!("{forward} AND $1::pg_catalog.text IS NOT NULL");
@@ -623,9 +664,9 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
             Role::Owned => g.owned_owners_sql(oid, &t.ident, &owner_param),
             _ => format!(
                 "SELECT poco_p.v FROM pg_catalog.unnest($1::pg_catalog.text[]) AS poco_p(v) \
-                 WHERE EXISTS (SELECT 1 FROM pg_catalog.jsonb_populate_record(NULL::{}, $2) t WHERE {})",
+                 WHERE EXISTS (SELECT 1 FROM pg_catalog.jsonb_populate_record(NULL::{}, $2) {me} WHERE {})",
                 t.ident,
-                g.member(oid, "t", &owner_param, &mut Counter::default())
+                g.member(oid, me, &owner_param, &mut Counter::default())
             ),
         };
         let path = match role {
@@ -663,12 +704,16 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
             path,
             chain: chains.get(&oid).cloned().unwrap_or_default(),
             columns: cols.iter().map(|c| c.ident.clone()).collect(),
-            excluded: excl,
+            excluded: excl.iter().map(|c| c.ident.clone()).collect(),
+            excluded_attnums: excl.iter().map(|c| c.attnum).collect(),
             fks: fk_verdicts(&cx, oid, role, chains.get(&oid)),
-            warnings: warnings(&cx, oid, role, chains.get(&oid)),
-            select_sql: format!("SELECT {col_list} FROM {} t WHERE {forward}", t.from_item()),
+            warnings: warns,
+            select_sql: format!(
+                "SELECT {col_list} FROM {} {me} WHERE {forward}",
+                t.from_item()
+            ),
             count_sql: format!(
-                "SELECT pg_catalog.count(*) FROM {} t WHERE {forward}",
+                "SELECT pg_catalog.count(*) FROM {} {me} WHERE {forward}",
                 t.from_item()
             ),
             owners_sql,
@@ -680,6 +725,107 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
         key_type,
         tables,
     }))
+}
+
+/// The columns that never leave, per table, with notes for the preview: each declared
+/// exclusion excludes the column with its number and the column with its name (one column,
+/// nearly always; both when they differ: see `Exclusion`), and a generated column is
+/// excluded with what it reads (its expression would carry the value out), as is one that
+/// calls a function outside pg_catalog while anything is excluded (such a function can read
+/// any column, whatever volatility it declares).
+type ExclusionSets = (BTreeMap<Oid, BTreeSet<i16>>, BTreeMap<Oid, Vec<String>>);
+
+fn effective_exclusions(cat: &Catalog, decls: &Declarations) -> Result<ExclusionSets> {
+    let mut sets: BTreeMap<Oid, BTreeSet<i16>> = BTreeMap::new();
+    let mut notes: BTreeMap<Oid, Vec<String>> = BTreeMap::new();
+    for e in &decls.excluded {
+        let Some(t) = cat.tables.get(&e.rel) else {
+            return Err(scope_err(
+                SqlState::UndefinedTable,
+                format!(
+                    "a table with excluded columns (OID {}) no longer exists",
+                    e.rel
+                ),
+                format!(
+                    "Remove its declarations: SELECT poco_scope_remove({});",
+                    e.rel
+                ),
+            ));
+        };
+        let by_num = e.attnum.and_then(|a| t.column(a));
+        let by_name = t.column_named(&e.name);
+        let set = sets.entry(e.rel).or_default();
+        let note = notes.entry(e.rel).or_default();
+        match (by_num, by_name) {
+            (Some(a), Some(b)) if a.attnum == b.attnum => {
+                set.insert(a.attnum);
+            }
+            (Some(a), None) => {
+                set.insert(a.attnum);
+                note.push(format!(
+                    "excluded column \"{}\" is now named {}: it stays excluded",
+                    e.name, a.ident
+                ));
+            }
+            (Some(a), Some(b)) => {
+                set.insert(a.attnum);
+                set.insert(b.attnum);
+                note.push(format!(
+                    "the exclusion of \"{}\" was declared on column number {}, now {}, while {} has its name: both stay on the platform; declare the exclusion again to settle it",
+                    e.name,
+                    a.attnum,
+                    a.ident,
+                    b.ident
+                ));
+            }
+            (None, Some(b)) => {
+                set.insert(b.attnum);
+                if e.attnum.is_some() {
+                    note.push(format!(
+                        "excluded column {} was dropped and added again: the new one is excluded too",
+                        b.ident
+                    ));
+                }
+            }
+            (None, None) => note.push(format!(
+                "excluded column \"{}\" no longer exists; the exclusion stays, so a column added under that name stays on the platform too (poco_scope_include_column removes it)",
+                e.name
+            )),
+        }
+    }
+    let any = !decls.excluded.is_empty();
+    for t in cat.tables.values() {
+        for c in &t.columns {
+            let Some(g) = &c.generated else { continue };
+            let declared = sets.get(&t.oid).cloned().unwrap_or_default();
+            if declared.contains(&c.attnum) {
+                continue;
+            }
+            let read: Vec<String> = g
+                .reads
+                .iter()
+                .filter(|a| declared.contains(a))
+                .filter_map(|a| t.column(*a).map(|x| x.ident.clone()))
+                .collect();
+            let why = if !read.is_empty() {
+                format!(
+                    "generated column {} is excluded: its expression reads excluded column {}",
+                    c.ident,
+                    read.join(", ")
+                )
+            } else if any && g.calls_user_function {
+                format!(
+                    "generated column {} is excluded: its expression calls a function outside pg_catalog, which could read an excluded column",
+                    c.ident
+                )
+            } else {
+                continue;
+            };
+            sets.entry(t.oid).or_default().insert(c.attnum);
+            notes.entry(t.oid).or_default().push(why);
+        }
+    }
+    Ok((sets, notes))
 }
 
 /// Foreign keys from other scoped tables into reference table `r` that pull rows in
@@ -968,7 +1114,11 @@ impl Gen<'_> {
         for i in incoming(self.cx, oid) {
             let fk = &cat.fks[i];
             let child = &cat.tables[&fk.child];
-            let a = n.next("s");
+            let a = if Some(fk.child) == self.cx.root {
+                ROOT_ALIAS.to_string()
+            } else {
+                n.next("s")
+            };
             let cond = self.member(fk.child, &a, param, n);
             let cols: Vec<String> = child
                 .idents(&fk.child_cols)
@@ -1039,7 +1189,7 @@ impl Gen<'_> {
         let mut n = Counter::default();
         let o = n.next("w");
         let reach = self.chain_reach(chain, "t", &mut n);
-        let r = n.next("w");
+        let r = ROOT_ALIAS;
         format!(
             "WITH poco_r AS MATERIALIZED (SELECT {o}.* FROM {} {o} WHERE {} IN \
                (SELECT poco_x.* FROM pg_catalog.jsonb_populate_record(NULL::{ident}, $2) t CROSS JOIN LATERAL ({reach}) poco_x)) \
@@ -1056,7 +1206,11 @@ impl Gen<'_> {
         let fk = &cat.fks[chain[0]];
         let child = &cat.tables[&fk.child];
         let parent = &cat.tables[&fk.parent];
-        let a = n.next("o");
+        let a = if chain.len() == 1 {
+            ROOT_ALIAS.to_string()
+        } else {
+            n.next("o")
+        };
         let inner = if chain.len() == 1 {
             debug_assert_eq!(Some(fk.parent), self.cx.root);
             format!("({})", self.pred.with_param(param))

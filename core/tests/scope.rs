@@ -2,7 +2,9 @@
 //! against an independent oracle runs on a real server (pg_test/tests/isolation.rs).
 
 use poco_core::predicate::Predicate;
-use poco_core::scope::{compile, Catalog, Column, Declarations, ForeignKey, RefMode, Role, Table};
+use poco_core::scope::{
+    compile, Catalog, Column, Declarations, Exclusion, ForeignKey, Generated, RefMode, Role, Table,
+};
 use poco_core::PocoError;
 
 fn pred_err(s: &str) -> String {
@@ -48,6 +50,7 @@ fn col(attnum: i16, name: &str) -> Column {
         name: name.into(),
         ident: name.into(),
         type_sql: "bigint".into(),
+        generated: None,
     }
 }
 
@@ -248,17 +251,24 @@ fn no_path_no_root_cycles_and_bad_exclusions_are_refused() {
     .is_ok());
     // Excluding a key column or a missing column.
     let mut d = decls(&[], &[]);
-    d.excluded = vec![(1, "id".into())];
+    d.excluded = vec![Exclusion::named(1, "id")];
     assert_eq!(err(&c, &d).0, "22023");
-    d.excluded = vec![(1, "nope".into())];
-    assert_eq!(err(&c, &d).0, "42703");
+    // A column that no longer exists stays excluded by name (a column added again under it).
+    d.excluded = vec![Exclusion::named(1, "nope")];
+    let s = compile(&c, &d).unwrap().unwrap();
+    assert!(s
+        .table(1)
+        .unwrap()
+        .warnings
+        .iter()
+        .any(|w| w.contains("\"nope\" no longer exists")));
 }
 
 #[test]
 fn exclusions_drop_the_column_its_fk_and_its_pull() {
     let c = elearning();
     let mut d = decls(&[(2, None)], &[(5, RefMode::Referenced)]);
-    d.excluded = vec![(2, "course_id".into())];
+    d.excluded = vec![Exclusion::named(2, "course_id")];
     let s = compile(&c, &d).unwrap().unwrap();
     let e = s.table(2).unwrap();
     assert_eq!(e.columns, vec!["id", "learner_id"]);
@@ -313,4 +323,131 @@ fn ownership_cycles_and_unkeyed_self_references_are_refused() {
     assert!(msg.contains("public.lessons refers to itself"), "{msg}");
     assert!(hint.contains("'all'"));
     assert!(compile(&c, &decls(&[], &[(4, RefMode::All)])).is_ok());
+}
+
+/// users(1) with a secret and generated columns: 4 reads the secret, 5 reads the name, 6 calls
+/// a user function.
+fn with_generated() -> Catalog {
+    let mut c = elearning();
+    let u = c.tables.get_mut(&1).unwrap();
+    u.columns.push(col(3, "secret"));
+    u.columns.push(col(4, "name"));
+    let gen = |n: i16, name: &str, reads: &[i16], calls: bool| Column {
+        generated: Some(Generated {
+            reads: reads.to_vec(),
+            calls_user_function: calls,
+        }),
+        ..col(n, name)
+    };
+    u.columns.push(gen(5, "hint", &[3], false));
+    u.columns.push(gen(6, "shout", &[4], false));
+    u.columns.push(gen(7, "via_fn", &[1], true));
+    c
+}
+
+#[test]
+fn generated_columns_go_with_what_they_read() {
+    let c = with_generated();
+    let mut d = decls(&[], &[]);
+    let s = compile(&c, &d).unwrap().unwrap();
+    assert!(
+        s.table(1).unwrap().excluded.is_empty(),
+        "nothing excluded, nothing derived"
+    );
+    d.excluded = vec![Exclusion {
+        rel: 1,
+        attnum: Some(3),
+        name: "secret".into(),
+    }];
+    let s = compile(&c, &d).unwrap().unwrap();
+    let u = s.table(1).unwrap();
+    assert_eq!(u.excluded, vec!["secret", "hint", "via_fn"]);
+    assert_eq!(u.excluded_attnums, vec![3, 5, 7]);
+    assert_eq!(u.columns, vec!["id", "parent_id", "name", "shout"]);
+    assert!(u
+        .warnings
+        .iter()
+        .any(|w| w.contains("hint") && w.contains("reads excluded column secret")));
+    assert!(u
+        .warnings
+        .iter()
+        .any(|w| w.contains("via_fn") && w.contains("outside pg_catalog")));
+    assert!(!u.select_sql.contains("hint") && !u.select_sql.contains("via_fn"));
+    // A generated key column that reads an excluded one: refused, not sent.
+    let mut c2 = c.clone();
+    c2.tables.get_mut(&1).unwrap().pk = Some(vec![5]);
+    d.root = None;
+    assert_eq!(err(&c2, &d).0, "22023");
+}
+
+#[test]
+fn an_exclusion_follows_its_column_and_keeps_its_name() {
+    let c = with_generated();
+    let mut d = decls(&[], &[]);
+    let by = |attnum: i16, name: &str| Exclusion {
+        rel: 1,
+        attnum: Some(attnum),
+        name: name.into(),
+    };
+    // Renamed (number 3 is now called "name"... here: declared as "old", column 3 is "secret").
+    d.excluded = vec![by(3, "old")];
+    let u = compile(&c, &d).unwrap().unwrap().table(1).unwrap().clone();
+    assert!(u.excluded.contains(&"secret".to_string()));
+    assert!(u.warnings.iter().any(|w| w.contains("now named secret")));
+    // Number and name part (columns renumbered by a restore, or names swapped): both stay.
+    d.excluded = vec![by(3, "name")];
+    let u = compile(&c, &d).unwrap().unwrap().table(1).unwrap().clone();
+    assert!(u.excluded.contains(&"secret".to_string()) && u.excluded.contains(&"name".to_string()));
+    assert!(
+        u.excluded.contains(&"shout".to_string()),
+        "shout reads name"
+    );
+    // Dropped (no column 9) and added again under its name.
+    d.excluded = vec![by(9, "secret")];
+    let u = compile(&c, &d).unwrap().unwrap().table(1).unwrap().clone();
+    assert!(u.excluded.contains(&"secret".to_string()));
+    assert!(u
+        .warnings
+        .iter()
+        .any(|w| w.contains("dropped and added again")));
+}
+
+#[test]
+fn predicates_may_not_name_the_compiled_queries_own_names() {
+    assert!(
+        pred_err("id = $1 AND EXISTS (SELECT 1 FROM x poco_p WHERE poco_p.v = id)")
+            .contains("poco_p")
+    );
+    assert!(pred_err("\"poco_r\".id = $1").contains("poco_r"));
+    assert!(pred_err("POCO_P.v = $1").contains("POCO_P"));
+    assert!(Predicate::parse("poco_root.id = $1 OR parent_id = $1").is_ok());
+    assert!(Predicate::parse("id = $1 AND note <> 'poco_p' AND \"xpoco_p\" = 1").is_ok());
+    assert!(Predicate::parse("id = $1 AND e'poco_p' = x").is_ok());
+}
+
+#[test]
+fn the_root_is_poco_root_wherever_its_predicate_is_evaluated() {
+    let c = elearning();
+    let s = compile(
+        &c,
+        &decls(
+            &[(2, None), (3, None)],
+            &[(4, RefMode::Referenced), (5, RefMode::Referenced)],
+        ),
+    )
+    .unwrap()
+    .unwrap();
+    for t in &s.tables {
+        for sql in [&t.select_sql, &t.count_sql, &t.owners_sql] {
+            // Every occurrence of the predicate follows a FROM item aliased poco_root.
+            let n_pred = sql.matches("OR parent_id = ").count();
+            let n_alias = sql.matches(" poco_root WHERE (id = ").count();
+            assert_eq!(n_pred, n_alias, "{}: {sql}", t.ident);
+            assert!(
+                n_pred > 0 || t.role == Role::Reference(RefMode::Referenced),
+                "{}: {sql}",
+                t.ident
+            );
+        }
+    }
 }

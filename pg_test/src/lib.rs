@@ -699,6 +699,70 @@ pub fn learner(name: &str) -> Server {
     s
 }
 
+/// A learner server that logs every statement it receives: what a (hostile) learner could read
+/// in its own logs, for the leak tests.
+pub fn logging_learner(name: &str) -> Server {
+    let s = Server::start(
+        name,
+        &Options {
+            extra_conf: vec!["log_statement = all".into()],
+            ..Options::learner()
+        },
+    );
+    s.psql("postgres", "CREATE DATABASE family");
+    s
+}
+
+/// Everything a learner could ever see of what the platform sent it: database `family`
+/// dumped (schema and data) and everything its server logged (with `logging_learner`, every
+/// statement it received, committed or not).
+pub fn learner_view(l: &Server) -> String {
+    let mut v = l.tool("pg_dump", &["-d", "family"]);
+    v.push_str(&l.log());
+    v
+}
+
+/// None of `markers` (values that must never leave the platform) shows in `seen`.
+pub fn assert_absent(seen: &str, markers: &[String], what: &str) {
+    let found: Vec<&String> = markers
+        .iter()
+        .filter(|m| !m.is_empty() && seen.contains(m.as_str()))
+        .collect();
+    assert!(
+        found.is_empty(),
+        "{what}: {} of {} values that must stay on the platform reached the learner, e.g. {:?}",
+        found.len(),
+        markers.len(),
+        &found[..found.len().min(3)]
+    );
+}
+
+/// The target's latest push job has ended; its state ('succeeded', 'failed', ...).
+pub fn latest_job_result(db: &Db, target: i64) -> String {
+    let job: i64 = db.query(&format!(
+        "SELECT max(id) FROM poco.job WHERE target_id = {target}"
+    ))[0]
+        .get(0);
+    db.value(&format!("SELECT poco_wait({job}, '2 min')"))
+        .unwrap_or_default()
+}
+
+/// Wait until continuous target `t` streams again after a re-snapshot (its latest job ended
+/// and its state is `streaming`); its state and last error otherwise, after `limit`.
+pub fn wait_streaming(db: &Db, t: i64, limit: Duration) -> Result<(), String> {
+    let mut last = String::new();
+    let ok = wait_for(limit, || {
+        last = db
+            .value(&format!(
+                "SELECT sync_state || ' ' || coalesce(last_sync_error, '-') FROM poco.target t WHERE id = {t} \
+                   AND NOT EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = t.id AND j.state IN ('queued', 'running'))"
+            ))
+            .unwrap_or_else(|| "a job is queued or running".into());
+        last.starts_with("streaming").then_some(())
+    });
+    ok.ok_or(last)
+}
+
 /// The environment variable `name` parsed (a test's scale or seed), or `default`.
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)

@@ -1,0 +1,219 @@
+//! Sealing the scope (issue #15): each test here is a way data could leave the platform, or
+//! be lost, that an outside review found, and it failed before its fix. Leaks are looked for
+//! with marker values (what must stay on the platform) in everything a learner could see: its
+//! dumped database and every statement its server logged (`learner_view`).
+
+use poco_e2e::{
+    assert_absent, assert_learner_equals_scope, enable_sync, learner_view, logging_learner,
+    sample_platform, Db,
+};
+
+fn synced(db: &Db, t: i64) -> bool {
+    db.value(&format!("SELECT poco_sync_wait({t}, '1 min')"))
+        .as_deref()
+        == Some("t")
+}
+
+fn state(db: &Db, t: i64) -> String {
+    db.value(&format!(
+        "SELECT sync_state || ' ' || coalesce(last_sync_error, '-') FROM poco.target WHERE id = {t}"
+    ))
+    .unwrap_or_default()
+}
+
+fn learner_columns(l: &Db, table: &str) -> Vec<String> {
+    l.query(&format!(
+        "SELECT attname::text FROM pg_attribute WHERE attrelid = 'elearning.{table}'::regclass \
+          AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
+    ))
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+fn preview_excluded(db: &Db, table: &str) -> Vec<String> {
+    db.query(&format!(
+        "SELECT excluded_columns FROM poco_scope_preview(21) WHERE table_name = 'elearning.{table}'"
+    ))[0]
+        .get(0)
+}
+
+/// Every platform user's password hash, and its first 12 characters.
+fn hash_markers(db: &Db) -> Vec<String> {
+    db.query("SELECT password_hash, left(password_hash, 12) FROM elearning.users")
+        .iter()
+        .flat_map(|r| [r.get::<_, String>(0), r.get::<_, String>(1)])
+        .collect()
+}
+
+#[test]
+fn generated_columns_that_read_an_excluded_column_never_leave() {
+    let (_platform, db) = sample_platform("seal_generated", 4);
+    let markers = hash_markers(&db);
+    db.execute(
+        "CREATE FUNCTION public.hash_hint(bigint) RETURNS text LANGUAGE sql IMMUTABLE \
+           AS $$ SELECT left(password_hash, 12) FROM elearning.users WHERE id = $1 $$; \
+         ALTER TABLE elearning.users \
+           ADD COLUMN pw_hint text GENERATED ALWAYS AS (left(password_hash, 12)) STORED, \
+           ADD COLUMN pw_len integer GENERATED ALWAYS AS (length(password_hash)) STORED, \
+           ADD COLUMN shout text GENERATED ALWAYS AS (upper(display_name)) STORED; \
+         ALTER TABLE elearning.enrollments \
+           ADD COLUMN learner_hint text GENERATED ALWAYS AS (public.hash_hint(learner_id)) STORED; \
+         CREATE INDEX users_hash_prefix ON elearning.users (left(password_hash, 4)); \
+         CREATE INDEX users_hint_idx ON elearning.users (pw_hint); \
+         CREATE INDEX users_hashed ON elearning.users (email) WHERE password_hash <> ''; \
+         ALTER TABLE elearning.users ADD CONSTRAINT hash_not_obvious CHECK (password_hash <> 'hunter2');",
+    );
+    // The preview says what stays behind, and why.
+    let ex = preview_excluded(&db, "users");
+    for c in ["password_hash", "pw_hint", "pw_len"] {
+        assert!(ex.contains(&c.to_string()), "{c} excluded: {ex:?}");
+    }
+    assert!(!ex.contains(&"shout".to_string()), "{ex:?}");
+    assert!(
+        preview_excluded(&db, "enrollments").contains(&"learner_hint".to_string()),
+        "a generated column calling a function outside pg_catalog may read an excluded column"
+    );
+    let warnings = db
+        .value("SELECT array_to_string(warnings, ' | ') FROM poco_scope_preview(21) WHERE table_name = 'elearning.users'")
+        .unwrap_or_default();
+    assert!(
+        warnings.contains("pw_hint") && warnings.contains("password_hash"),
+        "{warnings}"
+    );
+
+    let l = logging_learner("seal_generated_learner");
+    let t = enable_sync(&db, "21", &l);
+    db.execute(
+        "UPDATE elearning.users SET display_name = 'Renamed', password_hash = md5('new secret') WHERE id = 21; \
+         INSERT INTO elearning.enrollments (learner_id, course_id) SELECT id, 3 FROM elearning.users WHERE parent_id = 21 LIMIT 1 \
+           ON CONFLICT DO NOTHING;",
+    );
+    assert!(synced(&db, t), "{}", state(&db, t));
+    let ldb = l.connect("family");
+    assert_eq!(
+        learner_columns(&ldb, "users"),
+        [
+            "id",
+            "role",
+            "parent_id",
+            "email",
+            "display_name",
+            "birth_year",
+            "created_at",
+            "shout"
+        ]
+    );
+    assert!(!learner_columns(&ldb, "enrollments").contains(&"learner_hint".to_string()));
+    assert_eq!(
+        ldb.value("SELECT shout FROM elearning.users WHERE id = 21")
+            .as_deref(),
+        Some("RENAMED"),
+        "a generated column of sent columns is sent"
+    );
+    assert_learner_equals_scope(&db, &ldb, "21");
+    let mut markers = markers;
+    markers.extend(hash_markers(&db));
+    assert_absent(&learner_view(&l), &markers, "password hashes");
+}
+
+#[test]
+fn an_excluded_column_stays_excluded_when_renamed_dropped_or_re_added() {
+    let (_platform, db) = sample_platform("seal_renamed", 3);
+    let mut markers = hash_markers(&db);
+    let l = logging_learner("seal_renamed_learner");
+    let t = enable_sync(&db, "21", &l);
+    let ldb = l.connect("family");
+
+    // Renamed: the exclusion follows the column, not its old name.
+    db.execute("ALTER TABLE elearning.users RENAME COLUMN password_hash TO pw_secret");
+    db.execute("UPDATE elearning.users SET pw_secret = md5('after the rename') WHERE id = 21");
+    assert!(synced(&db, t), "{}", state(&db, t));
+    assert!(preview_excluded(&db, "users").contains(&"pw_secret".to_string()));
+    assert!(!learner_columns(&ldb, "users").contains(&"pw_secret".to_string()));
+    // The old name now names another column: that one is not the secret, it is sent.
+    db.execute("ALTER TABLE elearning.users RENAME COLUMN email TO password_hash");
+    assert!(synced(&db, t), "{}", state(&db, t));
+    let cols = learner_columns(&ldb, "users");
+    assert!(
+        cols.contains(&"password_hash".to_string()) && !cols.contains(&"pw_secret".to_string()),
+        "{cols:?}"
+    );
+    // Following the advice to include the old name does not send the renamed column.
+    db.value("SELECT poco_scope_include_column('elearning.users', 'email')");
+    assert!(preview_excluded(&db, "users").contains(&"pw_secret".to_string()));
+
+    // Dropped, then a column of the same name added again: the new one is excluded too.
+    db.execute("ALTER TABLE elearning.users DROP COLUMN pw_secret");
+    assert!(synced(&db, t), "{}", state(&db, t));
+    db.execute(
+        "ALTER TABLE elearning.users ADD COLUMN pw_secret text; \
+         UPDATE elearning.users SET pw_secret = 'Re-added-' || md5(id::text || 'again')",
+    );
+    markers.extend(
+        db.query("SELECT pw_secret FROM elearning.users")
+            .iter()
+            .map(|r| r.get::<_, String>(0)),
+    );
+    assert!(synced(&db, t), "{}", state(&db, t));
+    assert!(!learner_columns(&ldb, "users").contains(&"pw_secret".to_string()));
+    assert!(preview_excluded(&db, "users").contains(&"pw_secret".to_string()));
+    assert_learner_equals_scope(&db, &ldb, "21");
+    assert_absent(&learner_view(&l), &markers, "excluded values");
+}
+
+/// The owned tables' rows of parent 21, per table, as the preview counts them.
+fn preview_counts(db: &Db) -> String {
+    db.value("SELECT string_agg(table_name || '=' || rows, ' ' ORDER BY table_name) FROM poco_scope_preview(21)")
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_root_predicate_means_the_same_in_every_compiled_query() {
+    let (_platform, db) = sample_platform("seal_predicate", 6);
+    let want = preview_counts(&db);
+    // The alias the compiled queries give other tables: refused, whatever it would bind to.
+    for p in [
+        "t.id = $1 OR t.parent_id = $1",
+        "users.id = $1",
+        "o1.id = $1",
+    ] {
+        let e = db.error(&format!("SELECT poco_scope_root('elearning.users', '{p}')"));
+        assert_eq!(e.code().code(), "42P01", "{p}: {}", e.message());
+        assert!(
+            e.hint().unwrap_or_default().contains("poco_root"),
+            "{p}: {:?}",
+            e.hint()
+        );
+        assert_eq!(preview_counts(&db), want, "{p}: the scope is unchanged");
+    }
+    // Names the compiled queries use themselves.
+    let e = db.error(
+        "SELECT poco_scope_root('elearning.users', 'id = $1 OR EXISTS (SELECT 1 FROM elearning.users poco_p WHERE poco_p.id = parent_id AND poco_p.id = $1)')",
+    );
+    assert_eq!(e.code().code(), "42601", "{}", e.message());
+    // The root's own alias and correlated subqueries mean what they say everywhere.
+    for p in [
+        "poco_root.id = $1 OR poco_root.parent_id = $1",
+        "id = $1 OR id IN (SELECT u.id FROM elearning.users u WHERE u.parent_id = $1)",
+        "EXISTS (SELECT 1 FROM elearning.users t WHERE t.id = poco_root.id AND (t.id = $1 OR t.parent_id = $1))",
+    ] {
+        db.execute(&format!(
+            "SELECT poco_scope_root('elearning.users', '{}')",
+            p.replace('\'', "''")
+        ));
+        assert_eq!(preview_counts(&db), want, "{p}");
+        // And a row's owners, found from the row upwards, agree.
+        assert_eq!(
+            db.value(
+                "SELECT string_agg(o, ',') FROM poco_scope_owners('elearning.lesson_progress', \
+                   (SELECT to_jsonb(p) FROM elearning.lesson_progress p JOIN elearning.enrollments e ON e.id = p.enrollment_id \
+                      JOIN elearning.users u ON u.id = e.learner_id WHERE u.parent_id = 22 LIMIT 1), \
+                   ARRAY['21', '22', '23']) o"
+            )
+            .as_deref(),
+            Some("22"),
+            "{p}"
+        );
+    }
+}
