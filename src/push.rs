@@ -321,16 +321,7 @@ fn unpack_sqlstate(code: i32) -> String {
 
 fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobError> {
     // Stable text output for COPY: the learner reads back exactly what we write.
-    BackgroundWorker::transaction(|| {
-        Spi::run(
-            "SELECT pg_catalog.set_config('DateStyle', 'ISO, YMD', false), \
-                    pg_catalog.set_config('IntervalStyle', 'postgres', false), \
-                    pg_catalog.set_config('TimeZone', 'UTC', false), \
-                    pg_catalog.set_config('extra_float_digits', '3', false), \
-                    pg_catalog.set_config('bytea_output', 'hex', false)",
-        )
-        .ok();
-    });
+    crate::worker::pin_session();
     let target_id = job.target_id.ok_or_else(|| {
         JobError::new("42704", "the job's target was removed before the push ran")
     })?;
@@ -1178,8 +1169,8 @@ fn describe(sc: &Scope) -> Result<(Vec<Plan>, Vec<TypeDef>, Vec<String>), JobErr
         }
         types.push(t);
     }
-    Spi::run("SET LOCAL search_path TO DEFAULT")
-        .map_err(|e| JobError::new("XX000", e.to_string()))?;
+    // pg_catalog alone stays on the path for the rest of the job (worker::pin_session): SET
+    // LOCAL ... TO DEFAULT would bring back the server's "$user", public.
     Ok((fk_order(plans), types, left_out))
 }
 

@@ -41,6 +41,25 @@ pub fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Settings every poco_sync process keeps for its whole session: `search_path` is pg_catalog
+/// alone, so no operator, function or type of another schema (`public`, `$user`) can be picked
+/// by a statement poco runs on the platform (an `=` for varchar or a domain in `public` would
+/// otherwise win over the built-in one); and a stable text form for the values it copies (the
+/// learner reads back exactly what is written).
+pub fn pin_session() {
+    BackgroundWorker::transaction(|| {
+        Spi::run(
+            "SELECT pg_catalog.set_config('search_path', 'pg_catalog', false), \
+                    pg_catalog.set_config('DateStyle', 'ISO, YMD', false), \
+                    pg_catalog.set_config('IntervalStyle', 'postgres', false), \
+                    pg_catalog.set_config('TimeZone', 'UTC', false), \
+                    pg_catalog.set_config('extra_float_digits', '3', false), \
+                    pg_catalog.set_config('bytea_output', 'hex', false)",
+        )
+        .expect("poco_sync: could not pin the session settings");
+    });
+}
+
 pub fn block_all_signals() {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -64,6 +83,7 @@ pub extern "C-unwind" fn poco_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let db = gucs::database();
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    pin_session();
 
     let pid = unsafe { pg_sys::MyProcPid };
     shmem::update(|w| {

@@ -217,3 +217,41 @@ fn a_root_predicate_means_the_same_in_every_compiled_query() {
         );
     }
 }
+
+#[test]
+fn operators_of_other_schemas_are_never_picked_by_poco() {
+    let (platform, db) = sample_platform("seal_search_path", 3);
+    db.execute(
+        "CREATE TABLE elearning.badges (code varchar(20) PRIMARY KEY, user_id bigint NOT NULL REFERENCES elearning.users (id)); \
+         CREATE TABLE elearning.badge_notes (id bigint PRIMARY KEY, badge_code varchar(20) NOT NULL REFERENCES elearning.badges (code), note text); \
+         CREATE INDEX ON elearning.badges (user_id); CREATE INDEX ON elearning.badge_notes (badge_code); \
+         INSERT INTO elearning.badges SELECT 'b' || id, id FROM elearning.users; \
+         INSERT INTO elearning.badge_notes SELECT id, 'b' || id, 'note' FROM elearning.users; \
+         SELECT poco_scope_table('elearning.badges'); SELECT poco_scope_table('elearning.badge_notes'); \
+         CREATE FUNCTION public.hijack_eq(varchar, varchar) RETURNS boolean LANGUAGE plpgsql IMMUTABLE \
+           AS $$ BEGIN RAISE WARNING 'POCO-HIJACK by %', current_user; RETURN $1::text = $2::text; END $$; \
+         CREATE OPERATOR public.= (LEFTARG = varchar, RIGHTARG = varchar, FUNCTION = public.hijack_eq);",
+    );
+    // This session's own statements never see public's operator: any call is poco's.
+    db.execute("SET search_path = pg_catalog");
+    let l = poco_e2e::learner("seal_search_path_learner");
+    let t = enable_sync(&db, "21", &l);
+    db.execute(
+        "INSERT INTO elearning.badge_notes VALUES (1000, 'b21', 'new'); \
+         UPDATE elearning.badge_notes SET note = 'changed' WHERE badge_code = 'b22'",
+    );
+    assert!(synced(&db, t), "{}", state(&db, t));
+    let ldb = l.connect("family");
+    assert_learner_equals_scope(&db, &ldb, "21");
+    assert_eq!(
+        ldb.value("SELECT note FROM elearning.badge_notes WHERE id = 1000")
+            .as_deref(),
+        Some("new")
+    );
+    let hijacked = platform
+        .log()
+        .lines()
+        .filter(|l| l.contains("POCO-HIJACK"))
+        .count();
+    assert_eq!(hijacked, 0, "an operator in public was called by poco_sync");
+}

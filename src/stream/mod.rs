@@ -53,16 +53,7 @@ pub extern "C-unwind" fn poco_stream_main(arg: pg_sys::Datum) {
             .build()
     })
     .expect("poco_sync: could not build the tokio runtime");
-    BackgroundWorker::transaction(|| {
-        Spi::run(
-            "SELECT pg_catalog.set_config('DateStyle', 'ISO, YMD', false), \
-                    pg_catalog.set_config('IntervalStyle', 'postgres', false), \
-                    pg_catalog.set_config('TimeZone', 'UTC', false), \
-                    pg_catalog.set_config('extra_float_digits', '3', false), \
-                    pg_catalog.set_config('bytea_output', 'hex', false)",
-        )
-        .ok();
-    });
+    crate::worker::pin_session();
     if part >= crate::shmem::MAX_STREAMS || !crate::shmem::claim_stream(part) {
         return; // another process serves this part (started by an earlier coordinator)
     }
