@@ -161,8 +161,66 @@ CREATE TABLE poco.change (
     txid  bigint NOT NULL DEFAULT (pg_current_xact_id()::text::bigint),
     rel   oid NOT NULL,
     op    "char" NOT NULL CHECK (op IN ('I', 'U', 'D', 'T')),
-    old   json,   -- json, not jsonb: row_to_json is cheaper in the platform's write path
-    new   json    -- (3-4 % of its write rate, bench/sync_latency.sh); the stream casts
+    -- The row before and after in its composite text form (record_out, the table's own
+    -- column order: of the partition, for a partitioned table). Not row_to_json: that calls
+    -- a type owner's cast to json, which would run as poco_sync's owner (src/stream/capture.rs
+    -- parses the text).
+    old   text,
+    new   text
 );
 CREATE INDEX change_txid_idx ON poco.change USING brin (txid) WITH (pages_per_range = 4);
 COMMENT ON TABLE poco.change IS 'Captured row changes of scoped tables, pending delivery to continuous targets';
+
+-- How poco_sync handles a column's type without running anyone's code (issue #15, point 6):
+--  plain: the type is built in all the way down (through domains, arrays, composites and
+--         ranges), so to_jsonb turns it into JSON without looking for a cast to json (which a
+--         type's owner may create); other values go as their text output;
+--  safe:  the type to read an image value as without running a domain's CHECK (which may
+--         call its owner's function): domains become their base type, arrays of domains
+--         arrays of the base, composites and ranges that are not plain become text;
+--  json:  the base type is json or jsonb (an image value is JSON, not a string).
+CREATE FUNCTION poco.type_profile(typ oid, typmod integer, OUT plain boolean, OUT safe text, OUT json boolean)
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  base oid := typ;
+  btm integer := typmod;
+  ty pg_type;
+  depth integer := 0;
+  elem record;
+  arr oid;
+BEGIN
+  LOOP
+    SELECT * INTO ty FROM pg_type t WHERE t.oid = base;
+    EXIT WHEN NOT FOUND OR ty.typtype <> 'd' OR depth > 32;
+    base := ty.typbasetype;
+    btm := ty.typtypmod;
+    depth := depth + 1;
+  END LOOP;
+  json := base IN ('json'::regtype, 'jsonb'::regtype);
+  WITH RECURSIVE tree(oid, depth) AS (
+      SELECT typ, 0
+    UNION ALL
+      SELECT n.dep, tree.depth + 1 FROM tree JOIN pg_type y ON y.oid = tree.oid
+      CROSS JOIN LATERAL (
+          SELECT y.typbasetype WHERE y.typtype = 'd'
+          UNION ALL SELECT y.typelem WHERE y.typelem <> 0 AND y.typsubscript = 'array_subscript_handler'::regproc
+          UNION ALL SELECT a.atttypid FROM pg_attribute a
+                     WHERE y.typtype = 'c' AND a.attrelid = y.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+          UNION ALL SELECT r.rngsubtype FROM pg_range r WHERE y.typtype = 'r' AND r.rngtypid = y.oid) n(dep)
+      WHERE tree.depth < 32)
+  -- Domains do not count (to_jsonb looks through them); every other type must be built in.
+  SELECT bool_and(tree.oid < 16384 OR y.typtype = 'd') INTO plain
+    FROM tree JOIN pg_type y ON y.oid = tree.oid;
+  IF ty.typelem <> 0 AND ty.typsubscript = 'array_subscript_handler'::regproc THEN
+    SELECT * INTO elem FROM poco.type_profile(ty.typelem, btm) p;
+    arr := (SELECT y.typarray FROM pg_type y WHERE y.oid = pg_catalog.to_regtype(elem.safe));
+    safe := CASE WHEN elem.safe = 'pg_catalog.text' AND ty.typelem <> 'text'::regtype THEN 'pg_catalog.text'
+                 WHEN arr IS NULL OR arr = 0 THEN 'pg_catalog.text'
+                 ELSE format_type(arr, btm) END;
+  ELSIF ty.typtype IN ('c', 'r', 'm') AND NOT plain THEN
+    safe := 'pg_catalog.text';
+  ELSE
+    safe := format_type(base, btm);
+  END IF;
+END $$;

@@ -220,11 +220,11 @@ LANGUAGE plpgsql SECURITY DEFINER
 AS $$
 BEGIN
   IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
-    INSERT INTO poco.change (rel, op, new) VALUES (TG_RELID, 'I', pg_catalog.row_to_json(NEW));
+    INSERT INTO poco.change (rel, op, new) VALUES (TG_RELID, 'I', pg_catalog.textin(pg_catalog.record_out(NEW)));
   ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
-    INSERT INTO poco.change (rel, op, old, new) VALUES (TG_RELID, 'U', pg_catalog.row_to_json(OLD), pg_catalog.row_to_json(NEW));
+    INSERT INTO poco.change (rel, op, old, new) VALUES (TG_RELID, 'U', pg_catalog.textin(pg_catalog.record_out(OLD)), pg_catalog.textin(pg_catalog.record_out(NEW)));
   ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
-    INSERT INTO poco.change (rel, op, old) VALUES (TG_RELID, 'D', pg_catalog.row_to_json(OLD));
+    INSERT INTO poco.change (rel, op, old) VALUES (TG_RELID, 'D', pg_catalog.textin(pg_catalog.record_out(OLD)));
   ELSE
     INSERT INTO poco.change (rel, op) VALUES (TG_RELID, 'T');
   END IF;

@@ -29,6 +29,7 @@ fn code(s: SqlState) -> PgSqlErrorCode {
         SqlState::InvalidObjectDefinition => ERRCODE_INVALID_OBJECT_DEFINITION,
         SqlState::InvalidTableDefinition => ERRCODE_INVALID_TABLE_DEFINITION,
         SqlState::DuplicateObject => ERRCODE_DUPLICATE_OBJECT,
+        SqlState::FeatureNotSupported => ERRCODE_FEATURE_NOT_SUPPORTED,
     }
 }
 

@@ -73,9 +73,15 @@ pub fn load_catalog() -> Catalog {
                    JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND d.objid = ad.oid \
                    JOIN pg_catalog.pg_proc p ON d.refclassid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND p.oid = d.refobjid \
                   WHERE a.attgenerated <> '' AND ad.adrelid = a.attrelid AND ad.adnum = a.attnum \
-                    AND p.pronamespace <> 'pg_catalog'::pg_catalog.regnamespace) \
+                    AND p.pronamespace <> 'pg_catalog'::pg_catalog.regnamespace), \
+                tp.plain, tp.safe, tp.json \
            FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_class c ON c.oid = a.attrelid \
            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+          CROSS JOIN LATERAL ( \
+                SELECT true, pg_catalog.format_type(a.atttypid, a.atttypmod), a.atttypid IN (114, 3802) WHERE a.atttypid < 16384 \
+                UNION ALL \
+                SELECT p.plain, p.safe, p.json FROM poco.type_profile(a.atttypid, a.atttypmod) p WHERE a.atttypid >= 16384 \
+             ) tp(plain, safe, json) \
           WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p') AND {SYSTEM_SCHEMAS} \
           ORDER BY a.attrelid, a.attnum"
     );
@@ -88,6 +94,9 @@ pub fn load_catalog() -> Catalog {
                     name: s(r, 3),
                     ident: s(r, 4),
                     type_sql: s(r, 5),
+                    plain: r.get::<bool>(9).ok().flatten().unwrap_or(false),
+                    safe_type: s(r, 10),
+                    json: r.get::<bool>(11).ok().flatten().unwrap_or(false),
                     generated: r.get::<bool>(6).ok().flatten().unwrap_or(false).then(|| {
                         Generated {
                             reads: r.get::<Vec<i16>>(7).ok().flatten().unwrap_or_default(),
@@ -181,7 +190,7 @@ pub fn require() -> Result<Scope> {
 pub fn canonical_parent(parent: &str) -> Result<String> {
     // Only the root key's type is needed: one catalog query, not a whole compile (poco_status
     // calls this on every page view).
-    let q = "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM poco.scope s \
+    let q = "SELECT (SELECT p.safe FROM poco.type_profile(a.atttypid, a.atttypmod) p) FROM poco.scope s \
                JOIN pg_catalog.pg_constraint k ON k.conrelid = s.rel AND k.contype = 'p' \
                JOIN pg_catalog.pg_attribute a ON a.attrelid = s.rel AND a.attnum = k.conkey[1] \
               WHERE s.role = 'root' AND pg_catalog.cardinality(k.conkey) = 1";

@@ -52,6 +52,8 @@ pub enum SqlState {
     InvalidTableDefinition,
     /// 42710 duplicate_object
     DuplicateObject,
+    /// 0A000 feature_not_supported
+    FeatureNotSupported,
 }
 
 impl SqlState {
@@ -79,6 +81,7 @@ impl SqlState {
             SqlState::InvalidObjectDefinition => "42P17",
             SqlState::InvalidTableDefinition => "42P16",
             SqlState::DuplicateObject => "42710",
+            SqlState::FeatureNotSupported => "0A000",
         }
     }
 }

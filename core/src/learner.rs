@@ -90,6 +90,9 @@ pub struct TypeDef {
     /// domain CHECK constraints: (quoted name, definition)
     #[serde(default)]
     pub checks: Vec<(String, String)>,
+    /// domain CHECK constraints that call a platform function: left out (quoted names)
+    #[serde(default)]
+    pub checks_left_out: Vec<String>,
     /// composite attributes: (quoted name, type)
     #[serde(default)]
     pub attributes: Vec<(String, String)>,
@@ -460,6 +463,7 @@ mod tests {
             not_null: false,
             default: None,
             checks: vec![],
+            checks_left_out: vec![],
             attributes: vec![],
             extension: None,
         };
@@ -472,6 +476,7 @@ mod tests {
             base: Some("integer".into()),
             not_null: true,
             checks: vec![("pos".into(), "CHECK ((VALUE > 0))".into())],
+            checks_left_out: vec![],
             ..e.clone()
         };
         assert_eq!(

@@ -5,6 +5,7 @@ pub mod crypto;
 pub mod error;
 pub mod learner;
 pub mod predicate;
+pub mod record;
 pub mod scope;
 pub mod target;
 

@@ -49,6 +49,13 @@ pub struct Column {
     pub ident: String,
     /// format_type() of the column's type.
     pub type_sql: String,
+    /// The type is built in all the way down (through domains): to_jsonb needs no cast.
+    pub plain: bool,
+    /// The type to read a value of this column as without running anyone's code (domains as
+    /// their base type, see poco.type_profile); format_type() form.
+    pub safe_type: String,
+    /// Its base type is json or jsonb.
+    pub json: bool,
     /// A generated column: what its expression reads.
     pub generated: Option<Generated>,
 }
@@ -212,6 +219,8 @@ pub struct ScopedTable {
     pub chain: Vec<usize>,
     /// Quoted names of the columns that leave the platform, in attnum order.
     pub columns: Vec<String>,
+    /// Every live column in attnum order (what a row image holds).
+    pub all_columns: Vec<Column>,
     /// Quoted names of the columns that stay, declared or derived (a generated column that
     /// reads one), and their numbers.
     pub excluded: Vec<String>,
@@ -231,7 +240,8 @@ pub struct ScopedTable {
 pub struct Scope {
     pub root: Oid,
     pub key_column: String,
-    /// format_type() of the root key: the parent id's type.
+    /// The parent id's type: the root key's type with domains resolved to their base (a
+    /// parent id is cast to it, and a domain's CHECK could run its owner's code).
     pub key_type: String,
     pub tables: Vec<ScopedTable>,
 }
@@ -611,7 +621,17 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
         }
     }
 
-    let key_type = key_col.type_sql.clone();
+    if !key_col.plain {
+        return Err(scope_err(
+            SqlState::FeatureNotSupported,
+            format!(
+                "the scope root's key {} has the type {}, which is not built in",
+                key_col.ident, key_col.type_sql
+            ),
+            "A parent id is cast to the root key's type on every query, and a type's owner could run code in that cast. Key the root on a built-in type (integer, bigint, uuid, text...) or a domain over one.",
+        ));
+    }
+    let key_type = key_col.safe_type.clone();
     let g = Gen {
         cx: &cx,
         chains: &chains,
@@ -661,11 +681,11 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
         let owners_sql = match role {
             // Owned rows: walk up from the row once, then test the predicate on the root rows
             // reached for each candidate parent (not a walk per candidate).
-            Role::Owned => g.owned_owners_sql(oid, &t.ident, &owner_param),
+            Role::Owned => g.owned_owners_sql(oid, &owner_param),
             _ => format!(
                 "SELECT poco_p.v FROM pg_catalog.unnest($1::pg_catalog.text[]) AS poco_p(v) \
-                 WHERE EXISTS (SELECT 1 FROM pg_catalog.jsonb_populate_record(NULL::{}, $2) {me} WHERE {})",
-                t.ident,
+                 WHERE EXISTS (SELECT 1 FROM {} WHERE {})",
+                image_record(t, "$2", me),
                 g.member(oid, me, &owner_param, &mut Counter::default())
             ),
         };
@@ -704,6 +724,7 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
             path,
             chain: chains.get(&oid).cloned().unwrap_or_default(),
             columns: cols.iter().map(|c| c.ident.clone()).collect(),
+            all_columns: t.columns.clone(),
             excluded: excl.iter().map(|c| c.ident.clone()).collect(),
             excluded_attnums: excl.iter().map(|c| c.attnum).collect(),
             fks: fk_verdicts(&cx, oid, role, chains.get(&oid)),
@@ -826,6 +847,21 @@ fn effective_exclusions(cat: &Catalog, decls: &Declarations) -> Result<Exclusion
         }
     }
     Ok((sets, notes))
+}
+
+/// A row image (`param`, jsonb) as a record of `t`'s columns, aliased `alias`, read without
+/// anyone's code: `jsonb_to_record` with each column's safe type (a domain's CHECK, which
+/// `jsonb_populate_record` would run as poco_sync's owner, is not evaluated).
+pub fn image_record(t: &Table, param: &str, alias: &str) -> String {
+    let defs: Vec<String> = t
+        .columns
+        .iter()
+        .map(|c| format!("{} {}", c.ident, c.safe_type))
+        .collect();
+    format!(
+        "pg_catalog.jsonb_to_record({param}::pg_catalog.jsonb) AS {alias}({})",
+        defs.join(", ")
+    )
 }
 
 /// Foreign keys from other scoped tables into reference table `r` that pull rows in
@@ -1181,7 +1217,7 @@ impl Gen<'_> {
     /// materialized CTE), then the predicate is tested on them for each candidate. Same meaning
     /// as `member`, evaluated from the row upwards; the cost of a candidate is one predicate
     /// test, not one walk (the planner otherwise walked the path once per candidate).
-    fn owned_owners_sql(&self, oid: Oid, ident: &str, param: &str) -> String {
+    fn owned_owners_sql(&self, oid: Oid, param: &str) -> String {
         let cat = self.cx.cat;
         let chain = &self.chains[&oid];
         let last = &cat.fks[*chain.last().expect("an owned table has a path")];
@@ -1189,10 +1225,11 @@ impl Gen<'_> {
         let mut n = Counter::default();
         let o = n.next("w");
         let reach = self.chain_reach(chain, "t", &mut n);
+        let image = image_record(&cat.tables[&oid], "$2", "t");
         let r = ROOT_ALIAS;
         format!(
             "WITH poco_r AS MATERIALIZED (SELECT {o}.* FROM {} {o} WHERE {} IN \
-               (SELECT poco_x.* FROM pg_catalog.jsonb_populate_record(NULL::{ident}, $2) t CROSS JOIN LATERAL ({reach}) poco_x)) \
+               (SELECT poco_x.* FROM {image} CROSS JOIN LATERAL ({reach}) poco_x)) \
              SELECT poco_p.v FROM pg_catalog.unnest($1::pg_catalog.text[]) AS poco_p(v) \
               WHERE EXISTS (SELECT 1 FROM poco_r {r} WHERE ({}))",
             root.from_item(),

@@ -255,3 +255,83 @@ fn operators_of_other_schemas_are_never_picked_by_poco() {
         .count();
     assert_eq!(hijacked, 0, "an operator in public was called by poco_sync");
 }
+
+#[test]
+fn no_code_of_a_non_superuser_runs_with_poco_sync_rights() {
+    // Mallory owns an enum with a cast to json and a domain whose check calls her function;
+    // scoped columns use both. Row images, attribution, batches, the preview and the owners
+    // lookup must never run her code as poco_sync's superuser.
+    let (platform, db) = sample_platform("seal_user_code", 3);
+    db.execute(
+        "CREATE ROLE mallory LOGIN; CREATE ROLE app LOGIN; SELECT poco_grant_usage('app'); \
+         CREATE SCHEMA m AUTHORIZATION mallory; GRANT USAGE ON SCHEMA m TO PUBLIC; \
+         GRANT USAGE ON SCHEMA elearning TO app; GRANT ALL ON ALL TABLES IN SCHEMA elearning TO app; \
+         GRANT ALL ON ALL SEQUENCES IN SCHEMA elearning TO app;",
+    );
+    let mallory = platform.connect_as("mallory", "platform");
+    mallory.execute(
+        "CREATE TYPE m.mood AS ENUM ('happy', 'sad'); \
+         CREATE FUNCTION m.mood_json(m.mood) RETURNS json LANGUAGE plpgsql \
+           AS $$ BEGIN RAISE WARNING 'POCO-PWNED by %', current_user; RETURN to_json($1::text); END $$; \
+         CREATE CAST (m.mood AS json) WITH FUNCTION m.mood_json(m.mood); \
+         CREATE FUNCTION m.ok(text) RETURNS boolean LANGUAGE plpgsql IMMUTABLE \
+           AS $$ BEGIN RAISE WARNING 'POCO-PWNED by %', current_user; RETURN true; END $$; \
+         CREATE DOMAIN m.code AS text CHECK (m.ok(VALUE));",
+    );
+    db.execute(
+        "ALTER TABLE elearning.users ADD COLUMN mood m.mood NOT NULL DEFAULT 'happy', ADD COLUMN moods m.mood[]; \
+         ALTER TABLE elearning.enrollments ADD COLUMN code m.code;",
+    );
+    let from = platform.log().len();
+    let app = platform.connect_as("app", "platform");
+    let l = logging_learner("seal_user_code_learner");
+    let url = l.target_url("family", "postgres", "pw");
+    let t: i64 = app.query(&format!("SELECT poco_enable_sync(21, '{url}')"))[0].get(0);
+    let first = poco_e2e::latest_job_result(&db, t);
+    app.execute(
+        "UPDATE elearning.users SET mood = 'sad', moods = '{sad,happy}' WHERE id = 21; \
+         UPDATE elearning.enrollments SET code = 'c-' || id WHERE learner_id IN (SELECT id FROM elearning.users WHERE parent_id = 21); \
+         INSERT INTO elearning.enrollments (learner_id, course_id, code) SELECT id, 5, 'fresh' FROM elearning.users WHERE parent_id = 21 \
+           ON CONFLICT DO NOTHING; \
+         DELETE FROM elearning.lesson_progress WHERE enrollment_id IN (SELECT min(id) FROM elearning.enrollments WHERE learner_id IN (SELECT id FROM elearning.users WHERE parent_id = 21));",
+    );
+    let caught_up = synced(&db, t);
+    app.query("SELECT * FROM poco_scope_preview(21)");
+    db.query(
+        "SELECT poco_scope_owners('elearning.enrollments', \
+           jsonb_build_object('id', e.id, 'learner_id', e.learner_id, 'course_id', e.course_id, 'code', e.code::text)) \
+           FROM elearning.enrollments e LIMIT 3",
+    );
+    // Looked at before the checks below, whose oracle reads the platform with to_jsonb.
+    let log = platform.log();
+    let pwned: Vec<&str> = log[from..]
+        .lines()
+        .filter(|l| l.contains("POCO-PWNED") && !l.contains("POCO-PWNED by app"))
+        .collect();
+    assert!(
+        pwned.is_empty(),
+        "{} calls as another role than the writer's, e.g. {:?}",
+        pwned.len(),
+        &pwned[..pwned.len().min(3)]
+    );
+    assert!(
+        log[from..].contains("POCO-PWNED by app"),
+        "the writer's own checks ran (the test would see them)"
+    );
+    // A domain check calling the platform's function stays behind (the platform checked).
+    assert_eq!(first, "succeeded");
+    assert!(caught_up, "{}", state(&db, t));
+    let ldb = l.connect("family");
+    assert_learner_equals_scope(&db, &ldb, "21");
+    assert_eq!(
+        ldb.value("SELECT mood::text || ' ' || moods::text FROM elearning.users WHERE id = 21")
+            .as_deref(),
+        Some("sad {sad,happy}")
+    );
+    assert_eq!(
+        ldb.value("SELECT count(*) FROM elearning.enrollments WHERE code LIKE 'c-%' OR code = 'fresh'")
+            .as_deref(),
+        db.value("SELECT count(*) FROM elearning.enrollments e JOIN elearning.users u ON u.id = e.learner_id WHERE u.parent_id = 21")
+            .as_deref()
+    );
+}

@@ -110,13 +110,19 @@ pub(super) fn sync_keys(
         }
         // Rows of the parent's scope at S: the touched ones, or (reference tables) all; and
         // their keys apart (the rows go to the learner as text, never parsed here).
+        // Keys as text (their output form), the form the images' keys have.
         let key_agg = format!(
             "pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object({}))::text",
             pk.iter()
-                .map(|c| format!("{}, s.{}", literal(c), quote_ident(c)))
+                .map(|c| format!(
+                    "{}, {}",
+                    literal(c),
+                    text_of(&format!("s.{}", quote_ident(c)))
+                ))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        let row_json = row_json(table, "s");
         let rows_sql = match &keys {
             Some(_) if !reference => {
                 // `column = ANY (array)` per key column is pushed down into the scope's query,
@@ -124,8 +130,11 @@ pub(super) fn sync_keys(
                 // the key list is not, and the planner then read the family's rows whole);
                 // with several key columns the exact tuples are checked as well.
                 let keyset = format!(
-                    "pg_catalog.jsonb_populate_recordset(NULL::{}, $2::pg_catalog.jsonb) k",
-                    table.ident
+                    "pg_catalog.jsonb_to_recordset($2::pg_catalog.jsonb) AS k({})",
+                    pk.iter()
+                        .map(|c| format!("{} {}", quote_ident(c), safe_type(table, c)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
                 let mut conds: Vec<String> = pk
                     .iter()
@@ -146,13 +155,13 @@ pub(super) fn sync_keys(
                     ));
                 }
                 format!(
-                    "SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s))::text, {key_agg} FROM ({}) s WHERE {}",
+                    "SELECT pg_catalog.jsonb_agg({row_json})::text, {key_agg} FROM ({}) s WHERE {}",
                     table.select_sql,
                     conds.join(" AND ")
                 )
             }
             _ => format!(
-                "SELECT pg_catalog.jsonb_agg(pg_catalog.to_jsonb(s))::text, {key_agg} FROM ({}) s",
+                "SELECT pg_catalog.jsonb_agg({row_json})::text, {key_agg} FROM ({}) s",
                 table.select_sql
             ),
         };
@@ -234,7 +243,7 @@ pub(super) fn sync_keys(
                     sql: format!(
                         "SELECT pg_catalog.jsonb_build_object({})::text FROM {} t \
                           JOIN pg_catalog.jsonb_populate_recordset(NULL::{}, {}::pg_catalog.jsonb) k ON ({t_list}) = ({k_list})",
-                        pk.iter().map(|c| format!("{}, t.{}", literal(c), quote_ident(c))).collect::<Vec<_>>().join(", "),
+                        pk.iter().map(|c| format!("{}, t.{}::pg_catalog.text", literal(c), quote_ident(c))).collect::<Vec<_>>().join(", "),
                         table.ident,
                         table.ident,
                         literal(&format!("[{}]", upd.iter().cloned().collect::<Vec<_>>().join(",")))
@@ -334,4 +343,58 @@ pub(super) struct MembershipCheck {
     pub(super) guard: String,
     pub(super) updated: BTreeSet<String>,
     pub(super) in_now: BTreeSet<String>,
+}
+
+/// A value's text output, NULL kept (format's %s calls the type's output function: no cast,
+/// so no type owner's code).
+pub(super) fn text_of(expr: &str) -> String {
+    format!("CASE WHEN {expr} IS NULL THEN NULL ELSE pg_catalog.format('%s', {expr}) END")
+}
+
+/// A column's safe type (poco.type_profile) by name; text when unknown.
+pub(super) fn safe_type<'a>(table: &'a poco_core::scope::ScopedTable, col: &str) -> &'a str {
+    table
+        .all_columns
+        .iter()
+        .find(|c| c.name == col)
+        .map(|c| c.safe_type.as_str())
+        .unwrap_or("pg_catalog.text")
+}
+
+/// The JSON of a row `alias` of the table's scoped query, without anyone's code: to_jsonb when
+/// every sent column is of a built-in type (it then consults no cast), otherwise each column
+/// that is not as its text output (the learner reads text back through the type's input,
+/// which jsonb_populate_recordset does for strings), in pieces of 50 columns
+/// (jsonb_build_object takes at most 100 arguments).
+pub(super) fn row_json(table: &poco_core::scope::ScopedTable, alias: &str) -> String {
+    let sent: Vec<&poco_core::scope::Column> = table
+        .all_columns
+        .iter()
+        .filter(|c| !table.excluded_attnums.contains(&c.attnum))
+        .collect();
+    if sent.iter().all(|c| c.plain) {
+        return format!("pg_catalog.to_jsonb({alias})");
+    }
+    let parts: Vec<String> = sent
+        .chunks(50)
+        .map(|cols| {
+            let pairs: Vec<String> = cols
+                .iter()
+                .map(|c| {
+                    let v = format!("{alias}.{}", c.ident);
+                    format!(
+                        "{}, {}",
+                        literal(&c.name),
+                        if c.plain { v } else { text_of(&v) }
+                    )
+                })
+                .collect();
+            format!("pg_catalog.jsonb_build_object({})", pairs.join(", "))
+        })
+        .collect();
+    if parts.is_empty() {
+        "'{}'::pg_catalog.jsonb".into()
+    } else {
+        parts.join(" OPERATOR(pg_catalog.||) ")
+    }
 }

@@ -28,23 +28,82 @@ pub(super) struct Loaded {
 /// Changes fetched and attributed at a time: what is held is then only their keys.
 pub(super) const LOAD_CHUNK: i64 = 2_000;
 
-/// load_attributed's query, built once.
-pub(super) static LOAD_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "SELECT txid, rel, op::text, {}, {} FROM poco.change WHERE txid >= $1",
-        key_image("old"),
-        key_image("new")
-    )
-});
+/// load_attributed's query.
+const LOAD_SQL: &str = "SELECT txid, rel, op::text, old, new FROM poco.change WHERE txid >= $1";
 
-/// The SQL for a change image as load_attributed reads it (see there).
-pub(super) fn key_image(col: &str) -> String {
-    format!(
-        "CASE WHEN {col} IS NULL OR rel = $2 OR pg_catalog.octet_length({col}::text) <= 1048576 THEN {col}::pg_catalog.jsonb \
-              ELSE (SELECT pg_catalog.jsonb_object_agg(e.key, CASE WHEN pg_catalog.octet_length(e.value::text) > 65536 \
-                                                               THEN 'null'::pg_catalog.json ELSE e.value END) \
-                      FROM pg_catalog.json_each({col}) e) END"
-    )
+/// An image over this size (of a table other than the root) is read without its values over
+/// IMAGE_VALUE_MAX: no key holds one (btree entries are at most ~2.7 kB), and the rows sent
+/// are read at S anyway, so a 100 MB value is not copied into the attribution for nothing.
+const IMAGE_BIG: usize = 1 << 20;
+const IMAGE_VALUE_MAX: usize = 64 << 10;
+
+/// How the images of one relation are read: the scoped table they belong to (a partition's
+/// belong to its partitioned table) and the relation's own columns in order (name, json).
+pub(super) struct RelImage {
+    pub(super) scoped: u32,
+    pub(super) columns: Vec<(String, bool)>,
+}
+
+/// RelImages by relation, kept with the compiled scope (a partition is looked up the first
+/// time one of its changes comes by).
+pub(super) type RelImages = std::cell::RefCell<HashMap<u32, Option<std::rc::Rc<RelImage>>>>;
+
+fn rel_image(sc: &Scope, rels: &RelImages, rel: u32) -> Option<std::rc::Rc<RelImage>> {
+    if let Some(known) = rels.borrow().get(&rel) {
+        return known.clone();
+    }
+    let found = match sc.table(rel) {
+        Some(t) => Some(RelImage {
+            scoped: rel,
+            columns: t
+                .all_columns
+                .iter()
+                .map(|c| (c.name.clone(), c.json))
+                .collect(),
+        }),
+        // A partition (at any depth) of a scoped partitioned table: its own column order.
+        None => Spi::connect(|c| {
+            c.select(
+                "SELECT pg_catalog.pg_partition_root($1)::pg_catalog.oid, \
+                        pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), \
+                        pg_catalog.array_agg((SELECT p.json FROM poco.type_profile(a.atttypid, a.atttypmod) p) ORDER BY a.attnum) \
+                   FROM pg_catalog.pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped",
+                None,
+                &[pg_sys::Oid::from(rel).into()],
+            )
+            .ok()
+            .and_then(|mut rows| rows.next())
+            .and_then(|r| {
+                let root = u32::from(r.get::<pg_sys::Oid>(1).ok()??);
+                let names = r.get::<Vec<String>>(2).ok()??;
+                let json = r.get::<Vec<bool>>(3).ok()??;
+                (root != rel && sc.table(root).is_some()).then(|| RelImage {
+                    scoped: root,
+                    columns: names.into_iter().zip(json).collect(),
+                })
+            })
+        }),
+    }
+    .map(std::rc::Rc::new);
+    rels.borrow_mut().insert(rel, found.clone());
+    found
+}
+
+/// A change's row image (record text) as the JSON object attribution reads.
+fn image(img: &RelImage, root: u32, text: Option<String>) -> Option<Value> {
+    let text = text?;
+    let max = if img.scoped != root && text.len() > IMAGE_BIG {
+        IMAGE_VALUE_MAX
+    } else {
+        usize::MAX
+    };
+    match poco_core::record::image_json(&img.columns, &text, max) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            debug1!("poco_sync stream: an image that cannot be read: {e}");
+            Some(Value::Null)
+        }
+    }
 }
 
 /// The changes of transactions visible in S (the current snapshot) that some of `positions`
@@ -57,6 +116,7 @@ pub(super) fn key_image(col: &str) -> String {
 pub(super) fn load_attributed(
     plans: &mut Plans,
     sc: &Scope,
+    rels: &RelImages,
     pks: &HashMap<u32, Vec<String>>,
     positions: &[&Snap],
     parents: &[String],
@@ -74,18 +134,8 @@ pub(super) fn load_attributed(
     Spi::connect(|c| {
         // Visible in S (this transaction's snapshot) by construction; from the oldest
         // position's xmin: everything below it had ended before every position was taken.
-        // Attribution and keys need the key and foreign key columns of an image, and the
-        // root's predicate columns: an image over 1 MB of any other table comes without its
-        // values over 64 kB (no key holds one: btree entries are at most ~2.7 kB), so a 100 MB
-        // value is not parsed and copied here for nothing. The rows sent are read at S anyway.
         let mut cursor = c
-            .try_open_cursor(
-                LOAD_SQL.as_str(),
-                &[
-                    (from as i64).into(),
-                    pgrx::pg_sys::Oid::from(sc.root).into(),
-                ],
-            )
+            .try_open_cursor(LOAD_SQL, &[(from as i64).into()])
             .map_err(|e| e.to_string())?;
         loop {
             let too_many = &out.too_many;
@@ -101,7 +151,8 @@ pub(super) fn load_attributed(
                     let rows = cursor.fetch(LOAD_CHUNK as _)?;
                     let table = pg_sys::SPI_tuptable;
                     let mut n = 0usize;
-                    let mut chunk: Vec<(u64, Change)> = Vec::new();
+                    let mut chunk: Vec<(u64, u32, String, Option<String>, Option<String>)> =
+                        Vec::new();
                     for r in rows {
                         n += 1;
                         let txid = r.get::<i64>(1).ok().flatten().unwrap_or(0) as u64;
@@ -110,16 +161,14 @@ pub(super) fn load_attributed(
                         }
                         chunk.push((
                             txid,
-                            (
-                                r.get::<pg_sys::Oid>(2)
-                                    .ok()
-                                    .flatten()
-                                    .map(u32::from)
-                                    .unwrap_or(0),
-                                r.get::<String>(3).ok().flatten().unwrap_or_default(),
-                                r.get::<pgrx::JsonB>(4).ok().flatten().map(|j| j.0),
-                                r.get::<pgrx::JsonB>(5).ok().flatten().map(|j| j.0),
-                            ),
+                            r.get::<pg_sys::Oid>(2)
+                                .ok()
+                                .flatten()
+                                .map(u32::from)
+                                .unwrap_or(0),
+                            r.get::<String>(3).ok().flatten().unwrap_or_default(),
+                            r.get::<String>(4).ok().flatten(),
+                            r.get::<String>(5).ok().flatten(),
                         ));
                     }
                     Ok::<_, pgrx::spi::SpiError>((n, chunk, table))
@@ -129,7 +178,25 @@ pub(super) fn load_attributed(
             if n == 0 {
                 return Ok::<(), String>(());
             }
-            let (txids, chunk): (Vec<u64>, Vec<Change>) = chunk.into_iter().unzip();
+            // Each image read by its own relation's columns, for the scoped table it belongs
+            // to; a relation that belongs to none (a partition detached since) is dropped.
+            let (txids, chunk): (Vec<u64>, Vec<Change>) = chunk
+                .into_iter()
+                .filter_map(|(txid, rel, op, old, new)| {
+                    let img = rel_image(sc, rels, rel)?;
+                    Some((
+                        txid,
+                        (
+                            img.scoped,
+                            op,
+                            image(&img, sc.root, old),
+                            image(&img, sc.root, new),
+                        ),
+                    ))
+                })
+                .unzip();
+            let mut chunk = chunk;
+            canonical_keys(sc, pks, &mut chunk);
             let chunk_owners = unsafe { cx.switch_to(|_| attribute(plans, sc, &chunk, parents)) };
             unsafe {
                 cx.reset();
@@ -189,4 +256,91 @@ pub(super) fn load_attributed(
         }
     })?;
     Ok(out)
+}
+
+/// Whether a type's text output depends on session settings (DateStyle, TimeZone,
+/// IntervalStyle, extra_float_digits, lc_monetary, bytea_output): an image written in the
+/// writer's session may then spell a key otherwise than the stream's session does.
+fn session_dependent(safe_type: &str) -> bool {
+    [
+        "time",
+        "date",
+        "interval",
+        "real",
+        "double precision",
+        "money",
+        "bytea",
+    ]
+    .iter()
+    .any(|w| safe_type.contains(w))
+}
+
+/// Spell the primary keys of the chunk's images as this session does (read through the key
+/// types' input functions and written again), for tables whose key spelling depends on
+/// session settings: a batch matches keys as text.
+fn canonical_keys(sc: &Scope, pks: &HashMap<u32, Vec<String>>, chunk: &mut [Change]) {
+    let mut by_table: BTreeMap<u32, Vec<(usize, bool)>> = BTreeMap::new();
+    for (i, (rel, _, old, new)) in chunk.iter().enumerate() {
+        for (img, is_old) in [(old, true), (new, false)] {
+            if img.as_ref().is_some_and(|v| v.is_object()) {
+                by_table.entry(*rel).or_default().push((i, is_old));
+            }
+        }
+    }
+    for (rel, at) in by_table {
+        let (Some(table), Some(pk)) = (sc.table(rel), pks.get(&rel)) else {
+            continue;
+        };
+        if !pk.iter().any(|c| session_dependent(safe_type(table, c))) {
+            continue;
+        }
+        let keys: Vec<Value> = at
+            .iter()
+            .map(|(i, is_old)| {
+                let c = &chunk[*i];
+                key_value(
+                    pk,
+                    if *is_old { c.2.as_ref() } else { c.3.as_ref() }.unwrap(),
+                )
+            })
+            .collect();
+        let cols: Vec<String> = pk
+            .iter()
+            .map(|c| format!("{} {}", quote_ident(c), safe_type(table, c)))
+            .collect();
+        let out: Vec<String> = pk
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}, {}",
+                    literal(c),
+                    text_of(&format!("k.{}", quote_ident(c)))
+                )
+            })
+            .collect();
+        let sql = format!(
+            "SELECT pg_catalog.jsonb_agg(pg_catalog.jsonb_build_object({}) ORDER BY k.poco_n)::text \
+               FROM ROWS FROM (pg_catalog.jsonb_to_recordset($1::pg_catalog.jsonb) AS ({})) WITH ORDINALITY \
+                    AS k({}, poco_n)",
+            out.join(", "),
+            cols.join(", "),
+            pk.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ")
+        );
+        let canon =
+            Spi::get_one_with_args::<String>(&sql, &[pgrx::JsonB(Value::Array(keys)).into()])
+                .ok()
+                .flatten()
+                .and_then(|s| serde_json::from_str::<Vec<Value>>(&s).ok());
+        let Some(canon) = canon.filter(|c| c.len() == at.len()) else {
+            continue; // kept as written: a key that does not parse cannot be matched anyway
+        };
+        for ((i, is_old), k) in at.into_iter().zip(canon) {
+            let c = &mut chunk[i];
+            if let Some(Value::Object(img)) = if is_old { c.2.as_mut() } else { c.3.as_mut() } {
+                if let Value::Object(k) = k {
+                    img.extend(k);
+                }
+            }
+        }
+    }
 }

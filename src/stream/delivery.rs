@@ -79,7 +79,7 @@ pub(super) fn deliver(
         let futs = sends.iter().map(|(t, b)| {
             let mut sql = format!(
                 "BEGIN; SET LOCAL search_path = pg_catalog; SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; \
-                 SET LOCAL TimeZone = 'UTC'; SET LOCAL lock_timeout = '{ms}ms'; SET CONSTRAINTS ALL DEFERRED; \
+                 SET LOCAL TimeZone = 'UTC'; SET LOCAL extra_float_digits = 3; SET LOCAL bytea_output = 'hex'; SET LOCAL lock_timeout = '{ms}ms'; SET CONSTRAINTS ALL DEFERRED; \
                  SELECT position FROM poco_sync.position FOR UPDATE"
             );
             for m in &b.membership {
@@ -264,7 +264,7 @@ pub(super) fn deliver_quick(
             }
             let mut all = vec![format!(
                 "BEGIN; SET LOCAL search_path = pg_catalog; SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; \
-                 SET LOCAL TimeZone = 'UTC'; SET LOCAL lock_timeout = '{ms}ms'; SET CONSTRAINTS ALL DEFERRED; \
+                 SET LOCAL TimeZone = 'UTC'; SET LOCAL extra_float_digits = 3; SET LOCAL bytea_output = 'hex'; SET LOCAL lock_timeout = '{ms}ms'; SET CONSTRAINTS ALL DEFERRED; \
                  DO $poco_guard$ BEGIN {body} END $poco_guard$"
             )];
             all.extend(b.stmts.iter().cloned());

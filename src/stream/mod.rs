@@ -139,6 +139,8 @@ struct State {
 struct Compiled {
     generation: i64,
     sc: Scope,
+    /// How each relation's row images are read (capture::RelImage).
+    rels: RelImages,
     pks: HashMap<u32, Vec<String>>,
     fks: BTreeSet<(u32, u32)>,
 }
@@ -240,6 +242,7 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
             st.compiled = Some(std::rc::Rc::new(Compiled {
                 generation,
                 sc,
+                rels: Default::default(),
                 pks,
                 fks,
             }));
@@ -355,7 +358,15 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                 .into_iter()
                 .collect();
             let snaps: Vec<&Snap> = positions.iter().map(|(_, p)| p).collect();
-            match load_attributed(&mut st.plans, sc, pks, &snaps, &parents, max_changes) {
+            match load_attributed(
+                &mut st.plans,
+                sc,
+                &compiled.rels,
+                pks,
+                &snaps,
+                &parents,
+                max_changes,
+            ) {
                 Err(e) => {
                     for (t, _) in group {
                         let error = format!("reading the captured changes: {e}");
