@@ -718,7 +718,13 @@ pub mod poco {
             .collect::<BTreeSet<_>>()
             .into_iter()
             .collect();
-        let out = rows(&t.owners_sql, &[list.into(), row.into()], |r| s(r, 1));
+        // (A NULL says the row reaches no root row: nobody holds it.)
+        let out: Vec<String> = rows(&t.owners_sql, &[list.into(), row.into()], |r| {
+            r.get::<String>(1).ok().flatten()
+        })
+        .into_iter()
+        .flatten()
+        .collect();
         SetOfIterator::new(out)
     }
 }

@@ -232,8 +232,20 @@ pub struct ScopedTable {
     /// `$1` = parent id (text). Counts the parent's rows.
     pub count_sql: String,
     /// `$1` = candidate parent ids (text[]), `$2` = a row of this table as jsonb. Returns the
-    /// candidates whose scope holds such a row (given the current contents of the other tables).
+    /// candidates whose scope holds such a row (given the current contents of the other tables),
+    /// and for an owned table also one NULL when the row's path reaches no root row at all (an
+    /// ancestor is gone: whom it belonged to is not known from the tables any more).
     pub owners_sql: String,
+    /// Owned tables: the first foreign key of the ownership path.
+    pub up: Option<Hop>,
+}
+
+/// One foreign key of an ownership path, by column names (unquoted, in key order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hop {
+    pub parent: Oid,
+    pub child_cols: Vec<String>,
+    pub parent_cols: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -244,11 +256,41 @@ pub struct Scope {
     /// parent id is cast to it, and a domain's CHECK could run its owner's code).
     pub key_type: String,
     pub tables: Vec<ScopedTable>,
+    /// Undeclared tables that ownership paths pass through: never sent, but a change of one
+    /// can move rows between families, so continuous sync captures them too.
+    pub paths: Vec<PathTable>,
+}
+
+/// An undeclared table on an ownership path (see `Scope::paths`).
+#[derive(Debug, Clone)]
+pub struct PathTable {
+    pub oid: Oid,
+    pub ident: String,
+    /// Every live column in attnum order (what a row image holds).
+    pub all_columns: Vec<Column>,
+    /// Primary key column names, if it has one (its rows are found in the log by it).
+    pub pk: Vec<String>,
+    /// One owners query (like `ScopedTable::owners_sql`) per distinct way up from here to the
+    /// root (nearly always one): a row belongs to the union.
+    pub owners_sql: Vec<String>,
+    /// The first foreign key of the (first) way up.
+    pub up: Option<Hop>,
 }
 
 impl Scope {
     pub fn table(&self, oid: Oid) -> Option<&ScopedTable> {
         self.tables.iter().find(|t| t.oid == oid)
+    }
+    pub fn path_table(&self, oid: Oid) -> Option<&PathTable> {
+        self.paths.iter().find(|t| t.oid == oid)
+    }
+    /// Every table whose changes continuous sync captures: the scoped ones and the path ones.
+    pub fn captured(&self) -> Vec<Oid> {
+        self.tables
+            .iter()
+            .map(|t| t.oid)
+            .chain(self.paths.iter().map(|p| p.oid))
+            .collect()
     }
 }
 
@@ -681,7 +723,7 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
         let owners_sql = match role {
             // Owned rows: walk up from the row once, then test the predicate on the root rows
             // reached for each candidate parent (not a walk per candidate).
-            Role::Owned => g.owned_owners_sql(oid, &owner_param),
+            Role::Owned => g.chain_owners_sql(oid, &chains[&oid], &owner_param),
             _ => format!(
                 "SELECT poco_p.v FROM pg_catalog.unnest($1::pg_catalog.text[]) AS poco_p(v) \
                  WHERE EXISTS (SELECT 1 FROM {} WHERE {})",
@@ -725,6 +767,19 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
             chain: chains.get(&oid).cloned().unwrap_or_default(),
             columns: cols.iter().map(|c| c.ident.clone()).collect(),
             all_columns: t.columns.clone(),
+            up: chains.get(&oid).and_then(|c| c.first()).map(|&i| {
+                let fk = &cat.fks[i];
+                let names = |o: Oid, cols: &[i16]| -> Vec<String> {
+                    cols.iter()
+                        .filter_map(|a| cat.tables[&o].column(*a).map(|c| c.name.clone()))
+                        .collect()
+                };
+                Hop {
+                    parent: fk.parent,
+                    child_cols: names(fk.child, &fk.child_cols),
+                    parent_cols: names(fk.parent, &fk.parent_cols),
+                }
+            }),
             excluded: excl.iter().map(|c| c.ident.clone()).collect(),
             excluded_attnums: excl.iter().map(|c| c.attnum).collect(),
             fks: fk_verdicts(&cx, oid, role, chains.get(&oid)),
@@ -740,11 +795,53 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
             owners_sql,
         });
     }
+    // Undeclared tables on the ownership paths, each with the ways up from it.
+    let mut suffixes: BTreeMap<Oid, Vec<Vec<usize>>> = BTreeMap::new();
+    for chain in chains.values() {
+        for k in 1..chain.len() {
+            let p = cat.fks[chain[k]].child;
+            if !cx.roles.contains_key(&p) {
+                let s = suffixes.entry(p).or_default();
+                if !s.contains(&chain[k..].to_vec()) {
+                    s.push(chain[k..].to_vec());
+                }
+            }
+        }
+    }
+    let owner_param = format!("(poco_p.v)::{key_type}");
+    let names = |o: Oid, cols: &[i16]| -> Vec<String> {
+        cols.iter()
+            .filter_map(|a| cat.tables[&o].column(*a).map(|c| c.name.clone()))
+            .collect()
+    };
+    let paths = suffixes
+        .into_iter()
+        .map(|(oid, ways)| {
+            let t = &cat.tables[&oid];
+            let first = &cat.fks[ways[0][0]];
+            PathTable {
+                oid,
+                ident: t.ident.clone(),
+                all_columns: t.columns.clone(),
+                pk: t.pk.as_deref().map(|pk| names(oid, pk)).unwrap_or_default(),
+                owners_sql: ways
+                    .iter()
+                    .map(|w| g.chain_owners_sql(oid, w, &owner_param))
+                    .collect(),
+                up: Some(Hop {
+                    parent: first.parent,
+                    child_cols: names(first.child, &first.child_cols),
+                    parent_cols: names(first.parent, &first.parent_cols),
+                }),
+            }
+        })
+        .collect();
     Ok(Some(Scope {
         root,
         key_column: key_col.ident.clone(),
         key_type,
         tables,
+        paths,
     }))
 }
 
@@ -1217,9 +1314,8 @@ impl Gen<'_> {
     /// materialized CTE), then the predicate is tested on them for each candidate. Same meaning
     /// as `member`, evaluated from the row upwards; the cost of a candidate is one predicate
     /// test, not one walk (the planner otherwise walked the path once per candidate).
-    fn owned_owners_sql(&self, oid: Oid, param: &str) -> String {
+    fn chain_owners_sql(&self, oid: Oid, chain: &[usize], param: &str) -> String {
         let cat = self.cx.cat;
-        let chain = &self.chains[&oid];
         let last = &cat.fks[*chain.last().expect("an owned table has a path")];
         let root = &cat.tables[&last.parent];
         let mut n = Counter::default();
@@ -1231,7 +1327,8 @@ impl Gen<'_> {
             "WITH poco_r AS MATERIALIZED (SELECT {o}.* FROM {} {o} WHERE {} IN \
                (SELECT poco_x.* FROM {image} CROSS JOIN LATERAL ({reach}) poco_x)) \
              SELECT poco_p.v FROM pg_catalog.unnest($1::pg_catalog.text[]) AS poco_p(v) \
-              WHERE EXISTS (SELECT 1 FROM poco_r {r} WHERE ({}))",
+              WHERE EXISTS (SELECT 1 FROM poco_r {r} WHERE ({})) \
+             UNION ALL SELECT NULL WHERE NOT EXISTS (SELECT 1 FROM poco_r)",
             root.from_item(),
             tuple(&o, &root.idents(&last.parent_cols)),
             self.pred.with_param(param)

@@ -335,3 +335,73 @@ fn no_code_of_a_non_superuser_runs_with_poco_sync_rights() {
             .as_deref()
     );
 }
+
+#[test]
+fn a_batch_never_names_another_familys_keys() {
+    // Parents 21 and 22 sync; 23 does not. Rows with keys no other value has (98765xxxx) are
+    // deleted while both sync, directly and through ON DELETE CASCADE (whose rows' owners can
+    // no longer be found at the batch's snapshot: their enrollment is gone): each learner
+    // must see its own family's keys only, not even in a DELETE it received.
+    let (_platform, db) = sample_platform("seal_foreign_keys", 4);
+    let fam = |p: i64, base: i64| {
+        format!(
+            "INSERT INTO elearning.enrollments (id, learner_id, course_id) \
+               SELECT {base} + row_number() OVER (ORDER BY id), id, 999 FROM elearning.users WHERE parent_id = {p}; \
+             INSERT INTO elearning.lesson_progress (enrollment_id, lesson_id, status) \
+               SELECT e.id, l.id, 'done' FROM elearning.enrollments e, elearning.lessons l \
+                WHERE e.id > {base} AND e.id < {base} + 100 AND l.course_id = 999; \
+             INSERT INTO elearning.audit_log (id, user_id, action) SELECT {base} + 50 + id, id, 'marked' FROM elearning.users WHERE id = {p};"
+        )
+    };
+    db.execute(
+        "INSERT INTO elearning.courses (id, title) VALUES (999, 'Extra'); \
+         INSERT INTO elearning.lessons (id, course_id, position, title, body) \
+           SELECT 9990 + i, 999, i, 'Extra ' || i, 'text' FROM generate_series(1, 3) i;",
+    );
+    db.execute(&fam(21, 987_610_000));
+    db.execute(&fam(22, 987_620_000));
+    db.execute(&fam(23, 987_630_000));
+    let (la, lb) = (
+        logging_learner("seal_foreign_keys_a"),
+        logging_learner("seal_foreign_keys_b"),
+    );
+    let (ta, tb) = (enable_sync(&db, "21", &la), enable_sync(&db, "22", &lb));
+    // One transaction touching all three families, so both targets' batches go together.
+    db.execute(
+        "BEGIN; \
+         DELETE FROM elearning.enrollments WHERE id > 987610000 AND id < 987640000; \
+         DELETE FROM elearning.audit_log WHERE id > 987610000 AND id < 987640000; \
+         UPDATE elearning.users SET display_name = display_name || '.' WHERE id IN (21, 22); \
+         COMMIT;",
+    );
+    assert!(
+        synced(&db, ta) && synced(&db, tb),
+        "{} / {}",
+        state(&db, ta),
+        state(&db, tb)
+    );
+    let (a, b) = (la.connect("family"), lb.connect("family"));
+    assert_learner_equals_scope(&db, &a, "21");
+    assert_learner_equals_scope(&db, &b, "22");
+    let markers = |p: &str| vec![format!("9876{p}")];
+    assert_absent(
+        &learner_view(&la),
+        &[markers("2"), markers("3")].concat(),
+        "learner of 21",
+    );
+    assert_absent(
+        &learner_view(&lb),
+        &[markers("1"), markers("3")].concat(),
+        "learner of 22",
+    );
+    // Its own family's deletes did reach each learner, by key: the cascaded rows' owners were
+    // told from their enrollment's own change in the log (no reconciling of the table).
+    let view = learner_view(&la);
+    assert!(view.contains("98761"), "21's own deletes were sent to it");
+    assert!(
+        !view.contains(
+            "DELETE FROM elearning.lesson_progress t WHERE (t.enrollment_id, t.lesson_id) NOT IN"
+        ),
+        "the cascade was resolved through the log"
+    );
+}

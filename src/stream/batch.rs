@@ -10,16 +10,17 @@ pub(super) fn sync_target(
     pks: &HashMap<u32, Vec<String>>,
     fks: &BTreeSet<(u32, u32)>,
     t: &Target,
-    changes: &[&Keyed],
+    parent: Option<u32>,
+    changes: &[(&Keyed, &Owners)],
 ) -> Step {
     if changes.is_empty() {
         return Step::Done(Outcome::Advanced);
     }
     let n = changes.len() as i64;
-    if changes.iter().any(|c| c.op == b'T') {
+    if changes.iter().any(|(c, _)| c.op == b'T') {
         return Step::Done(Outcome::Resnapshot("a scoped table was truncated".into()));
     }
-    sync_keys(plans, sc, pks, fks, t, changes, n)
+    sync_keys(plans, sc, pks, fks, t, parent, changes, n)
 }
 
 pub(super) fn sync_keys(
@@ -28,7 +29,8 @@ pub(super) fn sync_keys(
     pks: &HashMap<u32, Vec<String>>,
     fks: &BTreeSet<(u32, u32)>,
     t: &Target,
-    changes: &[&Keyed],
+    parent: Option<u32>,
+    changes: &[(&Keyed, &Owners)],
     n: i64,
 ) -> Step {
     // Keys touched, per table.
@@ -37,9 +39,16 @@ pub(super) fn sync_keys(
     // changed family, what it owns changed family with it.
     let mut updated: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
     let mut inserted: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
-    for Keyed {
-        rel, op, old, new, ..
-    } in changes.iter().copied()
+    // Tables whose changed rows' former owners are not known: the learner drops what of them
+    // is not in its family's scope now, told by its family's own keys, never by the changed
+    // keys (which may be another family's).
+    let mut reconcile: BTreeSet<u32> = BTreeSet::new();
+    for (
+        Keyed {
+            rel, op, old, new, ..
+        },
+        owners,
+    ) in changes.iter().copied()
     {
         let Some(pk) = pks.get(rel) else { continue };
         if pk.is_empty() {
@@ -48,6 +57,13 @@ pub(super) fn sync_keys(
                 changes: n,
             });
         }
+        let (send_old, send_new, unsure) = owners.for_parent(parent);
+        if unsure {
+            reconcile.insert(*rel);
+            touched.entry(*rel).or_default();
+        }
+        let old = old.as_ref().filter(|_| send_old);
+        let new = new.as_ref().filter(|_| send_new);
         for k in [old, new].into_iter().flatten() {
             let k = k.to_string();
             match op {
@@ -296,6 +312,31 @@ pub(super) fn sync_keys(
                 "INSERT INTO {} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM pg_catalog.jsonb_populate_recordset(NULL::{}, {rows_lit}::pg_catalog.jsonb) \
                  ON CONFLICT ({pk_list}) DO {action}",
                 table.ident, table.ident
+            ));
+        }
+        if !reference && reconcile.contains(&table.oid) {
+            // Everything of this table the family holds at S, by key: what else the learner
+            // has of it goes. (Only the family's own keys are named.)
+            let own = select_kept(
+                plans,
+                &format!("SELECT {key_agg} FROM ({}) s", table.select_sql),
+                &[PgBuiltInOids::TEXTOID],
+                &[t.parent.as_str().into()],
+            );
+            let own = match own {
+                Ok(mut v) => v.pop().flatten().unwrap_or_else(|| "[]".into()),
+                Err(e) => {
+                    return Step::Done(Outcome::Failed {
+                        error: format!("reading {}: {e}", table.ident),
+                        changes: n,
+                    })
+                }
+            };
+            stmts.push(format!(
+                "DELETE FROM {} t WHERE ({t_list}) NOT IN (SELECT {k_list} FROM pg_catalog.jsonb_populate_recordset(NULL::{}, {}::pg_catalog.jsonb) k)",
+                table.ident,
+                table.ident,
+                literal(&own)
             ));
         }
     }

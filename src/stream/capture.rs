@@ -22,6 +22,9 @@ pub(super) struct Keyed {
 pub(super) struct Loaded {
     pub(super) changes: Vec<Keyed>,
     pub(super) owners: Vec<Owners>,
+    /// Each change's old image's first ownership key, as the key of the row it points at
+    /// (table, key text): how attribution::resolve_through_log follows a gone ancestor.
+    pub(super) ups: Vec<Option<(u32, Box<str>)>>,
     pub(super) too_many: BTreeSet<usize>,
 }
 
@@ -125,6 +128,7 @@ pub(super) fn load_attributed(
     let mut out = Loaded {
         changes: Vec::new(),
         owners: Vec::new(),
+        ups: Vec::new(),
         too_many: BTreeSet::new(),
     };
     let mut counts: Vec<i64> = vec![0; positions.len()];
@@ -211,6 +215,8 @@ pub(super) fn load_attributed(
                     }
                 }
                 let pk: &[String] = pks.get(&rel).map(|v| v.as_slice()).unwrap_or(&[]);
+                out.ups
+                    .push(old.as_ref().and_then(|img| up_key(sc, pks, rel, img)));
                 let cut = |img: Option<Value>| img.map(|i| key_of(pk, &i).into_boxed_str());
                 out.changes.push(Keyed {
                     txid,
@@ -249,13 +255,41 @@ pub(super) fn load_attributed(
                 out.changes.retain(|_| *k.next().expect("same length"));
                 let mut k = keep.iter();
                 out.owners.retain(|_| *k.next().expect("same length"));
+                let mut k = keep.iter();
+                out.ups.retain(|_| *k.next().expect("same length"));
                 if out.too_many.len() == positions.len() {
                     return Ok(()); // nobody left to read for
                 }
             }
         }
     })?;
+    resolve_through_log(&out.changes, &mut out.owners, &out.ups);
     Ok(out)
+}
+
+/// The key of the row an old image's ownership path starts at, when that key is the parent's
+/// primary key (as the parent's own images spell it): (parent table, key text).
+fn up_key(
+    sc: &Scope,
+    pks: &HashMap<u32, Vec<String>>,
+    rel: u32,
+    img: &Value,
+) -> Option<(u32, Box<str>)> {
+    let hop = sc.table(rel)?.up.as_ref()?;
+    let ppk = pks.get(&hop.parent)?;
+    if ppk.len() != hop.parent_cols.len() || !ppk.iter().all(|c| hop.parent_cols.contains(c)) {
+        return None;
+    }
+    let obj: serde_json::Map<String, Value> = hop
+        .parent_cols
+        .iter()
+        .zip(&hop.child_cols)
+        .map(|(p, c)| (p.clone(), img.get(c).cloned().unwrap_or(Value::Null)))
+        .collect();
+    Some((
+        hop.parent,
+        key_of(ppk, &Value::Object(obj)).into_boxed_str(),
+    ))
 }
 
 /// Whether a type's text output depends on session settings (DateStyle, TimeZone,

@@ -423,18 +423,34 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                         // owner cannot be told, that its position has not seen.
                         let pi = parents.binary_search(&t.parent).ok().map(|i| i as u32);
                         let snap = &positions[si].1;
-                        let mine: Vec<&Keyed> = loaded
+                        let mine: Vec<(&Keyed, &Owners)> = loaded
                             .changes
                             .iter()
                             .zip(&loaded.owners)
-                            .filter(|(c, o)| o.goes_to(pi) && !snap.visible(c.txid))
-                            .map(|(c, _)| c)
+                            .filter(|(c, o)| o.concerns(pi) && !snap.visible(c.txid))
                             .collect();
+                        // A row of this family that changed family (or one that joined it)
+                        // took what it owns along: a new snapshot, decided here, so that no
+                        // batch naming the moved rows is ever sent.
+                        if let Some((c, _)) = mine.iter().find(|(c, o)| {
+                            c.op == b'U'
+                                && o.moved()
+                                    .is_some_and(|m| pi.is_some_and(|p| m.contains(&p)))
+                        }) {
+                            let name = sc.table(c.rel).map(|x| x.ident.as_str()).unwrap_or("?");
+                            steps.push((
+                                t,
+                                Step::Done(Outcome::Resnapshot(format!(
+                                    "a row of {name} moved between families, with what it owns"
+                                ))),
+                            ));
+                            continue;
+                        }
                         // In a subtransaction: an error building one target's batch is
                         // that target's, not the whole pass's (every target of the stream).
                         let plans = &mut st.plans;
                         let step = match crate::push::in_subtransaction(|| {
-                            sync_target(plans, sc, pks, fks, &t, &mine)
+                            sync_target(plans, sc, pks, fks, &t, pi, &mine)
                         }) {
                             Ok(step) => step,
                             // A program limit (a value or a table's rows in one batch past
