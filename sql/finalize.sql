@@ -232,38 +232,92 @@ BEGIN
 END $$;
 REVOKE ALL ON FUNCTION poco.capture() FROM PUBLIC;
 
--- Capture triggers on exactly the scoped tables while any target syncs, on none otherwise.
+-- Every relation whose changes continuous sync captures: the scoped tables, the undeclared
+-- tables on their ownership paths, and all their partitions at any depth.
+CREATE FUNCTION poco.captured_relations() RETURNS regclass[]
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+  -- (pg_partition_tree lists nothing for a table that is not partitioned.)
+  SELECT coalesce(array_agg(DISTINCT r), '{}') FROM (
+      SELECT t::regclass FROM unnest(poco.capture_relations()) t
+      UNION SELECT p.relid FROM unnest(poco.capture_relations()) t, LATERAL pg_partition_tree(t::regclass) p) x(r)
+$$;
+
+-- Capture triggers on exactly the captured relations while any target syncs, on none
+-- otherwise: the row trigger on each captured table (PostgreSQL clones it onto partitions,
+-- including those created or attached later), the TRUNCATE and wake-up statement triggers
+-- on every partition too (statement triggers are not cloned, and a TRUNCATE or a write may
+-- name one partition). All ENABLE ALWAYS: they fire under session_replication_role = replica
+-- as well (pg_restore --disable-triggers, logical replication's apply), and one found
+-- disabled is enabled again. Triggers of ours under another name (renamed) are dropped.
 -- Returns the number of tables captured.
 CREATE FUNCTION poco.refresh_capture() RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-  want regclass[] := '{}';
+  top regclass[] := '{}';
+  every regclass[] := '{}';
+  ours oid[] := ARRAY['poco.capture()'::regprocedure, 'poco.capture_wake()'::regprocedure]::oid[];
   r record;
 BEGIN
+  -- Our own ALTER TABLE ... ENABLE ALWAYS TRIGGER is not a schema change (poco.schema_changed).
+  PERFORM set_config('poco_sync.refreshing', 'on', true);
   IF EXISTS (SELECT 1 FROM poco.target WHERE continuous) THEN
-    SELECT coalesce(array_agg(rel), '{}') INTO want FROM poco.scope;
+    top := poco.capture_relations()::regclass[];
+    every := poco.captured_relations();
   END IF;
-  FOR r IN SELECT DISTINCT tg.tgrelid::regclass AS rel FROM pg_trigger tg
-            WHERE tg.tgfoid = 'poco.capture()'::regprocedure AND NOT tg.tgrelid::regclass = ANY (want) LOOP
-    EXECUTE format('DROP TRIGGER IF EXISTS poco_capture ON %s', r.rel);
-    EXECUTE format('DROP TRIGGER IF EXISTS poco_capture_truncate ON %s', r.rel);
-    EXECUTE format('DROP TRIGGER IF EXISTS poco_capture_wake ON %s', r.rel);
+  FOR r IN SELECT tg.tgrelid::regclass AS rel, tg.tgname FROM pg_trigger tg
+            WHERE tg.tgfoid = ANY (ours) AND tg.tgparentid = 0
+              AND (tg.tgname NOT IN ('poco_capture', 'poco_capture_truncate', 'poco_capture_wake')
+                   OR NOT (tg.tgrelid::regclass = ANY (CASE WHEN tg.tgname = 'poco_capture' THEN top ELSE every END))) LOOP
+    EXECUTE format('DROP TRIGGER %I ON %s', r.tgname, r.rel);
   END LOOP;
-  FOR r IN SELECT w AS rel FROM unnest(want) w
+  FOR r IN SELECT w AS rel FROM unnest(top) w
             WHERE NOT EXISTS (SELECT 1 FROM pg_trigger tg WHERE tg.tgrelid = w AND tg.tgname = 'poco_capture') LOOP
     EXECUTE format('CREATE TRIGGER poco_capture AFTER INSERT OR UPDATE OR DELETE ON %s '
                    'FOR EACH ROW EXECUTE FUNCTION poco.capture()', r.rel);
-    EXECUTE format('CREATE TRIGGER poco_capture_truncate AFTER TRUNCATE ON %s '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION poco.capture()', r.rel);
-    EXECUTE format('CREATE TRIGGER poco_capture_wake AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION poco.capture_wake()', r.rel);
   END LOOP;
-  IF cardinality(want) = 0 THEN
+  FOR r IN SELECT w AS rel FROM unnest(every) w LOOP
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger tg WHERE tg.tgrelid = r.rel AND tg.tgname = 'poco_capture_truncate') THEN
+      EXECUTE format('CREATE TRIGGER poco_capture_truncate AFTER TRUNCATE ON %s '
+                     'FOR EACH STATEMENT EXECUTE FUNCTION poco.capture()', r.rel);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger tg WHERE tg.tgrelid = r.rel AND tg.tgname = 'poco_capture_wake') THEN
+      EXECUTE format('CREATE TRIGGER poco_capture_wake AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s '
+                     'FOR EACH STATEMENT EXECUTE FUNCTION poco.capture_wake()', r.rel);
+    END IF;
+  END LOOP;
+  -- ENABLE ALWAYS: on the table for the row trigger (it recurses to the clones), on each
+  -- relation for the statement triggers.
+  FOR r IN SELECT DISTINCT t AS rel FROM unnest(top) t
+             JOIN pg_trigger tg ON tg.tgname = 'poco_capture' AND tg.tgenabled <> 'A'
+              AND (tg.tgrelid = t OR tg.tgrelid IN (SELECT p.relid FROM pg_partition_tree(t) p)) LOOP
+    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER poco_capture', r.rel);
+  END LOOP;
+  FOR r IN SELECT tg.tgrelid::regclass AS rel, tg.tgname FROM pg_trigger tg
+            WHERE tg.tgfoid = ANY (ours) AND tg.tgparentid = 0 AND tg.tgname <> 'poco_capture' AND tg.tgenabled <> 'A' LOOP
+    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', r.rel, r.tgname);
+  END LOOP;
+  IF cardinality(top) = 0 THEN
     TRUNCATE poco.change;   -- nobody left to deliver to
   END IF;
-  RETURN cardinality(want);
+  PERFORM set_config('poco_sync.refreshing', 'off', true);
+  RETURN cardinality(top);
 END $$;
+
+-- What is wrong with the capture of the captured relations (NULL: nothing): a trigger
+-- missing, or not ENABLE ALWAYS. The stream checks it every second (src/stream/positions.rs),
+-- so a capture lost in a way no event trigger sees is repaired and re-snapshotted.
+CREATE FUNCTION poco.capture_fault() RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp
+AS $$
+  SELECT string_agg(format('%s %s on %s', w.tgname, CASE WHEN tg.oid IS NULL THEN 'missing' ELSE 'disabled' END, r), ', ')
+    FROM unnest(poco.captured_relations()) r
+   CROSS JOIN unnest(ARRAY['poco_capture', 'poco_capture_truncate', 'poco_capture_wake']) w(tgname)
+    LEFT JOIN pg_trigger tg ON tg.tgrelid = r AND tg.tgname = w.tgname
+   WHERE (tg.oid IS NULL OR tg.tgenabled <> 'A')
+     AND EXISTS (SELECT 1 FROM poco.target WHERE continuous)
+$$;
 
 -- Does position `pos` include every transaction that snapshot `s` sees?
 CREATE FUNCTION poco.snapshot_covers(pos pg_snapshot, s pg_snapshot) RETURNS boolean
@@ -284,6 +338,7 @@ BEGIN
   IF t.continuous AND t.sync_state IN ('snapshot', 'resnapshot', 'streaming') THEN
     RETURN t.id;   -- already on: nothing to start again
   END IF;
+  PERFORM poco.check_followable();
   -- The position holds, until the snapshot job records its own, a snapshot taken before it:
   -- changes are pruned below the oldest position, and the job's snapshot needs those after it.
   UPDATE poco.target SET continuous = true, sync_state = 'snapshot', sync_position = pg_current_snapshot(),
@@ -328,17 +383,24 @@ LANGUAGE sql SET search_path = pg_catalog, pg_temp
 AS $$ SELECT count(*)::integer FROM poco.target t WHERE t.continuous AND poco.resnapshot(t.id, why) $$;
 
 -- A schema change of a scoped table, or of a type one of its columns uses, reaches the
--- learners through a new snapshot (the learner's copy is recreated with the new schema).
+-- learners through a new snapshot (the learner's copy is recreated with the new schema). So
+-- does one of another captured relation (a path table, a partition: paths and partitions may
+-- have changed), and the capture triggers are refreshed (an ALTER TABLE ... DISABLE TRIGGER
+-- of ours is undone at once).
 CREATE FUNCTION poco.schema_changed() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
   hit text;
+  continuous boolean;
 BEGIN
-  IF to_regclass('poco.target') IS NULL OR NOT EXISTS (SELECT 1 FROM poco.scope) THEN
+  IF to_regclass('poco.target') IS NULL OR NOT EXISTS (SELECT 1 FROM poco.scope)
+     OR current_setting('poco_sync.refreshing', true) = 'on' THEN
     RETURN;
   END IF;
-  WITH scoped AS (SELECT rel::oid AS oid FROM poco.scope),
+  continuous := EXISTS (SELECT 1 FROM poco.target t WHERE t.continuous);
+  WITH scoped AS (SELECT rel::oid AS oid FROM poco.scope
+                  UNION SELECT unnest(poco.captured_relations())::oid WHERE continuous),
        used AS (SELECT a.atttypid AS oid FROM pg_attribute a JOIN scoped s ON a.attrelid = s.oid
                  WHERE a.attnum > 0 AND NOT a.attisdropped),
        types AS (SELECT u.oid FROM used u
@@ -355,7 +417,7 @@ BEGIN
      AND e.rel::oid IN (SELECT d.objid FROM pg_event_trigger_ddl_commands() d WHERE d.classid = 'pg_class'::regclass);
   IF hit IS NOT NULL THEN
     UPDATE poco.scope_generation SET n = n + 1;
-    IF EXISTS (SELECT 1 FROM poco.target WHERE continuous) THEN
+    IF continuous THEN
       PERFORM poco.refresh_capture();
       PERFORM poco.resnapshot_all(format('the schema of %s changed', hit));
     END IF;
@@ -364,6 +426,30 @@ END $$;
 CREATE EVENT TRIGGER poco_schema_changed ON ddl_command_end
   WHEN TAG IN ('ALTER TABLE', 'ALTER TYPE', 'ALTER DOMAIN')
   EXECUTE FUNCTION poco.schema_changed();
+
+-- A capture trigger dropped or renamed, or a partition created under a captured table: the
+-- capture is put right at the end of that very command, so no write of the transaction goes
+-- uncaptured.
+CREATE FUNCTION poco.capture_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+  IF to_regclass('poco.target') IS NULL OR current_setting('poco_sync.refreshing', true) = 'on'
+     OR NOT EXISTS (SELECT 1 FROM poco.target WHERE continuous) THEN
+    RETURN;
+  END IF;
+  IF poco.capture_fault() IS NOT NULL THEN
+    PERFORM poco.refresh_capture();
+  END IF;
+END $$;
+CREATE EVENT TRIGGER poco_capture_ddl ON ddl_command_end
+  WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'DROP TRIGGER', 'ALTER TRIGGER')
+  EXECUTE FUNCTION poco.capture_ddl();
+
+-- Event triggers of poco_sync fire whatever session_replication_role says.
+ALTER EVENT TRIGGER poco_schema_changed ENABLE ALWAYS;
+ALTER EVENT TRIGGER poco_capture_ddl ENABLE ALWAYS;
+ALTER EVENT TRIGGER poco_forget_dropped_tables ENABLE ALWAYS;
 
 CREATE FUNCTION pg_catalog.poco_enable_sync(parent_id anyelement, url text)
 RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp

@@ -275,6 +275,84 @@ pub fn root_rows(sc: &Scope, parent: &str) -> i64 {
     .unwrap_or(0)
 }
 
+/// Why continuous sync could not follow the root predicate (None: it can). Continuous sync
+/// sees the changes of captured tables' rows, and attributes a root row by its own image: a
+/// predicate that reads other rows (a subquery) or calls a function that is not immutable
+/// (now(), a function reading tables) can change its answer for a row nobody touched.
+pub fn unfollowable(sc: &Scope) -> Option<String> {
+    let root = sc.table(sc.root)?;
+    let pred = poco_core::predicate::Predicate::parse(&sc.predicate).ok()?;
+    if pred.has_subquery() {
+        return Some("it reads other rows (a subquery)".into());
+    }
+    // Whether it calls a function that is not immutable (directly, through an operator or a
+    // cast): PostgreSQL's own contain_mutable_functions over the predicate as parsed, read
+    // from a view over it made in a subtransaction that is rolled back.
+    let probe = format!(
+        "CREATE VIEW poco.predicate_probe AS SELECT 1 AS x FROM ONLY {} {} WHERE ({})",
+        root.ident,
+        core_scope::ROOT_ALIAS,
+        pred.with_param(&format!("NULL::{}", sc.key_type))
+    );
+    let (cx, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
+    unsafe {
+        pg_sys::BeginInternalSubTransaction(std::ptr::null());
+        pg_sys::MemoryContextSwitchTo(cx);
+    }
+    let mutable = PgTryBuilder::new(|| {
+        Spi::run(&probe).ok()?;
+        let action = Spi::get_one::<String>(
+            "SELECT ev_action::text FROM pg_catalog.pg_rewrite WHERE ev_class = 'poco.predicate_probe'::pg_catalog.regclass",
+        )
+        .ok()
+        .flatten()?;
+        let action = std::ffi::CString::new(action).ok()?;
+        unsafe {
+            let list = pg_sys::stringToNode(action.as_ptr()) as *mut pg_sys::List;
+            if list.is_null() || (*list).length < 1 {
+                return None;
+            }
+            let query = (*(*list).elements).ptr_value as *mut pg_sys::Query;
+            let quals = (*(*query).jointree).quals;
+            Some(pg_sys::contain_mutable_functions(quals))
+        }
+    })
+    .catch_others(|_| None)
+    .execute();
+    unsafe {
+        pg_sys::RollbackAndReleaseCurrentSubTransaction();
+        pg_sys::MemoryContextSwitchTo(cx);
+        pg_sys::CurrentResourceOwner = owner;
+    }
+    match mutable {
+        Some(false) => None,
+        Some(true) => {
+            // Name them for the message, as far as the text shows them.
+            let named = rows(
+                "SELECT pg_catalog.string_agg(DISTINCT p.proname || '()', ', ') FROM pg_catalog.pg_proc p \
+                  WHERE p.provolatile <> 'i' AND $1 ~* ('\\m' || p.proname || '\\s*\\(')",
+                &[sc.predicate.as_str().into()],
+                |r| r.get::<String>(1).ok().flatten(),
+            )
+            .pop()
+            .flatten();
+            Some(match named {
+                Some(n) => format!("it calls {n}, which is not immutable"),
+                None => "it calls a function that is not immutable".into(),
+            })
+        }
+        None => Some("its functions could not be checked".into()),
+    }
+}
+
+pub fn unfollowable_error(why: &str, when: &str) -> PocoError {
+    core_scope::scope_err(
+        SqlState::FeatureNotSupported,
+        format!("{when}continuous sync cannot follow the scope root's predicate: {why}"),
+        "Continuous sync attributes a root row by its own values: write the predicate over the root's columns with immutable functions only (SELECT poco_scope_root(...)), or copy this account with poco_push, which reads one snapshot.",
+    )
+}
+
 /// Run the predicate once (no rows) so that PostgreSQL reports unknown columns, type errors
 /// and non-boolean results now, phrased as a predicate error.
 fn check_predicate_sql(sc: &Scope) {
@@ -379,6 +457,19 @@ fn validate_and_log(message: String, detail: serde_json::Value) {
     let sc = current().or_raise();
     if let Some(sc) = &sc {
         check_predicate_sql(sc);
+        let continuous =
+            Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM poco.target WHERE continuous)")
+                .ok()
+                .flatten()
+                .unwrap_or(false);
+        if continuous {
+            if let Some(why) = unfollowable(sc) {
+                raise(unfollowable_error(
+                    &why,
+                    "while targets sync continuously, ",
+                ));
+            }
+        }
     }
     catalog::log_event("scope_changed", None, None, &message, detail);
     sync_follows_scope("the account scope changed");
@@ -619,6 +710,32 @@ pub mod poco {
             })
             .collect();
         TableIterator::new(out)
+    }
+
+    /// Refuse continuous sync for a scope whose root predicate it could not follow (SQLSTATE
+    /// 0A000, see `unfollowable`); nothing when there is no scope yet.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn check_followable() {
+        if let Ok(Some(sc)) = current() {
+            if let Some(why) = unfollowable(&sc) {
+                raise(unfollowable_error(&why, ""));
+            }
+        }
+    }
+
+    /// The tables continuous sync captures: the scoped ones and the undeclared tables their
+    /// ownership paths pass through (a change of one can move rows between families). When
+    /// the scope does not compile, the declared tables.
+    #[pg_extern(volatile, parallel_unsafe)]
+    fn capture_relations() -> Vec<pg_sys::Oid> {
+        match current() {
+            Ok(Some(sc)) => sc.captured().into_iter().map(pg_sys::Oid::from).collect(),
+            _ => rows(
+                "SELECT rel::oid::int8 FROM poco.scope ORDER BY 1",
+                &[],
+                |r| pg_sys::Oid::from(oid_of(r, 1)),
+            ),
+        }
     }
 
     /// The compiled queries, for DBAs (EXPLAIN them) and for the push and sync code.

@@ -18,6 +18,9 @@ use crate::error::{PocoError, Result};
 pub struct Predicate {
     /// The text split around each `$1`: `parts.len() == uses + 1`.
     parts: Vec<String>,
+    /// It holds a subquery (the words SELECT or TABLE outside strings and quoted names): it
+    /// reads rows other than the root row it is evaluated on.
+    subquery: bool,
 }
 
 fn bad(msg: &str) -> PocoError {
@@ -32,6 +35,7 @@ impl Predicate {
         let mut depth = 0i32;
         let mut i = 0usize;
         let mut nonblank = false;
+        let mut subquery = false;
         while i < b.len() {
             let c = b[i];
             match c {
@@ -140,6 +144,9 @@ impl Predicate {
                         j += 1;
                     }
                     reserved(&text[i..j])?;
+                    if matches!(text[i..j].to_ascii_uppercase().as_str(), "SELECT" | "TABLE") {
+                        subquery = true;
+                    }
                     i = j;
                     nonblank = true;
                     continue;
@@ -161,7 +168,12 @@ impl Predicate {
         if parts.len() < 2 {
             return Err(bad("it does not use $1, the parent id, so it would select the same rows for every parent"));
         }
-        Ok(Predicate { parts })
+        Ok(Predicate { parts, subquery })
+    }
+
+    /// Whether it reads rows other than the one it is evaluated on (a subquery).
+    pub fn has_subquery(&self) -> bool {
+        self.subquery
     }
 
     /// The predicate with every `$1` replaced by `param` (wrapped in parentheses).

@@ -255,6 +255,8 @@ pub struct Scope {
     /// The parent id's type: the root key's type with domains resolved to their base (a
     /// parent id is cast to it, and a domain's CHECK could run its owner's code).
     pub key_type: String,
+    /// The root predicate as declared.
+    pub predicate: String,
     pub tables: Vec<ScopedTable>,
     /// Undeclared tables that ownership paths pass through: never sent, but a change of one
     /// can move rows between families, so continuous sync captures them too.
@@ -840,6 +842,7 @@ pub fn compile(cat: &Catalog, decls: &Declarations) -> Result<Option<Scope>> {
         root,
         key_column: key_col.ident.clone(),
         key_type,
+        predicate: pred_text.clone(),
         tables,
         paths,
     }))

@@ -405,3 +405,236 @@ fn a_batch_never_names_another_familys_keys() {
         "the cascade was resolved through the log"
     );
 }
+
+#[test]
+fn rows_moved_through_an_undeclared_path_table_follow_their_family() {
+    // class_notes are owned through classrooms, a table the scope does not declare (used for
+    // the join, never sent): moving a classroom to another family moves its notes.
+    let (_platform, db) = sample_platform("seal_path_table", 4);
+    db.execute(
+        "CREATE TABLE elearning.classrooms (id bigint PRIMARY KEY, owner_id bigint NOT NULL REFERENCES elearning.users (id)); \
+         CREATE TABLE elearning.class_notes (id bigint PRIMARY KEY, \
+             classroom_id bigint NOT NULL REFERENCES elearning.classrooms (id) ON DELETE CASCADE, note text NOT NULL); \
+         CREATE INDEX ON elearning.classrooms (owner_id); CREATE INDEX ON elearning.class_notes (classroom_id); \
+         INSERT INTO elearning.classrooms VALUES (501, 21), (502, 22), (503, 23); \
+         INSERT INTO elearning.class_notes SELECT 987700000 + c * 10 + i, c, 'note ' || i FROM generate_series(501, 503) c, generate_series(1, 3) i; \
+         SELECT poco_scope_table('elearning.class_notes');",
+    );
+    let (la, lb) = (
+        logging_learner("seal_path_table_a"),
+        logging_learner("seal_path_table_b"),
+    );
+    let (ta, tb) = (enable_sync(&db, "21", &la), enable_sync(&db, "22", &lb));
+    let (a, b) = (la.connect("family"), lb.connect("family"));
+    let notes =
+        |l: &Db| l.value("SELECT string_agg(id::text, ',' ORDER BY id) FROM elearning.class_notes");
+    assert_eq!(notes(&a).as_deref(), Some("987705011,987705012,987705013"));
+    // Classroom 501 goes to family 22, with its notes.
+    db.execute("UPDATE elearning.classrooms SET owner_id = 22 WHERE id = 501");
+    assert!(
+        synced(&db, ta) && synced(&db, tb),
+        "{} / {}",
+        state(&db, ta),
+        state(&db, tb)
+    );
+    assert_learner_equals_scope(&db, &a, "21");
+    assert_learner_equals_scope(&db, &b, "22");
+    assert_eq!(notes(&a), None, "21 no longer holds 501's notes");
+    // A classroom deleted with its notes (cascade): gone from its family, named to nobody else.
+    db.execute("DELETE FROM elearning.classrooms WHERE id IN (502, 503); UPDATE elearning.users SET display_name = display_name || '.' WHERE id = 21");
+    assert!(
+        synced(&db, ta) && synced(&db, tb),
+        "{} / {}",
+        state(&db, ta),
+        state(&db, tb)
+    );
+    assert_learner_equals_scope(&db, &a, "21");
+    assert_learner_equals_scope(&db, &b, "22");
+    assert_absent(
+        &learner_view(&la),
+        &["98770502".to_string(), "98770503".to_string()],
+        "learner of 21",
+    );
+    assert_absent(
+        &learner_view(&lb),
+        &["98770503".to_string()],
+        "learner of 22",
+    );
+}
+
+#[test]
+fn a_root_predicate_that_reads_more_than_its_row_is_refused_for_continuous_sync() {
+    let (_platform, db) = sample_platform("seal_predicate_reads", 3);
+    let l = poco_e2e::learner("seal_predicate_reads_learner");
+    let url = l.target_url("family", "postgres", "pw");
+    for (p, why) in [
+        (
+            "id = $1 OR id IN (SELECT u.id FROM elearning.users u WHERE u.parent_id = $1)",
+            "reads other rows",
+        ),
+        (
+            "(id = $1 OR parent_id = $1) AND created_at <= now()",
+            "now()",
+        ),
+    ] {
+        db.execute(&format!(
+            "SELECT poco_scope_root('elearning.users', '{}')",
+            p.replace('\'', "''")
+        ));
+        // A push reads one snapshot: fine.
+        let job = poco_e2e::push_to_new_target(&db, "21", &l);
+        poco_e2e::assert_job_succeeds(&db, job, "1 min");
+        // Continuous sync could not follow changes of what else it reads.
+        let e = db.error(&format!("SELECT poco_enable_sync(21, '{url}')"));
+        assert_eq!(e.code().code(), "0A000", "{p}: {}", e.message());
+        assert!(e.message().contains(why), "{p}: {}", e.message());
+        assert!(
+            e.hint().unwrap_or_default().contains("poco_scope_root"),
+            "{:?}",
+            e.hint()
+        );
+    }
+    // While a target syncs, such a predicate cannot be declared.
+    db.execute("SELECT poco_scope_root('elearning.users', 'id = $1 OR parent_id = $1')");
+    let t = enable_sync(&db, "21", &l);
+    let e = db.error(
+        "SELECT poco_scope_root('elearning.users', 'id = $1 OR id IN (SELECT u.id FROM elearning.users u WHERE u.parent_id = $1)')",
+    );
+    assert_eq!(e.code().code(), "0A000", "{}", e.message());
+    assert!(synced(&db, t), "{}", state(&db, t));
+}
+
+#[test]
+fn a_partitioned_table_syncs_through_its_partitions_and_their_changes() {
+    let (_platform, db) = sample_platform("seal_partitions", 3);
+    db.execute(
+        "CREATE TABLE elearning.sessions (id bigint NOT NULL, user_id bigint NOT NULL REFERENCES elearning.users (id), \
+             day date NOT NULL, what text, PRIMARY KEY (id, day)) PARTITION BY RANGE (day); \
+         CREATE INDEX ON elearning.sessions (user_id); \
+         CREATE TABLE elearning.sessions_2025 PARTITION OF elearning.sessions FOR VALUES FROM ('2025-01-01') TO ('2026-01-01'); \
+         -- A partition made apart, its columns in another order, then attached.
+         CREATE TABLE elearning.sessions_2026 (what text, day date NOT NULL, user_id bigint NOT NULL, id bigint NOT NULL); \
+         ALTER TABLE elearning.sessions ATTACH PARTITION elearning.sessions_2026 FOR VALUES FROM ('2026-01-01') TO ('2027-01-01'); \
+         INSERT INTO elearning.sessions SELECT u.id * 10 + d, u.id, date '2025-06-01' + d * 180, 'seen' FROM elearning.users u, generate_series(0, 1) d \
+          WHERE u.id IN (21, 22); \
+         SELECT poco_scope_table('elearning.sessions');",
+    );
+    let l = logging_learner("seal_partitions_learner");
+    let t = enable_sync(&db, "21", &l);
+    let ldb = l.connect("family");
+    let count = |l: &Db| {
+        l.value("SELECT count(*) FROM elearning.sessions")
+            .unwrap_or_default()
+    };
+    assert_eq!(count(&ldb), "2");
+    let changed = |sql: &str| {
+        db.execute(sql);
+        assert!(synced(&db, t), "{sql}: {}", state(&db, t));
+        assert_learner_equals_scope(&db, &ldb, "21");
+    };
+    // Rows written to each partition, one moved across partitions, one deleted.
+    changed("INSERT INTO elearning.sessions VALUES (1, 21, '2025-03-03', 'new 2025'), (2, 21, '2026-03-03', 'new 2026')");
+    assert_eq!(count(&ldb), "4");
+    changed("UPDATE elearning.sessions SET day = '2026-07-07', what = 'moved' WHERE id = 1");
+    changed("DELETE FROM elearning.sessions WHERE id = 2");
+    // Written through a partition directly.
+    changed("INSERT INTO elearning.sessions_2026 (id, user_id, day, what) VALUES (3, 21, '2026-02-02', 'direct')");
+    assert_eq!(count(&ldb), "4");
+    // A partition created after sync started, written; then one partition truncated.
+    changed(
+        "CREATE TABLE elearning.sessions_2027 PARTITION OF elearning.sessions FOR VALUES FROM ('2027-01-01') TO ('2028-01-01'); \
+         INSERT INTO elearning.sessions VALUES (4, 21, '2027-01-05', 'later partition')",
+    );
+    assert_eq!(count(&ldb), "5");
+    changed("TRUNCATE elearning.sessions_2027");
+    assert_eq!(count(&ldb), "4");
+    changed("TRUNCATE elearning.sessions_2025");
+    // Detached: its rows leave the scope; attached again: they come back.
+    changed("ALTER TABLE elearning.sessions DETACH PARTITION elearning.sessions_2026");
+    assert_eq!(count(&ldb), "0");
+    changed("ALTER TABLE elearning.sessions ATTACH PARTITION elearning.sessions_2026 FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')");
+    assert_eq!(count(&ldb), "2");
+    // Sync off and on, and the table out of the scope and back, with partitions in place.
+    db.execute("SELECT poco_disable_sync(21)");
+    assert_eq!(
+        db.value("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'poco_capture%'")
+            .as_deref(),
+        Some("0")
+    );
+    let t = enable_sync(&db, "21", &l);
+    db.execute("SELECT poco_scope_remove('elearning.sessions')");
+    assert!(synced(&db, t), "{}", state(&db, t));
+    db.execute("SELECT poco_scope_table('elearning.sessions')");
+    db.execute("INSERT INTO elearning.sessions VALUES (5, 21, '2026-09-09', 'after all that')");
+    assert!(synced(&db, t), "{}", state(&db, t));
+    assert_learner_equals_scope(&db, &ldb, "21");
+    assert_eq!(count(&ldb), "3");
+}
+
+#[test]
+fn a_capture_dropped_disabled_or_bypassed_is_repaired_and_loses_nothing() {
+    let (_platform, db) = sample_platform("seal_triggers", 3);
+    let l = poco_e2e::learner("seal_triggers_learner");
+    let t = enable_sync(&db, "21", &l);
+    let ldb = l.connect("family");
+    let name = |l: &Db| {
+        l.value("SELECT display_name FROM elearning.users WHERE id = 21")
+            .unwrap_or_default()
+    };
+    let write = |sql: &str, want: &str| {
+        db.execute(&format!(
+            "{sql}; UPDATE elearning.users SET display_name = '{want}' WHERE id = 21"
+        ));
+        assert!(synced(&db, t), "{sql}: {}", state(&db, t));
+        assert_eq!(name(&ldb), want, "{sql}");
+        assert_learner_equals_scope(&db, &ldb, "21");
+    };
+    write(
+        "DROP TRIGGER poco_capture ON elearning.users",
+        "after a dropped trigger",
+    );
+    write(
+        "ALTER TABLE elearning.users DISABLE TRIGGER poco_capture",
+        "after a disabled trigger",
+    );
+    write(
+        "ALTER TABLE elearning.users DISABLE TRIGGER ALL",
+        "after all triggers disabled",
+    );
+    write(
+        "SET session_replication_role = replica",
+        "under replica role",
+    );
+    db.execute("RESET session_replication_role");
+    write(
+        "ALTER TRIGGER poco_capture ON elearning.users RENAME TO renamed",
+        "after a renamed trigger",
+    );
+    assert_eq!(
+        db.value("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'elearning.users'::regclass AND tgfoid = 'poco.capture()'::regprocedure").as_deref(),
+        Some("2"),
+        "one row and one TRUNCATE trigger, the renamed one gone"
+    );
+    // What no event trigger sees (event triggers off): the stream finds it within seconds,
+    // repairs the capture and re-snapshots, so the write made meanwhile arrives too.
+    db.execute(
+        "ALTER EVENT TRIGGER poco_capture_ddl DISABLE; DROP TRIGGER poco_capture ON elearning.users; \
+         ALTER EVENT TRIGGER poco_capture_ddl ENABLE ALWAYS; \
+         UPDATE elearning.users SET display_name = 'uncaptured' WHERE id = 21",
+    );
+    assert!(
+        poco_e2e::wait_for(std::time::Duration::from_secs(30), || (name(&ldb)
+            == "uncaptured")
+            .then_some(()))
+        .is_some(),
+        "{}",
+        state(&db, t)
+    );
+    assert_eq!(
+        db.value("SELECT count(*) FROM poco.events WHERE kind = 'capture_repaired'")
+            .as_deref(),
+        Some("1")
+    );
+    assert!(synced(&db, t), "{}", state(&db, t));
+    assert_learner_equals_scope(&db, &ldb, "21");
+}

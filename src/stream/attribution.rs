@@ -7,6 +7,7 @@
 //! or else the batch reconciles the table from the family's own keys instead of naming it.
 
 use super::*;
+use poco_core::scope::Hop;
 
 /// Whom one image of a change belongs to.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,70 +92,87 @@ pub(super) fn attribute(
     // The candidates as one text[] datum for the whole chunk (in the caller's memory context),
     // not one array per row image.
     let candidates: pgrx::datum::DatumWithOid = parents.to_vec().into();
-    let mut side = |table: &poco_core::scope::ScopedTable, img: &Option<Value>, is_old: bool| {
+    // One image through the owners queries of its table (one per way up to the root: two
+    // only for an undeclared table two ownership paths leave by different keys).
+    let mut side = |queries: &[&str], up: Option<&Hop>, img: &Option<Value>, is_old: bool| {
         let Some(img) = img else { return Side::Absent };
         if !img.is_object() {
             return Side::Failed;
         }
-        let args = [
-            unsafe {
-                pgrx::datum::DatumWithOid::new_from_datum(candidates.datum(), candidates.oid())
-            },
-            pgrx::JsonB(img.clone()).into(),
-        ];
-        match select_kept(
-            plans,
-            &table.owners_sql,
-            &[PgBuiltInOids::TEXTARRAYOID, PgBuiltInOids::JSONBOID],
-            &args,
-        ) {
-            Ok(rows) => {
-                let mut found: Vec<u32> = Vec::new();
-                let mut reached = true;
-                for p in rows {
-                    match p {
-                        None => reached = false,
-                        Some(p) => {
-                            if let Ok(i) = parents.binary_search(&p) {
-                                if !found.contains(&(i as u32)) {
-                                    found.push(i as u32);
-                                }
+        let mut found: Vec<u32> = Vec::new();
+        let mut reached = false;
+        for sql in queries {
+            let args = [
+                unsafe {
+                    pgrx::datum::DatumWithOid::new_from_datum(candidates.datum(), candidates.oid())
+                },
+                pgrx::JsonB(img.clone()).into(),
+            ];
+            let Ok(rows) = select_kept(
+                plans,
+                sql,
+                &[PgBuiltInOids::TEXTARRAYOID, PgBuiltInOids::JSONBOID],
+                &args,
+            ) else {
+                return Side::Failed;
+            };
+            let mut this_reached = true;
+            for p in rows {
+                match p {
+                    None => this_reached = false,
+                    Some(p) => {
+                        if let Ok(i) = parents.binary_search(&p) {
+                            if !found.contains(&(i as u32)) {
+                                found.push(i as u32);
                             }
                         }
                     }
                 }
-                // The new image is what S holds: reaching no root row, it is nobody's. The
-                // old one reaching none is nobody's only when its own key says "no
-                // reference" (a NULL); else an ancestor is gone and the log must tell.
-                let null_up = table.up.as_ref().is_some_and(|h| {
-                    h.child_cols
-                        .iter()
-                        .any(|c| img.get(c).is_none_or(Value::is_null))
-                });
-                if reached || !is_old || null_up {
-                    Side::Known(found)
-                } else {
-                    Side::Unreached
-                }
             }
-            Err(_) => Side::Failed,
+            reached |= this_reached;
+        }
+        // The new image is what S holds: reaching no root row, it is nobody's. The old one
+        // reaching none is nobody's only when its own key says "no reference" (a NULL); else
+        // an ancestor is gone and the log must tell.
+        let null_up = up.is_some_and(|h| {
+            h.child_cols
+                .iter()
+                .any(|c| img.get(c).is_none_or(Value::is_null))
+        });
+        if reached || !is_old || null_up {
+            Side::Known(found)
+        } else {
+            Side::Unreached
         }
     };
     changes
         .iter()
         .map(|(rel, op, old, new)| {
-            let Some(table) = sc.table(*rel) else {
-                return Owners::Rows {
-                    old: Side::Known(Vec::new()),
-                    new: Side::Known(Vec::new()),
-                };
-            };
-            if op == "T" || matches!(table.role, Role::Reference(_)) {
+            if op == "T" {
                 return Owners::Everyone;
             }
+            // A row of an undeclared path table is never sent; its images tell whether what
+            // it leads to changed family (moved) and whom its old self belonged to.
+            let (queries, up): (Vec<&str>, Option<&Hop>) =
+                match (sc.table(*rel), sc.path_table(*rel)) {
+                    (Some(t), _) if matches!(t.role, Role::Reference(_)) => {
+                        return Owners::Everyone
+                    }
+                    (Some(t), _) => (vec![t.owners_sql.as_str()], t.up.as_ref()),
+                    (None, Some(p)) => (
+                        p.owners_sql.iter().map(String::as_str).collect(),
+                        p.up.as_ref(),
+                    ),
+                    (None, None) => {
+                        return Owners::Rows {
+                            old: Side::Known(Vec::new()),
+                            new: Side::Known(Vec::new()),
+                        }
+                    }
+                };
             Owners::Rows {
-                old: side(table, old, true),
-                new: side(table, new, false),
+                old: side(&queries, up, old, true),
+                new: side(&queries, up, new, false),
             }
         })
         .collect()

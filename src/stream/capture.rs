@@ -55,14 +55,14 @@ fn rel_image(sc: &Scope, rels: &RelImages, rel: u32) -> Option<std::rc::Rc<RelIm
     if let Some(known) = rels.borrow().get(&rel) {
         return known.clone();
     }
-    let found = match sc.table(rel) {
-        Some(t) => Some(RelImage {
+    let columns = sc
+        .table(rel)
+        .map(|t| &t.all_columns)
+        .or_else(|| sc.path_table(rel).map(|p| &p.all_columns));
+    let found = match columns {
+        Some(cols) => Some(RelImage {
             scoped: rel,
-            columns: t
-                .all_columns
-                .iter()
-                .map(|c| (c.name.clone(), c.json))
-                .collect(),
+            columns: cols.iter().map(|c| (c.name.clone(), c.json)).collect(),
         }),
         // A partition (at any depth) of a scoped partitioned table: its own column order.
         None => Spi::connect(|c| {
@@ -80,7 +80,7 @@ fn rel_image(sc: &Scope, rels: &RelImages, rel: u32) -> Option<std::rc::Rc<RelIm
                 let root = u32::from(r.get::<pg_sys::Oid>(1).ok()??);
                 let names = r.get::<Vec<String>>(2).ok()??;
                 let json = r.get::<Vec<bool>>(3).ok()??;
-                (root != rel && sc.table(root).is_some()).then(|| RelImage {
+                (root != rel && (sc.table(root).is_some() || sc.path_table(root).is_some())).then(|| RelImage {
                     scoped: root,
                     columns: names.into_iter().zip(json).collect(),
                 })
@@ -275,7 +275,10 @@ fn up_key(
     rel: u32,
     img: &Value,
 ) -> Option<(u32, Box<str>)> {
-    let hop = sc.table(rel)?.up.as_ref()?;
+    let hop = match sc.table(rel) {
+        Some(t) => t.up.as_ref()?,
+        None => sc.path_table(rel)?.up.as_ref()?,
+    };
     let ppk = pks.get(&hop.parent)?;
     if ppk.len() != hop.parent_cols.len() || !ppk.iter().all(|c| hop.parent_cols.contains(c)) {
         return None;

@@ -437,7 +437,11 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                                 && o.moved()
                                     .is_some_and(|m| pi.is_some_and(|p| m.contains(&p)))
                         }) {
-                            let name = sc.table(c.rel).map(|x| x.ident.as_str()).unwrap_or("?");
+                            let name = sc
+                                .table(c.rel)
+                                .map(|x| x.ident.as_str())
+                                .or_else(|| sc.path_table(c.rel).map(|x| x.ident.as_str()))
+                                .unwrap_or("?");
                             steps.push((
                                 t,
                                 Step::Done(Outcome::Resnapshot(format!(
@@ -560,6 +564,10 @@ fn primary_keys(sc: &Scope) -> HashMap<u32, Vec<String>> {
             .unwrap_or_default()
         });
         out.insert(t.oid, cols);
+    }
+    // Undeclared tables on the paths: their old images are found by key in the log.
+    for p in &sc.paths {
+        out.insert(p.oid, p.pk.clone());
     }
     out
 }

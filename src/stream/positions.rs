@@ -266,6 +266,7 @@ pub(super) fn maintain(st: &mut State) -> bool {
         }
         if st.part == 0 {
             prune();
+            repair_capture();
         }
         st.any_continuous =
             Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM poco.target WHERE continuous)")
@@ -274,4 +275,30 @@ pub(super) fn maintain(st: &mut State) -> bool {
                 .unwrap_or(false);
         st.any_continuous
     }))
+}
+
+/// A capture trigger missing or disabled in a way no event trigger saw (an event trigger
+/// disabled, a catalog edited by hand): the capture is put right and every continuous target
+/// re-snapshotted, since changes may have gone uncaptured meanwhile. Checked once a second.
+pub(super) fn repair_capture() {
+    let fault = match Spi::get_one::<String>("SELECT poco.capture_fault()") {
+        Ok(Some(f)) => f,
+        _ => return,
+    };
+    log!("poco_sync stream: the capture is not intact ({fault}); repairing it and re-snapshotting every continuous target");
+    let why = format!("the capture was not intact ({fault}): changes may have gone uncaptured");
+    let done = Spi::run_with_args(
+        "SELECT poco.refresh_capture(), poco.resnapshot_all($1)",
+        &[why.as_str().into()],
+    )
+    .and_then(|_| {
+        Spi::run_with_args(
+            "INSERT INTO poco.events (kind, message, detail) \
+             VALUES ('capture_repaired', $1, pg_catalog.jsonb_build_object('fault', $2::text))",
+            &[why.as_str().into(), fault.as_str().into()],
+        )
+    });
+    if let Err(e) = done {
+        log!("poco_sync stream: could not repair the capture: {e}");
+    }
 }
