@@ -20,8 +20,17 @@ static SYNC_MAX_BACKLOG_AGE_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 static FAILPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static SYNC_WORKERS: GucSetting<i32> = GucSetting::<i32>::new(2);
 static SYNC_IDLE_S: GucSetting<i32> = GucSetting::<i32>::new(60);
+static SSL_ROOT_CERT_DIR: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 pub fn init() {
+    GucRegistry::define_string_guc(
+        c"poco.ssl_root_cert_dir",
+        c"Directory a target's sslrootcert file must be in (unset: only sslrootcert=system).",
+        c"A target's URL comes from the application; without this bound it could name any file the server can read (a device, a pipe, another key).",
+        &SSL_ROOT_CERT_DIR,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
     GucRegistry::define_string_guc(
         c"poco.database",
         c"Database whose poco_sync background worker sends data to learners.",
@@ -241,4 +250,8 @@ pub fn sync_workers() -> usize {
 pub fn sync_idle_timeout() -> Option<std::time::Duration> {
     let s = SYNC_IDLE_S.get();
     (s > 0).then(|| std::time::Duration::from_secs(s as u64))
+}
+
+pub fn ssl_root_cert_dir() -> Option<String> {
+    string(&SSL_ROOT_CERT_DIR).filter(|s| !s.is_empty())
 }

@@ -202,15 +202,83 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
-fn roots(spec: &TargetSpec) -> Result<RootCertStore, JobError> {
+/// Read an sslrootcert file without letting it hold up or flood the job: inside the allowed
+/// directory once resolved (a symlink may not lead out), opened without blocking (a FIFO
+/// would wait for a writer forever), a regular file, at most ROOT_CERT_MAX bytes (a device
+/// such as /dev/zero never ends). Runs on a blocking thread of the runtime, with a timeout.
+fn read_root_file(path: &str, dir: Option<&str>) -> Result<Vec<u8>, JobError> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let max = poco_core::target::ROOT_CERT_MAX;
+    let bad = |m: String| {
+        JobError::new("42501", m).hint(
+            "sslrootcert names a PEM file of at most 1 MB inside poco.ssl_root_cert_dir, readable by the server's operating-system user; or use sslrootcert=system.",
+        )
+    };
+    poco_core::target::root_cert_in(path, dir).map_err(|e| bad(e.to_string()))?;
+    let dir = dir.unwrap_or_default();
+    let real = std::fs::canonicalize(path)
+        .map_err(|e| bad(format!("cannot read sslrootcert \"{path}\": {e}")))?;
+    let real_dir = std::fs::canonicalize(dir)
+        .map_err(|e| bad(format!("cannot read poco.ssl_root_cert_dir \"{dir}\": {e}")))?;
+    if !real.starts_with(&real_dir) {
+        return Err(bad(format!(
+            "sslrootcert \"{path}\" leads out of poco.ssl_root_cert_dir (to {})",
+            real.display()
+        )));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&real)
+        .map_err(|e| bad(format!("cannot open sslrootcert \"{path}\": {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| bad(format!("cannot read sslrootcert \"{path}\": {e}")))?;
+    if !meta.is_file() {
+        return Err(bad(format!("sslrootcert \"{path}\" is not a regular file")));
+    }
+    if meta.len() > max {
+        return Err(bad(format!(
+            "sslrootcert \"{path}\" is larger than {} kB ({} bytes)",
+            max / 1024,
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| bad(format!("cannot read sslrootcert \"{path}\": {e}")))?;
+    if bytes.len() as u64 > max {
+        return Err(bad(format!(
+            "sslrootcert \"{path}\" grew past {} kB while read",
+            max / 1024
+        )));
+    }
+    Ok(bytes)
+}
+
+async fn roots(spec: &TargetSpec, root_dir: Option<String>) -> Result<RootCertStore, JobError> {
     let mut store = RootCertStore::empty();
-    match spec.params.get("sslrootcert").map(String::as_str) {
+    match spec.params.get("sslrootcert").cloned() {
         Some(path) if path != "system" => {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            let p = path.clone();
+            let bytes = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::task::spawn_blocking(move || read_root_file(&p, root_dir.as_deref())),
+            )
+            .await
+            .map_err(|_| {
+                JobError::new(
+                    "58030",
+                    format!("reading sslrootcert \"{path}\" took over 5 s"),
+                )
+            })?
+            .map_err(|e| JobError::new("XX000", format!("reading sslrootcert: {e}")))??;
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes)
+                .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| {
-                    JobError::new("58P01", format!("cannot read sslrootcert \"{path}\": {e}"))
-                        .hint("sslrootcert names a PEM file readable by the server's operating-system user.")
+                    JobError::new("22023", format!("sslrootcert \"{path}\" is not PEM: {e}"))
                 })?;
             let (added, _) = store.add_parsable_certificates(certs);
             if added == 0 {
@@ -232,14 +300,16 @@ fn roots(spec: &TargetSpec) -> Result<RootCertStore, JobError> {
     Ok(store)
 }
 
-fn tls(spec: &TargetSpec) -> Result<MakeRustlsConnect, JobError> {
+async fn tls(spec: &TargetSpec, root_dir: Option<String>) -> Result<MakeRustlsConnect, JobError> {
     let p = provider();
     let verifier: Arc<dyn ServerCertVerifier> = match spec.sslmode {
         SslMode::VerifyCa | SslMode::VerifyFull => {
-            let webpki =
-                WebPkiServerVerifier::builder_with_provider(Arc::new(roots(spec)?), p.clone())
-                    .build()
-                    .map_err(|e| JobError::new("22023", format!("TLS roots: {e}")))?;
+            let webpki = WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots(spec, root_dir).await?),
+                p.clone(),
+            )
+            .build()
+            .map_err(|e| JobError::new("22023", format!("TLS roots: {e}")))?;
             if spec.sslmode == SslMode::VerifyCa {
                 Arc::new(ChainOnly(webpki))
             } else {
@@ -309,6 +379,7 @@ pub async fn connect(
     spec: &TargetSpec,
     password: Option<&str>,
     allow_private: bool,
+    root_dir: Option<String>,
     timeout: Duration,
     application_name: &str,
 ) -> Result<tokio_postgres::Client, JobError> {
@@ -350,7 +421,7 @@ pub async fn connect(
         SslMode::Allow | SslMode::Prefer => PgSslMode::Prefer,
         _ => PgSslMode::Require,
     });
-    let tls = tls(spec)?;
+    let tls = tls(spec, root_dir).await?;
     let (client, conn) = tokio::time::timeout(timeout, cfg.connect(tls))
         .await
         .map_err(|_| {

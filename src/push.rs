@@ -635,6 +635,7 @@ fn open_learner(
             &target.spec,
             password,
             gucs::allow_private_targets(),
+            gucs::ssl_root_cert_dir(),
             timeout,
             "poco_sync push",
         ),

@@ -38,6 +38,7 @@ pub mod poco {
     ) -> Result<i64> {
         let spec = parse(url, url_json)?;
         spec.validate(gucs::allow_private_targets())?;
+        spec.check_root_cert(gucs::ssl_root_cert_dir().as_deref())?;
         let parent = crate::scope::existing_parent(parent_id)?;
         let parent_id = parent.as_str();
         let key = keys::current()?;

@@ -604,6 +604,17 @@ impl TargetSpec {
         }
     }
 
+    /// The sslrootcert parameter, if any, names a file inside `dir` (poco.ssl_root_cert_dir):
+    /// checked by its text when the target is stored, and again (resolved, opened without
+    /// blocking, bounded in size) when a job connects (src/net.rs).
+    pub fn check_root_cert(&self, dir: Option<&str>) -> Result<()> {
+        match self.params.get("sslrootcert") {
+            None => Ok(()),
+            Some(p) if p == "system" => Ok(()),
+            Some(p) => root_cert_in(p, dir),
+        }
+    }
+
     /// A URL safe to show anywhere: the password replaced by `***` if there is one.
     pub fn redacted_url(&self) -> String {
         const USERINFO: &AsciiSet = &CONTROLS
@@ -674,4 +685,33 @@ pub fn mask_secrets(msg: &str, secrets: &[&str]) -> String {
         out = out.replace(*s, "***");
     }
     out
+}
+
+/// Largest sslrootcert file read (a bundle of every public root is about 200 kB).
+pub const ROOT_CERT_MAX: u64 = 1 << 20;
+
+/// `path` is an absolute path inside `dir`, without `.` or `..` steps.
+pub fn root_cert_in(path: &str, dir: Option<&str>) -> Result<()> {
+    use std::path::{Component, Path};
+    let hint_dir = "A target's sslrootcert may only name a file in the directory a superuser set as poco.ssl_root_cert_dir; sslrootcert=system uses the server's trusted roots.";
+    let Some(dir) = dir.filter(|d| !d.is_empty()) else {
+        return Err(crate::scope::scope_err(
+            crate::SqlState::InsufficientPrivilege,
+            format!("sslrootcert \"{path}\" names a file, and poco.ssl_root_cert_dir is not set"),
+            hint_dir,
+        ));
+    };
+    let p = Path::new(path);
+    let clean = p.is_absolute()
+        && !p
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir));
+    if !clean || !p.starts_with(dir) || p == Path::new(dir) {
+        return Err(crate::scope::scope_err(
+            crate::SqlState::InsufficientPrivilege,
+            format!("sslrootcert \"{path}\" is not a file inside poco.ssl_root_cert_dir ({dir})"),
+            hint_dir,
+        ));
+    }
+    Ok(())
 }

@@ -444,3 +444,28 @@ fn user_info_after_three_slashes_is_refused_not_taken_as_a_database_name() {
     // A real '@' in a database name, written %40, is still fine.
     assert_eq!(ok("postgresql://u@db.example.com/my%40db").dbname, "my@db");
 }
+
+#[test]
+fn sslrootcert_names_a_file_inside_the_allowed_directory_only() {
+    use poco_core::target::root_cert_in;
+    let code = |p: &str, d: Option<&str>| root_cert_in(p, d).map_err(|e| e.sqlstate().code());
+    assert_eq!(code("/etc/poco/ca/root.crt", Some("/etc/poco/ca")), Ok(()));
+    assert_eq!(
+        code("/etc/poco/ca/sub/root.crt", Some("/etc/poco/ca/")),
+        Ok(())
+    );
+    for p in [
+        "/dev/zero",
+        "/etc/poco/ca/../../passwd",
+        "ca/root.crt",
+        "/etc/poco/ca",
+        "/etc/poco/cab/x",
+    ] {
+        assert_eq!(code(p, Some("/etc/poco/ca")), Err("42501"), "{p}");
+    }
+    assert_eq!(
+        code("/etc/poco/ca/root.crt", None),
+        Err("42501"),
+        "no directory set: files refused"
+    );
+}

@@ -105,7 +105,16 @@ fn sslmodes_behave_as_in_libpq() {
     let (platform, db) = platform_with_scope();
     let tls = Server::start("tls_learner", &Options::learner());
     let (ca, crt, key) = certificates(&platform.dir.join("pki"));
-    let ca_path = platform.write_key_file("root.crt", &ca);
+    // Roots a target may name live in poco.ssl_root_cert_dir.
+    let certs = platform.dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let ca_path = platform.write_key_file("certs/root.crt", &ca);
+    db.execute(&format!(
+        "ALTER SYSTEM SET poco.ssl_root_cert_dir = '{}'",
+        certs.display()
+    ));
+    db.execute("SELECT pg_reload_conf()");
+    std::thread::sleep(std::time::Duration::from_millis(300));
     let crt_path = tls.write_key_file("server.crt", &crt);
     let key_path = tls.write_key_file("server.key", &key);
     let ldb = tls.connect("postgres");
@@ -207,4 +216,78 @@ fn sslmodes_behave_as_in_libpq() {
     assert_eq!(state, "failed");
     assert!(err.contains("does not offer TLS"), "{err}");
     assert!(!err.contains("Learner-pw-1"));
+}
+
+#[test]
+fn an_sslrootcert_cannot_name_any_file_nor_hold_up_or_flood_a_push() {
+    let (platform, db) = platform_with_scope();
+    let learner = Server::start("tls_rootcert_learner", &Options::learner());
+    let url = |cert: &str| {
+        format!(
+            "postgresql://postgres:x@localhost:{}/postgres?sslmode=verify-full&sslrootcert={cert}",
+            learner.port
+        )
+    };
+    // Without poco.ssl_root_cert_dir no file may be named; with it, only files inside.
+    let refused = |cert: &str| {
+        let e = db.error(&format!("SELECT poco_add_target(1, '{}')", url(cert)));
+        assert_eq!(e.code().code(), "42501", "{cert}: {}", e.message());
+        assert!(
+            e.hint()
+                .unwrap_or_default()
+                .contains("poco.ssl_root_cert_dir"),
+            "{cert}"
+        );
+    };
+    refused("/dev/zero");
+    let certs = platform.dir.join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    db.execute(&format!(
+        "ALTER SYSTEM SET poco.ssl_root_cert_dir = '{}'",
+        certs.display()
+    ));
+    db.execute("SELECT pg_reload_conf()");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for cert in [
+        "/dev/zero",
+        "relative.pem",
+        &format!("{}/../key", certs.display()),
+    ] {
+        refused(cert);
+    }
+    // Inside the directory but not a certificate file: each push fails at once, saying why.
+    let sh = |cmd: &str| {
+        assert!(
+            Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .status()
+                .unwrap()
+                .success(),
+            "{cmd}"
+        );
+    };
+    let d = certs.display();
+    sh(&format!(
+        "mkfifo {d}/pipe.pem && ln -s /dev/zero {d}/zero.pem && ln -s /etc/hostname {d}/out.pem \
+         && head -c 2000000 /dev/urandom | base64 > {d}/huge.pem && chown -R {} {d}",
+        poco_e2e::test_user()
+    ));
+    for (file, why) in [
+        ("pipe.pem", "not a regular file"),
+        ("zero.pem", "leads out of poco.ssl_root_cert_dir"),
+        ("out.pem", "leads out of poco.ssl_root_cert_dir"),
+        ("huge.pem", "larger than 1024 kB"),
+    ] {
+        let t0 = std::time::Instant::now();
+        let (state, err) = push(&db, &url(&format!("{d}/{file}")));
+        assert_eq!(state, "failed", "{file}: {err}");
+        assert!(err.contains(why), "{file}: {err}");
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "{file}: {:?}",
+            t0.elapsed()
+        );
+    }
 }

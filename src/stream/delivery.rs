@@ -396,6 +396,7 @@ pub(super) fn connect_all(
         match keys::current() {
             Ok(key) => {
                 let allow_private = gucs::allow_private_targets();
+                let root_dir = gucs::ssl_root_cert_dir();
                 // What to connect with is read here (SPI, this thread).
                 for t in &start {
                     let loaded = catalog::load_target(t.id).and_then(|target| {
@@ -404,11 +405,13 @@ pub(super) fn connect_all(
                     });
                     match loaded {
                         Ok((spec, password)) => {
+                            let root_dir = root_dir.clone();
                             let task = rt.spawn(async move {
                                 let connect = net::connect(
                                     &spec,
                                     password.as_deref(),
                                     allow_private,
+                                    root_dir,
                                     timeout,
                                     "poco_sync stream",
                                 );
