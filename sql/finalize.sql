@@ -356,7 +356,7 @@ END $$;
 -- Start a target over with a full snapshot (the stream calls it: TRUNCATE, a moved subtree,
 -- a refused batch, a backlog past its limit, a schema or scope change, a failed snapshot
 -- retried). Its backlog is released: the position becomes a snapshot taken now, before the job's.
-CREATE FUNCTION poco.resnapshot(target_id bigint, why text) RETURNS boolean
+CREATE FUNCTION poco.resnapshot(target_id bigint, why text, delay interval DEFAULT '0') RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -367,10 +367,18 @@ BEGIN
     RETURN false;
   END IF;
   UPDATE poco.target SET sync_state = 'resnapshot', sync_position = pg_current_snapshot(),
-         sync_position_at = now(), last_sync_error = 're-snapshot: ' || why
+         sync_position_at = now(), last_sync_error = left('re-snapshot: ' || why, 4000)
    WHERE id = t.id;
   IF NOT EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = t.id AND j.state IN ('queued', 'running')) THEN
     PERFORM poco_push(t.parent_id, t.id);
+    -- A learner that refuses batch after batch is not pushed again at once every time.
+    IF delay > '0' THEN
+      UPDATE poco.job j SET next_attempt_at = now() + delay WHERE j.target_id = t.id AND j.state = 'queued';
+    END IF;
+  ELSIF delay = '0' THEN
+    -- A snapshot held back (after refusals) is wanted now for another reason.
+    UPDATE poco.job j SET next_attempt_at = least(j.next_attempt_at, now())
+     WHERE j.target_id = t.id AND j.state = 'queued' AND j.attempts = 0;
   END IF;
   INSERT INTO poco.events (kind, parent_id, target_id, message)
   VALUES ('sync_resnapshot', t.parent_id, t.id, format('target %s is re-snapshotted: %s', t.id, why));

@@ -381,7 +381,7 @@ pub fn finish_job(e: &JobEnd) {
                 finished_at = CASE WHEN $2 = 'queued' THEN NULL ELSE now() END, \
                 next_attempt_at = now() + $3 * interval '1 millisecond', \
                 tables_total = $4, tables_done = $5, rows_done = $6, bytes_done = $7, \
-                current_table = NULL, error = $8, error_sqlstate = $9, detail = detail || $10 \
+                current_table = NULL, error = pg_catalog.left($8, 4000), error_sqlstate = $9, detail = detail || $10 \
           WHERE id = $1",
         &[
             e.job_id.into(),
@@ -415,7 +415,7 @@ pub fn sync_snapshot_done(target_id: i64, position: Option<&str>) {
 /// A push failed for good: a continuous target shows the error (the worker tries again later).
 pub fn sync_snapshot_failed(target_id: i64, error: &str) {
     Spi::run_with_args(
-        "UPDATE poco.target SET sync_state = 'error', last_sync_error = $2 WHERE id = $1 AND continuous",
+        "UPDATE poco.target SET sync_state = 'error', last_sync_error = pg_catalog.left($2, 4000) WHERE id = $1 AND continuous",
         &[target_id.into(), error.into()],
     )
     .or_raise();

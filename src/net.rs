@@ -58,13 +58,15 @@ impl JobError {
         self.sqlstate == "57014"
     }
 
-    /// An error from the learner connection, prefixed with what we were doing.
+    /// An error from the learner connection, prefixed with what we were doing. What the
+    /// learner wrote (message, detail, hint: a hostile learner may write megabytes) is cut
+    /// to LEARNER_TEXT_MAX characters each before it goes anywhere.
     pub fn learner(doing: &str, e: &tokio_postgres::Error) -> Self {
         if let Some(db) = e.as_db_error() {
             let code = db.code().code();
-            let mut msg = format!("learner: {doing}: {}", db.message());
+            let mut msg = format!("learner: {doing}: {}", cut(db.message(), LEARNER_TEXT_MAX));
             if let Some(d) = db.detail() {
-                msg.push_str(&format!(" ({d})"));
+                msg.push_str(&format!(" ({})", cut(d, LEARNER_TEXT_MAX)));
             }
             let mut je = JobError {
                 transient: transient_sqlstate(code),
@@ -72,12 +74,18 @@ impl JobError {
             };
             je.hint = db
                 .hint()
-                .map(str::to_string)
+                .map(|h| cut(h, LEARNER_TEXT_MAX))
                 .or_else(|| poco_core::learner::learner_hint(code).map(str::to_string));
             je
         } else {
             // I/O, closed connection, TLS or protocol trouble: a retry may succeed.
-            JobError::transient("08006", format!("learner: {doing}: {}", with_sources(e)))
+            JobError::transient(
+                "08006",
+                format!(
+                    "learner: {doing}: {}",
+                    cut(&with_sources(e), LEARNER_TEXT_MAX)
+                ),
+            )
         }
     }
 }
@@ -85,6 +93,17 @@ impl JobError {
 impl std::fmt::Display for JobError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.message)
+    }
+}
+
+/// Longest text kept of what a learner wrote in an error (message, detail, hint).
+pub const LEARNER_TEXT_MAX: usize = 500;
+
+/// `s` cut to at most `max` characters, marked when cut.
+pub fn cut(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_string(),
+        Some((i, _)) => format!("{}… ({} more bytes)", &s[..i], s.len() - i),
     }
 }
 
@@ -117,6 +136,25 @@ where
             }
         }
     }
+}
+
+/// `step` for a task of its own on the runtime (not the main thread: no cancel check, the
+/// stop signal is read there): the timeout only.
+pub async fn step_bg<T, F>(what: &str, timeout: Duration, fut: F) -> Result<T, JobError>
+where
+    F: std::future::Future<Output = Result<T, JobError>>,
+{
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| {
+            Err(JobError::transient(
+                "57014",
+                format!(
+                    "learner: {what}: no answer within {} ms (poco.network_timeout)",
+                    timeout.as_millis()
+                ),
+            ))
+        })
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -447,7 +485,10 @@ fn connect_error(spec: &TargetSpec, e: &tokio_postgres::Error) -> JobError {
         let code = db.code().code();
         let mut je = JobError::new(
             code,
-            format!("learner {wher} refused the connection: {}", db.message()),
+            format!(
+                "learner {wher} refused the connection: {}",
+                cut(db.message(), LEARNER_TEXT_MAX)
+            ),
         );
         je.transient = transient_sqlstate(code);
         if code == "28P01" || code == "28000" {
@@ -455,7 +496,7 @@ fn connect_error(spec: &TargetSpec, e: &tokio_postgres::Error) -> JobError {
         }
         return je;
     }
-    let text = with_sources(e);
+    let text = cut(&with_sources(e), LEARNER_TEXT_MAX);
     let lower = text.to_lowercase();
     if lower.contains("server does not support tls")
         || lower.contains("server does not support ssl")

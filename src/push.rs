@@ -367,7 +367,7 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
             cancelled,
             async {
                 let rows = client
-                    .query("SELECT table_name FROM poco_sync.tables", &[])
+                    .query(PREVIOUS_TABLES_SQL, &[])
                     .await
                     .map_err(|e| JobError::learner("reading poco_sync.tables", &e))?;
                 Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
@@ -577,6 +577,14 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
     })
 }
 
+/// The tables an earlier push left on the learner (dropped with the copy). The learner is the
+/// parent's: what it answers is bounded (a poco_sync.tables of millions of rows, or of
+/// gigabytes of names, is read no further) and only names of tables that exist there come
+/// back, quoted by the learner's own regclass output.
+const PREVIOUS_TABLES_SQL: &str = "SELECT c.oid::pg_catalog.regclass::pg_catalog.text FROM \
+       (SELECT pg_catalog.left(t.table_name, 300) AS name FROM poco_sync.tables t LIMIT 10000) t \
+       JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(t.name) AND c.relkind IN ('r', 'p')";
+
 fn exec_on(
     rt: &tokio::runtime::Runtime,
     client: &tokio_postgres::Client,
@@ -751,7 +759,7 @@ fn backup(
     // Keep the newest `backups` schemas (this one included).
     let old = query_on(rt, client, "listing backups", &format!(
         "SELECT pg_catalog.quote_ident(nspname) FROM pg_catalog.pg_namespace WHERE nspname ~ '^poco_backup_[0-9]{{8}}t[0-9]{{6}}_[0-9]+$' \
-          ORDER BY nspname DESC OFFSET {}",
+          ORDER BY nspname DESC OFFSET {} LIMIT 1000",
         job.backups.max(1)
     ))?;
     for r in old {
@@ -786,14 +794,10 @@ fn restore(
         }
     };
     let objs = query_on(rt, client, "reading the backup", &format!(
-        "SELECT kind, orig_schema, orig_name, name FROM {schema}.poco_objects ORDER BY (kind = 'table') DESC, name"
+        "SELECT kind, orig_schema, orig_name, name FROM {schema}.poco_objects \
+          WHERE kind IN ('table', 'type', 'domain') ORDER BY (kind = 'table') DESC, name LIMIT 100000"
     ))?;
-    let current = query_on(
-        rt,
-        client,
-        "reading poco_sync.tables",
-        "SELECT table_name FROM poco_sync.tables",
-    )?;
+    let current = query_on(rt, client, "reading poco_sync.tables", PREVIOUS_TABLES_SQL)?;
     let mut sql = Vec::new();
     let drop: Vec<String> = current.iter().map(|r| r.get::<_, String>(0)).collect();
     if !drop.is_empty() {

@@ -763,6 +763,13 @@ pub fn wait_streaming(db: &Db, t: i64, limit: Duration) -> Result<(), String> {
     ok.ok_or(last)
 }
 
+/// A process's private (anonymous) resident memory in kB, while it lives.
+pub fn rss_anon_kb(pid: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("RssAnon:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// The environment variable `name` parsed (a test's scale or seed), or `default`.
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)

@@ -18,11 +18,7 @@ fn platform(name: &str, ddl: &str) -> (Server, Db) {
 }
 
 /// A process's private resident memory (RssAnon) in kB, if it still runs.
-fn rss_anon_kb(pid: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("RssAnon:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
+use poco_e2e::rss_anon_kb;
 
 #[test]
 fn a_100_mb_value_is_pushed_and_synced_whole() {

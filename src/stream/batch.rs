@@ -266,7 +266,7 @@ pub(super) fn sync_keys(
                         table.ident,
                         table.ident,
                         literal(&format!("[{}]", upd.iter().cloned().collect::<Vec<_>>().join(",")))
-                    ),
+                    ) + &format!(" LIMIT {}", upd.len() + 1),
                     table: table.ident.clone(),
                     pk: pk.clone(),
                     // Only asked about updated keys.

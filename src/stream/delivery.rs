@@ -5,7 +5,7 @@ use super::*;
 
 /// A batch the learner committed. The `stream_ack_lost` failpoint (tests) makes the platform
 /// miss the acknowledgement once, as if the connection had dropped after the commit.
-pub(super) fn acknowledged(st: &mut State, target: i64, n: i64) -> Outcome {
+pub(super) fn acknowledged(st: &mut State, target: i64, n: i64, at: &str) -> Outcome {
     if crate::failpoint::fires("stream_ack_lost") {
         st.conns.remove(&target);
         return Outcome::Failed {
@@ -13,18 +13,21 @@ pub(super) fn acknowledged(st: &mut State, target: i64, n: i64) -> Outcome {
             changes: n,
         };
     }
-    Outcome::Applied { changes: n }
+    Outcome::Applied {
+        changes: n,
+        at: at.to_string(),
+    }
 }
+
+/// How a re-snapshot for a learner's refusal says so (positions.rs backs these off).
+pub(super) const REFUSED: &str = "the learner refused a batch";
 
 /// A learner error for a batch: refused by the learner itself (a key or constraint its copy no
 /// longer agrees with, a table or column changed there) means a new snapshot, since retrying
 /// the same batch cannot help; anything else backs off and retries.
 pub(super) fn refused(e: JobError, n: i64) -> Outcome {
     if e.sqlstate.starts_with("23") || (e.sqlstate.starts_with("42") && e.sqlstate != "42501") {
-        Outcome::Resnapshot(format!(
-            "the learner refused a batch ({}): {}",
-            e.sqlstate, e.message
-        ))
+        Outcome::Resnapshot(format!("{REFUSED} ({}): {}", e.sqlstate, e.message))
     } else {
         Outcome::Failed {
             error: e.describe(),
@@ -80,7 +83,7 @@ pub(super) fn deliver(
             let mut sql = format!(
                 "BEGIN; SET LOCAL search_path = pg_catalog; SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; \
                  SET LOCAL TimeZone = 'UTC'; SET LOCAL extra_float_digits = 3; SET LOCAL bytea_output = 'hex'; SET LOCAL lock_timeout = '{ms}ms'; SET CONSTRAINTS ALL DEFERRED; \
-                 SELECT position FROM poco_sync.position FOR UPDATE"
+                 SELECT pg_catalog.left(position::text, 100000) FROM poco_sync.position LIMIT 2 FOR UPDATE"
             );
             for m in &b.membership {
                 sql.push_str(";\n");
@@ -140,11 +143,11 @@ pub(super) fn deliver(
         // (touched keys are read in S), so it applies when the learner's position lies between
         // the recorded one and S.
         let between = at.as_deref().is_some_and(|a| {
-            Spi::get_one_with_args::<bool>(
+            BackgroundWorker::transaction(|| Spi::get_one_with_args::<bool>(
                 "SELECT poco.snapshot_covers($1::pg_catalog.pg_snapshot, $2::pg_catalog.pg_snapshot) \
                     AND poco.snapshot_covers($3::pg_catalog.pg_snapshot, $1::pg_catalog.pg_snapshot)",
                 &[a.into(), t.learner_position.as_str().into(), s.into()],
-            )
+            ))
             .ok()
             .flatten()
             .unwrap_or(false)
@@ -220,8 +223,11 @@ pub(super) fn deliver(
                 st.conns.remove(&t.id);
                 refused(e, b.n)
             }
-            (None, Ok(())) if sql.is_some() => acknowledged(st, t.id, b.n),
-            (None, Ok(())) => Outcome::Applied { changes: 0 }, // already there
+            (None, Ok(())) if sql.is_some() => acknowledged(st, t.id, b.n, s),
+            (None, Ok(())) => Outcome::Applied {
+                changes: 0,
+                at: s.to_string(),
+            }, // already there
         };
         out.push((t, o));
     }
@@ -239,9 +245,6 @@ pub(super) fn deliver_quick(
     s: &str,
     quick: Vec<(Target, Batch)>,
 ) -> Vec<(Target, Outcome)> {
-    if quick.is_empty() {
-        return Vec::new();
-    }
     let timeout = gucs::network_timeout();
     let ms = timeout.as_millis();
     let sqls: Vec<Option<String>> = quick
@@ -276,38 +279,106 @@ pub(super) fn deliver_quick(
             Some(all.join(";\n"))
         })
         .collect();
-    let results: Vec<Option<Result<(), JobError>>> = {
-        let conns = &st.conns;
-        let futs = quick.iter().zip(&sqls).map(|((t, _), sql)| {
-            let client = &conns[&t.id];
-            async move {
-                let sql = sql.as_ref()?;
-                Some(
-                    net::step("applying a batch", timeout, &stopping, async move {
-                        client
-                            .batch_execute(sql)
-                            .await
-                            .map_err(|e| JobError::learner("applying a batch", &e))
-                    })
-                    .await,
-                )
-            }
-        });
-        rt.block_on(futures_util::future::join_all(futs))
-    };
+    // Each batch goes on a task of its own; those that end soon (nearly all) are taken in
+    // this pass, a slow learner's stays in flight and a later pass takes its outcome.
     let mut out = Vec::new();
-    let mut rollback: Vec<i64> = Vec::new();
-    for ((t, b), r) in quick.into_iter().zip(results) {
+    let mut sent: Vec<i64> = Vec::new();
+    for ((t, b), sql) in quick.into_iter().zip(sqls) {
+        let Some(sql) = sql else {
+            st.careful.insert(t.id);
+            out.push((t, Outcome::Again));
+            continue;
+        };
+        let client = st.conns[&t.id].clone();
+        let task = rt.spawn(async move {
+            let r = net::step_bg("applying a batch", timeout, async {
+                client
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(|e| JobError::learner("applying a batch", &e))
+            })
+            .await;
+            // An error leaves the learner's transaction aborted: roll it back, or say the
+            // connection is not to be used again.
+            let usable = match &r {
+                Ok(()) => true,
+                Err(_) => net::step_bg("rolling back", timeout, async {
+                    client
+                        .batch_execute("ROLLBACK")
+                        .await
+                        .map_err(|e| JobError::learner("rolling back", &e))
+                })
+                .await
+                .is_ok(),
+            };
+            (r, usable)
+        });
+        sent.push(t.id);
+        st.in_flight.insert(
+            t.id,
+            InFlight {
+                target: t,
+                n: b.n,
+                at: s.to_string(),
+                task,
+                sent: Instant::now(),
+            },
+        );
+    }
+    let deadline = Instant::now() + QUICK_WAIT;
+    rt.block_on(async {
+        while Instant::now() < deadline
+            && sent
+                .iter()
+                .any(|id| st.in_flight.get(id).is_some_and(|f| !f.task.is_finished()))
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    out.extend(harvest(rt, st));
+    out
+}
+
+/// How long a pass waits for the batches it sent in one round trip before it goes on (a
+/// learner that takes longer, reading slowly or held up by its own locks, answers a later
+/// pass; meanwhile its target is left out of the passes, and nothing of it holds the others
+/// or the platform: the batch was built and its snapshot released before it was sent).
+const QUICK_WAIT: Duration = Duration::from_millis(250);
+
+/// A batch sent in one round trip, not answered yet.
+pub(super) struct InFlight {
+    pub(super) target: Target,
+    pub(super) n: i64,
+    /// The position the batch brings the learner to.
+    pub(super) at: String,
+    pub(super) task: tokio::task::JoinHandle<(Result<(), JobError>, bool)>,
+    pub(super) sent: Instant,
+}
+
+/// The outcomes of the batches in flight that have ended.
+pub(super) fn harvest(rt: &tokio::runtime::Runtime, st: &mut State) -> Vec<(Target, Outcome)> {
+    let done: Vec<i64> = st
+        .in_flight
+        .iter()
+        .filter(|(_, f)| f.task.is_finished())
+        .map(|(id, _)| *id)
+        .collect();
+    let mut out = Vec::new();
+    for id in done {
+        let f = st.in_flight.remove(&id).expect("listed above");
+        let (r, usable) = rt.block_on(f.task).unwrap_or_else(|e| {
+            (
+                Err(JobError::new("XX000", format!("sending the batch: {e}"))),
+                false,
+            )
+        });
+        if !usable {
+            st.conns.remove(&id);
+        }
+        let t = f.target;
         let o = match r {
-            None => {
-                st.careful.insert(t.id);
-                Outcome::Again
-            }
-            Some(Ok(())) => acknowledged(st, t.id, b.n),
-            Some(Err(e)) => {
-                // The transaction is aborted on the learner: roll it back (or drop the
-                // connection if that fails too).
-                rollback.push(t.id);
+            Ok(()) => acknowledged(st, t.id, f.n, &f.at),
+            Err(e) => {
                 if let Some(what) = e.message.split(GUARD).nth(1) {
                     if what.starts_with("moved") {
                         Outcome::Resnapshot(format!(
@@ -323,39 +394,18 @@ pub(super) fn deliver_quick(
                     st.careful.insert(t.id);
                     Outcome::Again
                 } else {
-                    refused(e, b.n)
+                    if f.sent.elapsed() > QUICK_WAIT {
+                        debug1!(
+                            "poco_sync stream: target {}: a batch answered after {} ms",
+                            t.id,
+                            f.sent.elapsed().as_millis()
+                        );
+                    }
+                    refused(e, f.n)
                 }
             }
         };
         out.push((t, o));
-    }
-    if !rollback.is_empty() {
-        let done: Vec<Result<(), JobError>> = {
-            let conns = &st.conns;
-            let futs = rollback
-                .iter()
-                .filter(|id| conns.contains_key(id))
-                .map(|id| {
-                    let client = &conns[id];
-                    net::step("rolling back", timeout, &stopping, async move {
-                        client
-                            .batch_execute("ROLLBACK")
-                            .await
-                            .map_err(|e| JobError::learner("rolling back", &e))
-                    })
-                });
-            rt.block_on(futures_util::future::join_all(futs))
-        };
-        let ids: Vec<i64> = rollback
-            .iter()
-            .copied()
-            .filter(|id| st.conns.contains_key(id))
-            .collect();
-        for (id, r) in ids.into_iter().zip(done) {
-            if r.is_err() {
-                st.conns.remove(&id);
-            }
-        }
     }
     out
 }
@@ -365,8 +415,9 @@ pub(super) type Connecting = tokio::task::JoinHandle<Result<tokio_postgres::Clie
 
 /// How long a pass waits for the connections it has just started (loopback and nearby
 /// learners answer within it; a slow one is picked up by a later pass, and a black-holed one
-/// costs the other targets this once per try, not poco.network_timeout).
-pub(super) const CONNECT_WAIT: Duration = Duration::from_millis(200);
+/// costs the other targets this once per try, not poco.network_timeout). Short: the pass
+/// holds its platform snapshot meanwhile.
+pub(super) const CONNECT_WAIT: Duration = Duration::from_millis(20);
 
 /// Connections for `targets` that have none: opened concurrently in the background (after a
 /// restart a hundred learners would otherwise wait for each other, and a learner that does
@@ -461,7 +512,7 @@ pub(super) fn connect_all(
         let task = st.connecting.remove(&t.id).expect("checked above");
         match rt.block_on(task) {
             Ok(Ok(client)) => {
-                st.conns.insert(t.id, client);
+                st.conns.insert(t.id, std::sync::Arc::new(client));
                 st.used.insert(t.id, Instant::now());
             }
             Ok(Err(e)) => {

@@ -104,7 +104,12 @@ struct State {
     /// This stream serves the targets whose id modulo `parts` is `part`.
     part: i64,
     parts: i64,
-    conns: HashMap<i64, tokio_postgres::Client>,
+    conns: HashMap<i64, std::sync::Arc<tokio_postgres::Client>>,
+    /// Batches sent and not answered yet (delivery::InFlight): a slow learner's batch goes on
+    /// in the background while the passes serve the other targets.
+    in_flight: HashMap<i64, InFlight>,
+    /// Re-snapshots this process asked for each target: how many in a row, and the last one.
+    resnaps: HashMap<i64, (u32, Instant)>,
     /// A target that failed waits until then (backoff) before it is tried again.
     retry_at: HashMap<i64, (Instant, u32)>,
     /// The last error of a whole pass, logged once.
@@ -162,6 +167,8 @@ enum Outcome {
     /// A batch was applied on the learner (or found already applied there).
     Applied {
         changes: i64,
+        /// The position the learner is at now (the snapshot of the pass that built it).
+        at: String,
     },
     /// TRUNCATE, or the learner holds another position: start over with a full snapshot.
     Resnapshot(String),
@@ -193,6 +200,9 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
             .map_err(|e| JobError::new("XX000", e.to_string()))?
             .unwrap_or_default();
         let mut targets = streaming_targets(st.part, st.parts);
+        // A target whose batch is still in flight sits this pass out (its connection stays).
+        let flying: BTreeSet<i64> = st.in_flight.keys().copied().collect();
+        targets.retain(|t| !flying.contains(&t.id));
         // Start where this process left a target (if nobody moved it since: a push would).
         st.ahead.retain(|id, (recorded, _)| {
             targets
@@ -205,7 +215,8 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
             }
         }
         // Close the connections of targets that no longer stream (disabled, removed).
-        st.conns.retain(|id, _| targets.iter().any(|t| t.id == *id));
+        st.conns
+            .retain(|id, _| flying.contains(id) || targets.iter().any(|t| t.id == *id));
         // Connections idle for poco.sync_idle_timeout are closed (opened again with the next
         // batch): a serverless learner can suspend, and idle families hold no connection.
         if let Some(idle) = gucs::sync_idle_timeout() {
@@ -475,10 +486,14 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                 }
             }
         }
-        let out = deliver(rt, st, &s, steps);
-        Ok((s, out, true))
+        Ok((s, steps, true))
     });
-    let (s, results, any) = match result {
+    // The batches are built: the snapshot is released before any is sent, so a learner that
+    // is slow to take its batch holds neither the platform's xmin nor the other targets.
+    let (s, results, any) = match result.map(|(s, steps, any)| {
+        let out = deliver(rt, st, &s, steps);
+        (s, out, any || !st.in_flight.is_empty())
+    }) {
         Ok(r) => r,
         Err(e) => {
             // Said once, not on every pass while it lasts (e.g. the scope was cleared).

@@ -58,8 +58,10 @@ pub(super) fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
     // moved them meanwhile).
     let applied: Vec<(i64, String, String)> = results
         .iter()
-        .filter(|(_, o)| matches!(o, Outcome::Applied { .. }))
-        .map(|(t, _)| (t.id, t.recorded.clone(), s.to_string()))
+        .filter_map(|(t, o)| match o {
+            Outcome::Applied { at, .. } => Some((t.id, t.recorded.clone(), at.clone())),
+            _ => None,
+        })
         .collect();
     let reached: Vec<(i64, String, String)> = if flush {
         st.recorded_at = Some(Instant::now());
@@ -95,7 +97,7 @@ pub(super) fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
     for (t, o) in results {
         match o {
             Outcome::Advanced | Outcome::Again => {}
-            Outcome::Applied { changes } => {
+            Outcome::Applied { changes, .. } => {
                 st.careful.remove(&t.id);
                 debug1!(
                     "poco_sync stream: target {}: {changes} changes applied",
@@ -105,7 +107,30 @@ pub(super) fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
             Outcome::Resnapshot(why) => {
                 st.retry_at.remove(&t.id);
                 st.careful.remove(&t.id);
-                resnapshot(t.id, why);
+                // Re-snapshots of one target because its learner refused batch after batch
+                // wait longer each time: 1 s, 2 s, 4 s ... up to 5 min, instead of a full
+                // push in a tight loop.
+                let delay_s = if why.starts_with(REFUSED) {
+                    let (n, last) = st
+                        .resnaps
+                        .get(&t.id)
+                        .copied()
+                        .unwrap_or((0, Instant::now()));
+                    let n = if n > 0 && last.elapsed() < Duration::from_secs(600) {
+                        n + 1
+                    } else {
+                        1
+                    };
+                    st.resnaps.insert(t.id, (n, Instant::now()));
+                    if n >= 2 {
+                        (1u64 << (n - 2).min(9)).min(300)
+                    } else {
+                        0
+                    }
+                } else {
+                    0
+                };
+                resnapshot_after(t.id, why, delay_s);
             }
             Outcome::Failed { error, changes } => {
                 let tries = st.retry_at.get(&t.id).map(|x| x.1).unwrap_or(0) + 1;
@@ -114,7 +139,7 @@ pub(super) fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
                 st.retry_at
                     .insert(t.id, (Instant::now() + Duration::from_millis(wait), tries));
                 Spi::run_with_args(
-                    "UPDATE poco.target SET last_sync_error = $2, sync_lag = CASE WHEN $3 < 0 THEN sync_lag ELSE $3 END WHERE id = $1",
+                    "UPDATE poco.target SET last_sync_error = pg_catalog.left($2, 4000), sync_lag = CASE WHEN $3 < 0 THEN sync_lag ELSE $3 END WHERE id = $1",
                     &[t.id.into(), error.as_str().into(), (*changes).into()],
                 )
                 .ok();
@@ -147,9 +172,14 @@ pub(super) fn prune() {
 
 /// Start a target over with a full snapshot (poco.resnapshot: state, event, the push job).
 pub(super) fn resnapshot(target: i64, why: &str) {
+    resnapshot_after(target, why, 0)
+}
+
+/// `resnapshot`, its push queued to start in `delay_s` seconds.
+pub(super) fn resnapshot_after(target: i64, why: &str, delay_s: u64) {
     if let Err(e) = Spi::run_with_args(
-        "SELECT poco.resnapshot($1, $2)",
-        &[target.into(), why.into()],
+        "SELECT poco.resnapshot($1, $2, pg_catalog.make_interval(secs => $3))",
+        &[target.into(), why.into(), (delay_s as f64).into()],
     ) {
         log!("poco_sync stream: target {target}: could not queue its re-snapshot: {e}");
     }
