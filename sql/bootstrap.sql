@@ -95,6 +95,17 @@ COMMENT ON TABLE poco.scope_exclusion IS 'Columns that never leave the platform'
 
 SELECT pg_catalog.pg_extension_config_dump('poco.scope', '');
 
+-- Per-parent authorization (src/authz.rs): a role mapped to parents acts for them only.
+CREATE TABLE poco.parent_role (
+    role        regrole NOT NULL,
+    parent_id   text NOT NULL,   -- canonical form
+    granted_at  timestamptz NOT NULL DEFAULT now(),
+    granted_by  name NOT NULL DEFAULT session_user,
+    PRIMARY KEY (role, parent_id)
+);
+COMMENT ON TABLE poco.parent_role IS 'Roles that act for one (or a few) parents only: poco_grant_parent()';
+SELECT pg_catalog.pg_extension_config_dump('poco.parent_role', '');
+
 -- Bumped (in the same transaction) by every change of the scope and every schema change of a
 -- scoped table: the sync stream keeps the compiled scope while this stays the same.
 CREATE TABLE poco.scope_generation (n bigint NOT NULL);
@@ -105,13 +116,7 @@ SELECT pg_catalog.pg_extension_config_dump('poco.target_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('poco.events', '');
 SELECT pg_catalog.pg_extension_config_dump('poco.events_id_seq', '');
 
--- What anyone allowed to look may see of a target: never the secret.
-CREATE VIEW poco.targets AS
-SELECT t.id AS target_id, t.parent_id, t.label, t.url_redacted, t.host, t.port, t.dbname,
-       t.username, t.sslmode, t.params, t.secret IS NOT NULL AS has_password, t.key_id,
-       t.continuous, t.backups, t.created_at, t.created_by, t.updated_at
-  FROM poco.target t;
-COMMENT ON VIEW poco.targets IS 'One row per learner target; credentials are never shown';
+
 
 -- Push jobs (API §2, §4). A row is queued by poco_push in the caller's transaction, so a
 -- rolled-back caller queues nothing; the worker starts it after commit. Live progress of a

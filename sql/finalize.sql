@@ -5,6 +5,21 @@
 -- parent_id takes the type of the scope root's key: the anyelement overloads take integer,
 -- bigint, uuid...; the text overloads take untyped literals ('a-uuid-or-name').
 
+-- What anyone allowed to look may see of a target: never the secret; a role granted a parent
+-- (poco_grant_parent) sees that parent's targets only.
+CREATE VIEW poco.targets WITH (security_barrier) AS
+SELECT t.id AS target_id, t.parent_id, t.label, t.url_redacted, t.host, t.port, t.dbname,
+       t.username, t.sslmode, t.params, t.secret IS NOT NULL AS has_password, t.key_id,
+       t.continuous, t.backups, t.created_at, t.created_by, t.updated_at
+  FROM poco.target t
+ WHERE poco.may_see(t.parent_id);
+COMMENT ON VIEW poco.targets IS 'One row per learner target; credentials are never shown';
+
+-- The audit log, likewise: a role granted a parent reads that parent's events only (the
+-- functions that write it run as its owner, which row-level security lets through).
+ALTER TABLE poco.events ENABLE ROW LEVEL SECURITY;
+CREATE POLICY events_of_granted_parents ON poco.events FOR SELECT USING (poco.may_see(parent_id));
+
 CREATE VIEW poco.worker AS SELECT * FROM poco.worker_status();
 COMMENT ON VIEW poco.worker IS 'The poco_sync background worker and its heartbeat';
 
@@ -48,7 +63,7 @@ AS $$
          CASE WHEN t.continuous THEN t.sync_state ELSE 'idle' END,
          t.last_snapshot_at, t.last_applied_at,
          CASE WHEN t.continuous THEN t.sync_lag ELSE 0 END::bigint, t.last_sync_error
-    FROM poco.target t WHERE t.parent_id = (SELECT poco.canonical_parent($1)) ORDER BY t.id
+    FROM poco.target t WHERE t.parent_id = (SELECT poco.authorized_parent($1)) ORDER BY t.id
 $$;
 
 CREATE FUNCTION pg_catalog.poco_status(parent_id anyelement)
@@ -97,6 +112,7 @@ CREATE FUNCTION pg_catalog.poco_set_backups(target_id bigint, keep integer)
 RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+  PERFORM poco.authorize_target(target_id);
   IF keep IS NULL OR keep < 0 OR keep > 100 THEN
     RAISE EXCEPTION 'keep must be between 0 and 100, not %', coalesce(keep::text, 'NULL')
       USING ERRCODE = '22023', HINT = '0 keeps no backup; N keeps the last N copies on the learner.';
@@ -114,7 +130,7 @@ CREATE FUNCTION pg_catalog.poco_restore(target_id bigint, backup text DEFAULT NU
 RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$ SELECT poco.restore($1, $2) $$;
 
-CREATE VIEW poco.jobs AS
+CREATE VIEW poco.jobs WITH (security_barrier) AS
 SELECT j.id AS job_id, j.kind, j.parent_id, j.target_id, j.state,
        COALESCE(p.tables_total, j.tables_total) AS tables_total,
        COALESCE(p.tables_done, j.tables_done) AS tables_done,
@@ -124,7 +140,8 @@ SELECT j.id AS job_id, j.kind, j.parent_id, j.target_id, j.state,
        j.started_at, j.finished_at, j.error, j.error_sqlstate, j.attempts, j.max_attempts,
        j.next_attempt_at, j.requested_by, j.requested_at, p.pid, COALESCE(p.cancelling, false) AS cancelling,
        j.backup_schema, j.detail
-  FROM poco.job j LEFT JOIN poco.job_progress() p ON p.job_id = j.id;
+  FROM poco.job j LEFT JOIN poco.job_progress() p ON p.job_id = j.id
+ WHERE poco.may_see(j.parent_id);
 COMMENT ON VIEW poco.jobs IS 'One row per push job, with the live progress of running ones';
 
 -- ---- Account scope (API §1). Declaring the scope is for the DBA (not granted by
@@ -461,16 +478,16 @@ ALTER EVENT TRIGGER poco_forget_dropped_tables ENABLE ALWAYS;
 
 CREATE FUNCTION pg_catalog.poco_enable_sync(parent_id anyelement, url text)
 RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$ SELECT poco.enable_sync(poco.canonical_parent($1::text), poco_add_target($1::text, $2)) $$;
+AS $$ SELECT poco.enable_sync(poco.authorized_parent($1::text), poco_add_target($1::text, $2)) $$;
 CREATE FUNCTION pg_catalog.poco_enable_sync(parent_id text, url text)
 RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$ SELECT poco.enable_sync(poco.canonical_parent($1), poco_add_target($1, $2)) $$;
+AS $$ SELECT poco.enable_sync(poco.authorized_parent($1), poco_add_target($1, $2)) $$;
 CREATE FUNCTION pg_catalog.poco_enable_sync(parent_id anyelement, url jsonb)
 RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$ SELECT poco.enable_sync(poco.canonical_parent($1::text), poco_add_target($1::text, $2)) $$;
+AS $$ SELECT poco.enable_sync(poco.authorized_parent($1::text), poco_add_target($1::text, $2)) $$;
 CREATE FUNCTION pg_catalog.poco_enable_sync(parent_id text, url jsonb)
 RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$ SELECT poco.enable_sync(poco.canonical_parent($1), poco_add_target($1, $2)) $$;
+AS $$ SELECT poco.enable_sync(poco.authorized_parent($1), poco_add_target($1, $2)) $$;
 
 CREATE FUNCTION poco.disable_sync(parent_id text) RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
@@ -493,10 +510,10 @@ END $$;
 
 CREATE FUNCTION pg_catalog.poco_disable_sync(parent_id anyelement)
 RETURNS void LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$ SELECT poco.disable_sync(poco.canonical_parent($1::text)); $$;
+AS $$ SELECT poco.disable_sync(poco.authorized_parent($1::text)); $$;
 CREATE FUNCTION pg_catalog.poco_disable_sync(parent_id text)
 RETURNS void LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-AS $$ SELECT poco.disable_sync(poco.canonical_parent($1)); $$;
+AS $$ SELECT poco.disable_sync(poco.authorized_parent($1)); $$;
 
 CREATE FUNCTION pg_catalog.poco_sync_wait(target_id bigint, timeout interval DEFAULT '1 min')
 RETURNS boolean LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
@@ -511,15 +528,65 @@ DECLARE f regprocedure;
 BEGIN
   FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
             WHERE p.pronamespace = 'pg_catalog'::regnamespace AND p.proname LIKE 'poco\_%'
-              AND p.proname NOT IN ('poco_rotate_key', 'poco_grant_usage')
+              AND p.proname NOT IN ('poco_rotate_key', 'poco_grant_usage', 'poco_grant_parent', 'poco_revoke_parent')
               AND (p.proname NOT LIKE 'poco\_scope\_%' OR p.proname = 'poco_scope_preview')
   LOOP
     EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, role_name);
   END LOOP;
   EXECUTE format('GRANT USAGE ON SCHEMA poco TO %I', role_name);
-  EXECUTE format('GRANT EXECUTE ON FUNCTION poco.worker_status(), poco.job_progress() TO %I', role_name);
+  EXECUTE format('GRANT EXECUTE ON FUNCTION poco.worker_status(), poco.job_progress(), poco.may_see(text) TO %I', role_name);
   EXECUTE format('GRANT SELECT ON poco.targets, poco.events, poco.worker, poco.jobs TO %I', role_name);
 END $$;
+
+-- Let a role act for one parent only (src/authz.rs): it gets what poco_grant_usage grants, and
+-- every function that takes a parent, a target or a job, and the views, hold it to the
+-- parents granted this way. Superuser only. Note that whoever may declare the scope
+-- (poco_scope_*) decides what leaves the platform and runs its predicate with poco_sync's
+-- rights: that is a superuser's power, never granted by these functions.
+CREATE FUNCTION pg_catalog.poco_grant_parent(role_name name, parent_id text)
+RETURNS void LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE p text := poco.canonical_parent(parent_id);
+BEGIN
+  IF (SELECT rolsuper FROM pg_roles WHERE rolname = role_name) THEN
+    RAISE EXCEPTION 'role % is a superuser, which acts for every parent', role_name
+      USING ERRCODE = '22023', HINT = 'Grant parents to ordinary roles (the ones an application SETs ROLE to).';
+  END IF;
+  INSERT INTO poco.parent_role (role, parent_id) VALUES (role_name::regrole, p) ON CONFLICT DO NOTHING;
+  PERFORM poco_grant_usage(role_name);
+  INSERT INTO poco.events (kind, parent_id, message, detail)
+  VALUES ('parent_granted', p, format('role %s acts for parent %s', role_name, p), jsonb_build_object('role', role_name));
+END $$;
+CREATE FUNCTION pg_catalog.poco_grant_parent(role_name name, parent_id anyelement)
+RETURNS void LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco_grant_parent($1, $2::text) $$;
+
+CREATE FUNCTION pg_catalog.poco_revoke_parent(role_name name, parent_id text)
+RETURNS boolean LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE p text := poco.canonical_parent(parent_id); n integer; f regprocedure;
+BEGIN
+  DELETE FROM poco.parent_role m WHERE m.role = role_name::regrole AND m.parent_id = p;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  IF n > 0 THEN
+    INSERT INTO poco.events (kind, parent_id, message, detail)
+    VALUES ('parent_revoked', p, format('role %s no longer acts for parent %s', role_name, p), jsonb_build_object('role', role_name));
+    -- Its last parent gone, the role does not fall back to acting for every parent: it
+    -- loses what poco_grant_usage gave it.
+    IF NOT EXISTS (SELECT 1 FROM poco.parent_role m WHERE m.role = role_name::regrole) THEN
+      FOR f IN SELECT pr.oid::regprocedure FROM pg_proc pr
+                WHERE pr.pronamespace = 'pg_catalog'::regnamespace AND pr.proname LIKE 'poco\_%' LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM %I', f, role_name);
+      END LOOP;
+      EXECUTE format('REVOKE SELECT ON poco.targets, poco.events, poco.worker, poco.jobs FROM %I', role_name);
+      EXECUTE format('REVOKE USAGE ON SCHEMA poco FROM %I', role_name);
+    END IF;
+  END IF;
+  RETURN n > 0;
+END $$;
+CREATE FUNCTION pg_catalog.poco_revoke_parent(role_name name, parent_id anyelement)
+RETURNS boolean LANGUAGE sql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$ SELECT poco_revoke_parent($1, $2::text) $$;
 
 DO $$
 DECLARE f regprocedure;

@@ -40,16 +40,15 @@ pub mod poco {
         need_worker_here();
         let sc = scope::require().or_raise();
         let parent = scope::canonical_with(&sc, parent).or_raise();
+        crate::authz::authorize_parent(&parent);
         let targets: Vec<i64> = match target_id {
             Some(t) => {
+                crate::authz::authorize_target(t);
                 let row = catalog::load_target(t).or_raise();
                 if row.parent_id != parent {
                     raise(scope_err(
                         SqlState::InvalidParameterValue,
-                        format!(
-                            "target {t} belongs to parent {}, not to parent {parent}",
-                            row.parent_id
-                        ),
+                        format!("target {t} is not a target of parent {parent}"),
                         "poco_status(parent_id) lists the parent's targets.",
                     ));
                 }
@@ -90,6 +89,7 @@ pub mod poco {
     #[pg_extern(volatile, parallel_unsafe)]
     fn restore(target_id: Option<i64>, backup: Option<&str>) -> i64 {
         let t = target_id.unwrap_or_else(|| raise(PocoError::NullArgument("target_id")));
+        crate::authz::authorize_target(t);
         need_worker_here();
         let row = catalog::load_target(t).or_raise();
         if let Some(b) = backup {
@@ -131,6 +131,7 @@ pub mod poco {
     #[pg_extern(volatile, parallel_unsafe)]
     fn wait(job_id: Option<i64>, timeout_s: Option<f64>) -> String {
         let job = job_id.unwrap_or_else(|| raise(PocoError::NullArgument("job_id")));
+        crate::authz::authorize_job(job);
         let timeout =
             Duration::from_secs_f64(timeout_s.unwrap_or(300.0).clamp(0.0, 86_400.0 * 365.0));
         if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
@@ -183,6 +184,7 @@ pub mod poco {
     #[pg_extern(volatile, parallel_unsafe)]
     fn cancel(job_id: Option<i64>) -> bool {
         let job = job_id.unwrap_or_else(|| raise(PocoError::NullArgument("job_id")));
+        crate::authz::authorize_job(job);
         let (state, _) = catalog::job_state(job).unwrap_or_else(|| {
             raise(scope_err(
                 SqlState::UndefinedObject,

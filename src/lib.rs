@@ -3,6 +3,7 @@
 
 use pgrx::prelude::*;
 
+mod authz;
 mod catalog;
 mod errors;
 mod failpoint;

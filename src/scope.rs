@@ -683,6 +683,7 @@ pub mod poco {
         let parent = parent_id.unwrap_or_else(|| raise(PocoError::NullArgument("parent_id")));
         let sc = require().or_raise();
         let parent = canonical_with(&sc, parent).or_raise();
+        crate::authz::authorize_parent(&parent);
         let out: Vec<_> = sc
             .tables
             .iter()

@@ -42,6 +42,7 @@ pub mod poco {
     #[pg_extern(volatile, parallel_unsafe)]
     fn sync_wait(target_id: Option<i64>, snap: Option<String>, timeout_s: Option<f64>) -> bool {
         let target = target_id.unwrap_or_else(|| raise(PocoError::NullArgument("target_id")));
+        crate::authz::authorize_target(target);
         let snap = snap.unwrap_or_default();
         let timeout =
             Duration::from_secs_f64(timeout_s.unwrap_or(60.0).clamp(0.0, 86_400.0 * 365.0));

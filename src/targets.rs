@@ -40,6 +40,7 @@ pub mod poco {
         spec.validate(gucs::allow_private_targets())?;
         spec.check_root_cert(gucs::ssl_root_cert_dir().as_deref())?;
         let parent = crate::scope::existing_parent(parent_id)?;
+        crate::authz::authorize_parent(&parent);
         let parent_id = parent.as_str();
         let key = keys::current()?;
         let (id, existed) = match catalog::find_same_destination(parent_id, &spec) {
@@ -87,6 +88,7 @@ pub mod poco {
     #[pg_extern(volatile, parallel_unsafe)]
     fn remove_target(target_id: Option<i64>) {
         let id = target_id.unwrap_or_else(|| raise(PocoError::NullArgument("target_id")));
+        crate::authz::authorize_target(id);
         let (parent, url) = catalog::delete_target(id).or_raise();
         // It may have been the last one syncing: then the capture goes too.
         Spi::run("SELECT poco.refresh_capture()").or_raise();
@@ -119,6 +121,7 @@ pub mod poco {
     #[pg_extern(volatile, parallel_unsafe)]
     fn check_target(target_id: Option<i64>) -> String {
         let id = target_id.unwrap_or_else(|| raise(PocoError::NullArgument("target_id")));
+        crate::authz::authorize_target(id);
         let key = keys::current().or_raise();
         match open_credentials(id, &key).or_raise() {
             None => "ok: no password stored".to_string(),
