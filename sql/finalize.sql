@@ -383,19 +383,31 @@ BEGIN
   IF NOT FOUND THEN
     RETURN false;
   END IF;
-  UPDATE poco.target SET sync_state = 'resnapshot', sync_position = pg_current_snapshot(),
-         sync_position_at = now(), last_sync_error = left('re-snapshot: ' || why, 4000)
-   WHERE id = t.id;
   IF NOT EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = t.id AND j.state IN ('queued', 'running')) THEN
+    -- The position becomes a floor below the coming job's snapshot: changes are pruned below
+    -- the oldest position, and that job's snapshot needs those after it.
+    UPDATE poco.target SET sync_state = 'resnapshot', sync_position = pg_current_snapshot(),
+           sync_position_at = now(), last_sync_error = left('re-snapshot: ' || why, 4000)
+     WHERE id = t.id;
     PERFORM poco_push(t.parent_id, t.id);
     -- A learner that refuses batch after batch is not pushed again at once every time.
     IF delay > '0' THEN
       UPDATE poco.job j SET next_attempt_at = now() + delay WHERE j.target_id = t.id AND j.state = 'queued';
     END IF;
-  ELSIF delay = '0' THEN
-    -- A snapshot held back (after refusals) is wanted now for another reason.
-    UPDATE poco.job j SET next_attempt_at = least(j.next_attempt_at, now())
-     WHERE j.target_id = t.id AND j.state = 'queued' AND j.attempts = 0;
+  ELSE
+    -- A job is on its way: the position stays (it is the floor below that job's snapshot;
+    -- moving it past a running job's snapshot would let the changes between be pruned).
+    UPDATE poco.target SET sync_state = 'resnapshot', last_sync_error = left('re-snapshot: ' || why, 4000)
+     WHERE id = t.id;
+    IF NOT EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = t.id AND j.state = 'queued') THEN
+      -- Only a running one, whose snapshot may predate this reason (a schema change made
+      -- while it copied): another follows it.
+      PERFORM poco_push(t.parent_id, t.id);
+    ELSIF delay = '0' THEN
+      -- A snapshot held back (after refusals) is wanted now for another reason.
+      UPDATE poco.job j SET next_attempt_at = least(j.next_attempt_at, now())
+       WHERE j.target_id = t.id AND j.state = 'queued' AND j.attempts = 0;
+    END IF;
   END IF;
   INSERT INTO poco.events (kind, parent_id, target_id, message)
   VALUES ('sync_resnapshot', t.parent_id, t.id, format('target %s is re-snapshotted: %s', t.id, why));
