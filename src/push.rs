@@ -73,15 +73,7 @@ pub extern "C-unwind" fn poco_job_main(arg: pg_sys::Datum) {
     // written to the socket while this thread reads and converts the next ones. Only this
     // (main) thread calls into Postgres: it blocks on the futures it needs. The I/O thread is
     // created with every signal blocked, so Postgres' signal handlers only run here.
-    let runtime = crate::worker::with_signals_blocked(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .max_blocking_threads(2)
-            .enable_all()
-            .on_thread_start(crate::worker::block_all_signals)
-            .build()
-    })
-    .expect("poco_sync: could not build the tokio runtime");
+    let runtime = crate::worker::io_runtime();
 
     let started = Instant::now();
     let job = BackgroundWorker::transaction(|| catalog::load_job(job_id));

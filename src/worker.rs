@@ -41,6 +41,21 @@ pub fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// The runtime of a push or stream process: one I/O thread (created with every signal
+/// blocked, so PostgreSQL's signal handlers only run on the main thread, the only one that
+/// calls into PostgreSQL) and up to two blocking threads.
+pub fn io_runtime() -> tokio::runtime::Runtime {
+    with_signals_blocked(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(2)
+            .enable_all()
+            .on_thread_start(block_all_signals)
+            .build()
+    })
+    .expect("poco_sync: could not build the tokio runtime")
+}
+
 /// Settings every poco_sync process keeps for its whole session: `search_path` is pg_catalog
 /// alone, so no operator, function or type of another schema (`public`, `$user`) can be picked
 /// by a statement poco runs on the platform (an `=` for varchar or a domain in `public` would

@@ -21,6 +21,18 @@ fn state(db: &Db, t: i64) -> String {
     .unwrap_or_default()
 }
 
+/// Targets of parents 21 and 22 caught up, each learner equal to its family's scope.
+fn both_exact(db: &Db, (ta, a): (i64, &Db), (tb, b): (i64, &Db)) {
+    assert!(
+        synced(db, ta) && synced(db, tb),
+        "{} / {}",
+        state(db, ta),
+        state(db, tb)
+    );
+    assert_learner_equals_scope(db, a, "21");
+    assert_learner_equals_scope(db, b, "22");
+}
+
 fn learner_columns(l: &Db, table: &str) -> Vec<String> {
     l.query(&format!(
         "SELECT attname::text FROM pg_attribute WHERE attrelid = 'elearning.{table}'::regclass \
@@ -431,25 +443,11 @@ fn rows_moved_through_an_undeclared_path_table_follow_their_family() {
     assert_eq!(notes(&a).as_deref(), Some("987705011,987705012,987705013"));
     // Classroom 501 goes to family 22, with its notes.
     db.execute("UPDATE elearning.classrooms SET owner_id = 22 WHERE id = 501");
-    assert!(
-        synced(&db, ta) && synced(&db, tb),
-        "{} / {}",
-        state(&db, ta),
-        state(&db, tb)
-    );
-    assert_learner_equals_scope(&db, &a, "21");
-    assert_learner_equals_scope(&db, &b, "22");
+    both_exact(&db, (ta, &a), (tb, &b));
     assert_eq!(notes(&a), None, "21 no longer holds 501's notes");
     // A classroom deleted with its notes (cascade): gone from its family, named to nobody else.
     db.execute("DELETE FROM elearning.classrooms WHERE id IN (502, 503); UPDATE elearning.users SET display_name = display_name || '.' WHERE id = 21");
-    assert!(
-        synced(&db, ta) && synced(&db, tb),
-        "{} / {}",
-        state(&db, ta),
-        state(&db, tb)
-    );
-    assert_learner_equals_scope(&db, &a, "21");
-    assert_learner_equals_scope(&db, &b, "22");
+    both_exact(&db, (ta, &a), (tb, &b));
     assert_absent(
         &learner_view(&la),
         &["98770502".to_string(), "98770503".to_string()],

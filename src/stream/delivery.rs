@@ -81,9 +81,8 @@ pub(super) fn deliver(
         let conns = &st.conns;
         let futs = sends.iter().map(|(t, b)| {
             let mut sql = format!(
-                "BEGIN; SET LOCAL search_path = pg_catalog; SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; \
-                 SET LOCAL TimeZone = 'UTC'; SET LOCAL extra_float_digits = 3; SET LOCAL bytea_output = 'hex'; SET LOCAL lock_timeout = '{ms}ms'; SET CONSTRAINTS ALL DEFERRED; \
-                 SELECT pg_catalog.left(position::text, 100000) FROM poco_sync.position LIMIT 2 FOR UPDATE"
+                "{}; SELECT pg_catalog.left(position::text, 100000) FROM poco_sync.position LIMIT 2 FOR UPDATE",
+                batch_begin(ms)
             );
             for m in &b.membership {
                 sql.push_str(";\n");
@@ -234,6 +233,17 @@ pub(super) fn deliver(
     out
 }
 
+/// How a batch's learner transaction begins: the session settings its text forms need (the
+/// keys it compares are text), a lock wait bounded by poco.network_timeout, and foreign keys
+/// checked at its commit.
+fn batch_begin(lock_timeout_ms: u128) -> String {
+    format!(
+        "BEGIN; SET LOCAL search_path = pg_catalog; SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; \
+         SET LOCAL TimeZone = 'UTC'; SET LOCAL extra_float_digits = 3; SET LOCAL bytea_output = 'hex'; \
+         SET LOCAL lock_timeout = '{lock_timeout_ms}ms'; SET CONSTRAINTS ALL DEFERRED"
+    )
+}
+
 /// Marks the one round trip path's own refusals on the learner.
 pub(super) const GUARD: &str = "poco_sync guard: ";
 
@@ -266,9 +276,8 @@ pub(super) fn deliver_quick(
                 return None; // cannot be quoted this way: the careful path
             }
             let mut all = vec![format!(
-                "BEGIN; SET LOCAL search_path = pg_catalog; SET LOCAL DateStyle = 'ISO, YMD'; SET LOCAL IntervalStyle = 'postgres'; \
-                 SET LOCAL TimeZone = 'UTC'; SET LOCAL extra_float_digits = 3; SET LOCAL bytea_output = 'hex'; SET LOCAL lock_timeout = '{ms}ms'; SET CONSTRAINTS ALL DEFERRED; \
-                 DO $poco_guard$ BEGIN {body} END $poco_guard$"
+                "{}; DO $poco_guard$ BEGIN {body} END $poco_guard$",
+                batch_begin(ms)
             )];
             all.extend(b.stmts.iter().cloned());
             all.push(format!(

@@ -44,15 +44,7 @@ pub extern "C-unwind" fn poco_stream_main(arg: pg_sys::Datum) {
     let (part, parts) = (arg & 0xff, (arg >> 8).max(1));
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
-    let runtime = crate::worker::with_signals_blocked(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .max_blocking_threads(2)
-            .enable_all()
-            .on_thread_start(crate::worker::block_all_signals)
-            .build()
-    })
-    .expect("poco_sync: could not build the tokio runtime");
+    let runtime = crate::worker::io_runtime();
     crate::worker::pin_session();
     if part >= crate::shmem::MAX_STREAMS || !crate::shmem::claim_stream(part) {
         return; // another process serves this part (started by an earlier coordinator)
