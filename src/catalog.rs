@@ -405,7 +405,10 @@ pub fn sync_snapshot_done(target_id: i64, position: Option<&str>) {
     Spi::run_with_args(
         "UPDATE poco.target SET sync_position = $2::pg_catalog.pg_snapshot, learner_position = $2::pg_catalog.pg_snapshot, \
                 last_snapshot_at = pg_catalog.now(), sync_position_at = pg_catalog.now(), \
-                sync_state = CASE WHEN continuous THEN 'streaming' ELSE 'off' END, sync_lag = 0, last_sync_error = NULL \
+                sync_state = CASE WHEN NOT continuous THEN 'off' \
+                                  WHEN EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = $1 AND j.state = 'queued') THEN 'resnapshot' \
+                                  ELSE 'streaming' END, \
+                sync_lag = 0, last_sync_error = NULL \
           WHERE id = $1 AND $2 IS NOT NULL",
         &[target_id.into(), position.into()],
     )

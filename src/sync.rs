@@ -62,6 +62,7 @@ pub mod poco {
             }
             let row = Spi::get_two_with_args::<bool, bool>(
                 "SELECT continuous, sync_state = 'streaming' AND poco.snapshot_covers(sync_position, $2::pg_catalog.pg_snapshot) \
+                        AND NOT EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = $1 AND j.state IN ('queued', 'running')) \
                    FROM poco.target WHERE id = $1",
                 &[target.into(), snap.as_str().into()],
             )

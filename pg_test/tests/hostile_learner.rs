@@ -54,7 +54,8 @@ fn jobs_of(db: &Db, t: i64) -> i64 {
 
 #[test]
 fn a_hostile_learner_harms_neither_the_platform_nor_other_families() {
-    let mut opts = Options::platform();
+    // Logging at its most verbose: the secrets sweep at the end reads it all.
+    let mut opts = Options::platform_verbose();
     opts.extra_conf.extend([
         "poco.network_timeout = '4s'".to_string(),
         "poco.retry_delay = '200ms'".to_string(),
@@ -206,4 +207,6 @@ fn a_hostile_learner_harms_neither_the_platform_nor_other_families() {
     assert!(peak < 256 * 1024, "push process peak {} MB", peak / 1024);
     bystander_unaffected(&db, ta, &a, "after all that");
     let _: &Server = &lh;
+    // No learner password in any log line but the caller's own statements, any view, dump.
+    poco_e2e::assert_secret_kept(&platform, &["poco_enable_sync("]);
 }

@@ -234,7 +234,7 @@ fn run_cases(name: &str, seed_offset: u64) {
         targets.clear();
         {
             for (i, fam) in SYNCED.iter().enumerate() {
-                let url = learners[i].target_url("family", "postgres", "pw");
+                let url = learners[i].target_url("family", "postgres", poco_e2e::SECRET);
                 let t: i64 =
                     db.query(&format!("SELECT poco_enable_sync({fam}, '{url}')"))[0].get(0);
                 targets.push(t);
@@ -296,6 +296,8 @@ fn run_cases(name: &str, seed_offset: u64) {
         println!("{name}: case {n} ok: {f:?}");
     }
     println!("{name}: {cases} cases, {checked_rows} learner rows checked, 0 lost / stale / leaked");
+    // The learner passwords used all along show nowhere but in the enabling statements.
+    poco_e2e::assert_secret_kept(&platform, &["poco_enable_sync("]);
     drop(platform);
 }
 

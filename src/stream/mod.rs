@@ -46,6 +46,14 @@ pub extern "C-unwind" fn poco_stream_main(arg: pg_sys::Datum) {
     BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
     let runtime = crate::worker::io_runtime();
     crate::worker::pin_session();
+    // The stream never waits long for a table lock: DDL that takes one (DROP TRIGGER when
+    // sync is turned off, ALTER TABLE) while a pass reads would otherwise wait for the pass,
+    // and the pass for it on the next table: a deadlock the DDL's session could lose. A pass
+    // that times out is simply run again.
+    BackgroundWorker::transaction(|| {
+        Spi::run("SELECT pg_catalog.set_config('lock_timeout', '200ms', false)")
+            .expect("poco_sync: could not set lock_timeout");
+    });
     if part >= crate::shmem::MAX_STREAMS || !crate::shmem::claim_stream(part) {
         return; // another process serves this part (started by an earlier coordinator)
     }
