@@ -11,6 +11,7 @@ mod gucs;
 mod jobs;
 mod keys;
 mod net;
+mod process;
 mod push;
 mod scope;
 mod shmem;

@@ -4,6 +4,7 @@
 //! current-thread tokio runtime on this (the main) thread; threads tokio starts block all
 //! signals, and never touch pgrx.
 
+use crate::process::{block_all_signals, pin_session};
 use crate::{catalog, gucs, keys, shmem};
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, BgWorkerStartTime,
@@ -25,62 +26,6 @@ pub fn register() {
         .set_start_time(BgWorkerStartTime::RecoveryFinished)
         .set_restart_time(Some(Duration::from_secs(2)))
         .load();
-}
-
-/// Run `f` (which starts threads) with every signal blocked on this thread, so the threads it
-/// starts inherit a fully blocked mask from their first instruction; restore the mask after.
-pub fn with_signals_blocked<R>(f: impl FnOnce() -> R) -> R {
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let r = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        r
-    }
-}
-
-/// The runtime of a push or stream process: one I/O thread (created with every signal
-/// blocked, so PostgreSQL's signal handlers only run on the main thread, the only one that
-/// calls into PostgreSQL) and up to two blocking threads.
-pub fn io_runtime() -> tokio::runtime::Runtime {
-    with_signals_blocked(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .max_blocking_threads(2)
-            .enable_all()
-            .on_thread_start(block_all_signals)
-            .build()
-    })
-    .expect("poco_sync: could not build the tokio runtime")
-}
-
-/// Settings every poco_sync process keeps for its whole session: `search_path` is pg_catalog
-/// alone, so no operator, function or type of another schema (`public`, `$user`) can be picked
-/// by a statement poco runs on the platform (an `=` for varchar or a domain in `public` would
-/// otherwise win over the built-in one); and a stable text form for the values it copies (the
-/// learner reads back exactly what is written).
-pub fn pin_session() {
-    BackgroundWorker::transaction(|| {
-        Spi::run(
-            "SELECT pg_catalog.set_config('search_path', 'pg_catalog', false), \
-                    pg_catalog.set_config('DateStyle', 'ISO, YMD', false), \
-                    pg_catalog.set_config('IntervalStyle', 'postgres', false), \
-                    pg_catalog.set_config('TimeZone', 'UTC', false), \
-                    pg_catalog.set_config('extra_float_digits', '3', false), \
-                    pg_catalog.set_config('bytea_output', 'hex', false)",
-        )
-        .expect("poco_sync: could not pin the session settings");
-    });
-}
-
-pub fn block_all_signals() {
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut set);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-    }
 }
 
 fn extension_installed() -> bool {

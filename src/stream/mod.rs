@@ -44,8 +44,8 @@ pub extern "C-unwind" fn poco_stream_main(arg: pg_sys::Datum) {
     let (part, parts) = (arg & 0xff, (arg >> 8).max(1));
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi(Some(&gucs::database()), None);
-    let runtime = crate::worker::io_runtime();
-    crate::worker::pin_session();
+    let runtime = crate::process::io_runtime();
+    crate::process::pin_session();
     // The stream never waits long for a table lock: DDL that takes one (DROP TRIGGER when
     // sync is turned off, ALTER TABLE) while a pass reads would otherwise wait for the pass,
     // and the pass for it on the next table: a deadlock the DDL's session could lose. A pass
@@ -195,7 +195,7 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         return (false, false);
     }
     let continuous = maintain(st);
-    let result = crate::push::in_snapshot(|| {
+    let result = crate::process::in_snapshot(|| {
         let s = Spi::get_one::<String>("SELECT pg_catalog.pg_current_snapshot()::text")
             .map_err(|e| JobError::new("XX000", e.to_string()))?
             .unwrap_or_default();
@@ -464,7 +464,7 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                         // In a subtransaction: an error building one target's batch is
                         // that target's, not the whole pass's (every target of the stream).
                         let plans = &mut st.plans;
-                        let step = match crate::push::in_subtransaction(|| {
+                        let step = match crate::process::in_subtransaction(|| {
                             sync_target(plans, sc, pks, fks, &t, pi, &mine)
                         }) {
                             Ok(step) => step,
