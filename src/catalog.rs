@@ -171,7 +171,7 @@ pub fn log_event(
     .or_raise();
 }
 
-// ---- Jobs (poco.job). See src/jobs.rs (SQL functions) and src/worker.rs, src/push.rs.
+// ---- Jobs (poco.job). See src/jobs.rs (SQL functions) and src/worker.rs, src/push/.
 
 pub fn target_ids_of(parent_id: &str) -> Vec<i64> {
     Spi::connect(|client| {
@@ -422,4 +422,224 @@ pub fn sync_snapshot_failed(target_id: i64, error: &str) {
         &[target_id.into(), error.into()],
     )
     .or_raise();
+}
+
+// ---- Continuous sync: the targets a stream serves, their positions and errors, re-snapshots,
+// the change log's pruning and the capture's health. Statements run by the stream processes
+// (src/stream/), the worker and poco_sync_wait.
+
+/// A continuous target as a stream pass starts it.
+pub struct StreamingRow {
+    pub id: i64,
+    pub parent_id: String,
+    /// `sync_position` as text
+    pub position: String,
+    /// `learner_position` as text ('' when unknown)
+    pub learner_position: String,
+}
+
+/// The streaming targets of stream `part` of `parts` (id modulo parts) with no push queued
+/// or running, by id.
+pub fn streaming_targets(part: i64, parts: i64) -> Vec<StreamingRow> {
+    Spi::connect(|c| {
+        c.select(
+            "SELECT t.id, t.parent_id, t.sync_position::text, coalesce(t.learner_position::text, '') FROM poco.target t \
+              WHERE t.continuous AND t.sync_state = 'streaming' AND t.sync_position IS NOT NULL \
+                AND t.id % $2 = $1 \
+                AND NOT EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = t.id AND j.state IN ('queued', 'running')) \
+              ORDER BY t.id",
+            None,
+            &[part.into(), parts.into()],
+        )
+        .map(|rows| {
+            rows.map(|r| StreamingRow {
+                id: r.get::<i64>(1).ok().flatten().unwrap_or(0),
+                parent_id: r.get::<String>(2).ok().flatten().unwrap_or_default(),
+                position: r.get::<String>(3).ok().flatten().unwrap_or_default(),
+                learner_position: r.get::<String>(4).ok().flatten().unwrap_or_default(),
+            })
+            .collect()
+        })
+        .unwrap_or_default()
+    })
+}
+
+/// poco.scope_generation: bumped with every scope or schema change.
+pub fn scope_generation() -> std::result::Result<i64, pgrx::spi::Error> {
+    Ok(Spi::get_one::<i64>("SELECT n FROM poco.scope_generation")?.unwrap_or(0))
+}
+
+/// Whether any target syncs continuously.
+pub fn any_continuous() -> bool {
+    Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM poco.target WHERE continuous)")
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
+
+/// Move streaming targets, each (id, from, to), to position `to`, only if still at `from` (a
+/// push may have moved them meanwhile). `applied`: a batch reached the learner, which is now
+/// at `to` too.
+pub fn move_positions(moved: &[(i64, String, String)], applied: bool) {
+    if moved.is_empty() {
+        return;
+    }
+    let learner = if applied {
+        "learner_position = m.to_position::pg_catalog.pg_snapshot, last_applied_at = pg_catalog.now(), last_sync_error = NULL,"
+    } else {
+        ""
+    };
+    let ids: Vec<i64> = moved.iter().map(|m| m.0).collect();
+    let from: Vec<String> = moved.iter().map(|m| m.1.clone()).collect();
+    let to: Vec<String> = moved.iter().map(|m| m.2.clone()).collect();
+    Spi::run_with_args(
+        &format!(
+            "UPDATE poco.target t SET sync_position = m.to_position::pg_catalog.pg_snapshot, {learner} \
+                    sync_position_at = pg_catalog.now(), sync_lag = 0 \
+               FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::text[])) \
+                    AS m(id, from_position, to_position) \
+              WHERE t.id = m.id AND t.sync_state = 'streaming' AND t.sync_position::text = m.from_position"
+        ),
+        &[ids.into(), from.into(), to.into()],
+    )
+    .ok();
+}
+
+/// A batch for the target failed: its error (cut) and, when known (>= 0), its backlog.
+pub fn note_sync_error(target_id: i64, error: &str, changes: i64) {
+    Spi::run_with_args(
+        "UPDATE poco.target SET last_sync_error = pg_catalog.left($2, 4000), sync_lag = CASE WHEN $3 < 0 THEN sync_lag ELSE $3 END WHERE id = $1",
+        &[target_id.into(), error.into(), changes.into()],
+    )
+    .ok();
+}
+
+/// Changes every continuous target has (or will not need: below the position of a target
+/// waiting for a snapshot) are no longer needed.
+pub fn prune_changes() {
+    Spi::run(
+        "DELETE FROM poco.change WHERE txid < (SELECT pg_catalog.min(pg_catalog.pg_snapshot_xmin(sync_position)::text::bigint) \
+           FROM poco.target WHERE continuous AND sync_position IS NOT NULL)",
+    )
+    .ok();
+}
+
+/// Start a target over with a full snapshot, its push queued to start in `delay_s` seconds
+/// (poco.resnapshot: state, event, the push job).
+pub fn resnapshot(
+    target_id: i64,
+    why: &str,
+    delay_s: u64,
+) -> std::result::Result<(), pgrx::spi::Error> {
+    Spi::run_with_args(
+        "SELECT poco.resnapshot($1, $2, pg_catalog.make_interval(secs => $3))",
+        &[target_id.into(), why.into(), (delay_s as f64).into()],
+    )
+}
+
+/// A continuous target as maintenance sees it.
+pub struct MaintainedRow {
+    pub id: i64,
+    pub state: String,
+    /// seconds since its position last moved
+    pub behind_s: f64,
+    pub position: String,
+}
+
+/// The streaming or failed continuous targets of stream `part` of `parts` with no push
+/// queued or running, by id.
+pub fn maintained_targets(part: i64, parts: i64) -> Vec<MaintainedRow> {
+    Spi::connect(|c| {
+        c.select(
+            "SELECT t.id, t.sync_state, extract(epoch FROM pg_catalog.now() - coalesce(t.sync_position_at, pg_catalog.now()))::float8, \
+                    coalesce(t.sync_position::text, '') \
+               FROM poco.target t \
+              WHERE t.continuous AND t.sync_state IN ('streaming', 'error') AND t.id % $2 = $1 \
+                AND NOT EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = t.id AND j.state IN ('queued', 'running')) \
+              ORDER BY t.id",
+            None,
+            &[part.into(), parts.into()],
+        )
+        .map(|rows| {
+            rows.map(|r| MaintainedRow {
+                id: r.get::<i64>(1).ok().flatten().unwrap_or(0),
+                state: r.get::<String>(2).ok().flatten().unwrap_or_default(),
+                behind_s: r.get::<f64>(3).ok().flatten().unwrap_or(0.0),
+                position: r.get::<String>(4).ok().flatten().unwrap_or_default(),
+            })
+            .collect()
+        })
+        .unwrap_or_default()
+    })
+}
+
+/// How many logged changes a target at `position` has not seen, counted up to `limit`.
+pub fn backlog(position: &str, limit: i64) -> i64 {
+    Spi::get_one_with_args::<i64>(
+        "SELECT count(*) FROM (SELECT 1 FROM poco.change \
+          WHERE txid >= pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot)::text::bigint \
+            AND NOT pg_catalog.pg_visible_in_snapshot(txid::text::pg_catalog.xid8, $1::pg_catalog.pg_snapshot) LIMIT $2) x",
+        &[position.into(), limit.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(0)
+}
+
+/// What is wrong with the capture triggers (poco.capture_fault()), if anything.
+pub fn capture_fault() -> Option<String> {
+    Spi::get_one::<String>("SELECT poco.capture_fault()")
+        .ok()
+        .flatten()
+}
+
+/// Put the capture right, re-snapshot every continuous target and say why in poco.events.
+pub fn repair_capture(why: &str, fault: &str) -> std::result::Result<(), pgrx::spi::Error> {
+    Spi::run_with_args(
+        "SELECT poco.refresh_capture(), poco.resnapshot_all($1)",
+        &[why.into()],
+    )?;
+    Spi::run_with_args(
+        "INSERT INTO poco.events (kind, message, detail) \
+         VALUES ('capture_repaired', $1, pg_catalog.jsonb_build_object('fault', $2::text))",
+        &[why.into(), fault.into()],
+    )
+}
+
+/// For poco_sync_wait: (continuous, caught up with snapshot `snap` and no push pending), or
+/// None when the target does not exist.
+pub fn sync_caught_up(target_id: i64, snap: &str) -> (Option<bool>, Option<bool>) {
+    Spi::get_two_with_args::<bool, bool>(
+        "SELECT continuous, sync_state = 'streaming' AND poco.snapshot_covers(sync_position, $2::pg_catalog.pg_snapshot) \
+                AND NOT EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = $1 AND j.state IN ('queued', 'running')) \
+           FROM poco.target WHERE id = $1",
+        &[target_id.into(), snap.into()],
+    )
+    .unwrap_or((None, None))
+}
+
+/// Queue a push of the parent to the target; returns the job's id.
+pub fn queue_push(
+    parent_id: &str,
+    target_id: i64,
+    max_attempts: i32,
+) -> std::result::Result<Option<i64>, pgrx::spi::Error> {
+    Spi::get_one_with_args::<i64>(
+        "INSERT INTO poco.job (parent_id, target_id, max_attempts) VALUES ($1, $2, $3) RETURNING id",
+        &[parent_id.into(), target_id.into(), max_attempts.into()],
+    )
+}
+
+/// Queue a restore of a backup (None: the latest) on the target's learner; returns the job's id.
+pub fn queue_restore(
+    parent_id: &str,
+    target_id: i64,
+    max_attempts: i32,
+    backup: Option<&str>,
+) -> std::result::Result<Option<i64>, pgrx::spi::Error> {
+    Spi::get_one_with_args::<i64>(
+        "INSERT INTO poco.job (kind, parent_id, target_id, max_attempts, detail) \
+         VALUES ('restore', $1, $2, $3, jsonb_strip_nulls(jsonb_build_object('backup', $4::text))) RETURNING id",
+        &[parent_id.into(), target_id.into(), max_attempts.into(), backup.into()],
+    )
 }

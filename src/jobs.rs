@@ -1,6 +1,6 @@
 //! Push jobs from SQL (API §2, §4): `poco_push` queues, `poco_wait` blocks until a job ends,
 //! `poco_cancel` stops one, `poco.job_progress()` shows the live progress from shared memory.
-//! The worker (src/worker.rs) starts queued jobs; each runs in its own process (src/push.rs).
+//! The worker (src/worker.rs) starts queued jobs; each runs in its own process (src/push/).
 
 use pgrx::prelude::*;
 
@@ -66,12 +66,9 @@ pub mod poco {
         let attempts = gucs::push_attempts();
         let mut ids = Vec::with_capacity(targets.len());
         for t in targets {
-            let id = Spi::get_one_with_args::<i64>(
-                "INSERT INTO poco.job (parent_id, target_id, max_attempts) VALUES ($1, $2, $3) RETURNING id",
-                &[parent.as_str().into(), t.into(), attempts.into()],
-            )
-            .or_raise()
-            .expect("RETURNING id");
+            let id = catalog::queue_push(&parent, t, attempts)
+                .or_raise()
+                .expect("RETURNING id");
             catalog::log_job_event(
                 "push_queued",
                 id,
@@ -105,13 +102,9 @@ pub mod poco {
                 ));
             }
         }
-        let id = Spi::get_one_with_args::<i64>(
-            "INSERT INTO poco.job (kind, parent_id, target_id, max_attempts, detail) \
-             VALUES ('restore', $1, $2, $3, jsonb_strip_nulls(jsonb_build_object('backup', $4::text))) RETURNING id",
-            &[row.parent_id.as_str().into(), t.into(), gucs::push_attempts().into(), backup.into()],
-        )
-        .or_raise()
-        .expect("RETURNING id");
+        let id = catalog::queue_restore(&row.parent_id, t, gucs::push_attempts(), backup)
+            .or_raise()
+            .expect("RETURNING id");
         catalog::log_job_event(
             "restore_queued",
             id,

@@ -60,13 +60,7 @@ pub mod poco {
                 crate::shmem::sync_waiting();
                 asked = Some(Instant::now());
             }
-            let row = Spi::get_two_with_args::<bool, bool>(
-                "SELECT continuous, sync_state = 'streaming' AND poco.snapshot_covers(sync_position, $2::pg_catalog.pg_snapshot) \
-                        AND NOT EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = $1 AND j.state IN ('queued', 'running')) \
-                   FROM poco.target WHERE id = $1",
-                &[target.into(), snap.as_str().into()],
-            )
-            .unwrap_or((None, None));
+            let row = crate::catalog::sync_caught_up(target, &snap);
             match row {
                 (None, _) => raise(scope_err(
                     SqlState::UndefinedObject,

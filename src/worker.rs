@@ -190,12 +190,7 @@ fn one_pass(_runtime: &tokio::runtime::Runtime, jobs: &mut Jobs) -> Duration {
         }
     }
     // The sync stream runs while any target syncs (it exits by itself when none does).
-    let want_stream = BackgroundWorker::transaction(|| {
-        Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM poco.target WHERE continuous)")
-            .ok()
-            .flatten()
-            .unwrap_or(false)
-    });
+    let want_stream = BackgroundWorker::transaction(catalog::any_continuous);
     let parts = gucs::sync_workers();
     if jobs.streams.len() != parts {
         // Split another way: the streams of the old split stop by themselves on the reload;

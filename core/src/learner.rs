@@ -1,5 +1,5 @@
 //! What a push creates on the learner. The platform describes each scoped table and the types
-//! it uses as JSON (built by catalog queries in `src/push.rs`, with `search_path` set to
+//! it uses as JSON (built by catalog queries in `src/push/schema.rs`, with `search_path` set to
 //! `pg_catalog` so every name in them is schema-qualified); this module decides what of it
 //! the learner gets and renders the statements. Pure, so it is unit-tested without a server.
 //!

@@ -237,9 +237,8 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         }
         // The compiled scope, its keys and references are kept while poco.scope_generation
         // (bumped with every scope or schema change, read in S) stays the same.
-        let generation = Spi::get_one::<i64>("SELECT n FROM poco.scope_generation")
-            .map_err(|e| JobError::new("XX000", e.to_string()))?
-            .unwrap_or(0);
+        let generation = crate::catalog::scope_generation()
+            .map_err(|e| JobError::new("XX000", e.to_string()))?;
         if st
             .compiled
             .as_ref()
@@ -515,28 +514,16 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
 }
 
 fn streaming_targets(part: i64, parts: i64) -> Vec<Target> {
-    Spi::connect(|c| {
-        c.select(
-            "SELECT t.id, t.parent_id, t.sync_position::text, coalesce(t.learner_position::text, '') FROM poco.target t \
-              WHERE t.continuous AND t.sync_state = 'streaming' AND t.sync_position IS NOT NULL \
-                AND t.id % $2 = $1 \
-                AND NOT EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = t.id AND j.state IN ('queued', 'running')) \
-              ORDER BY t.id",
-            None,
-            &[part.into(), parts.into()],
-        )
-        .map(|rows| {
-            rows.map(|r| Target {
-                id: r.get::<i64>(1).ok().flatten().unwrap_or(0),
-                parent: r.get::<String>(2).ok().flatten().unwrap_or_default(),
-                position: r.get::<String>(3).ok().flatten().unwrap_or_default(),
-                recorded: r.get::<String>(3).ok().flatten().unwrap_or_default(),
-                learner_position: r.get::<String>(4).ok().flatten().unwrap_or_default(),
-            })
-            .collect()
+    crate::catalog::streaming_targets(part, parts)
+        .into_iter()
+        .map(|r| Target {
+            id: r.id,
+            parent: r.parent_id,
+            recorded: r.position.clone(),
+            position: r.position,
+            learner_position: r.learner_position,
         })
-        .unwrap_or_default()
-    })
+        .collect()
 }
 
 /// (referencing, referenced) pairs of scoped tables joined by a foreign key.

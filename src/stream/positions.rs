@@ -1,6 +1,7 @@
 //! Positions: snapshots as positions, what a pass records, pruning and maintenance.
 
 use super::*;
+use crate::catalog;
 
 /// A position (`pg_snapshot` as text, `xmin:xmax:xip,…`), to tell which changes it has seen.
 pub(super) struct Snap {
@@ -72,28 +73,8 @@ pub(super) fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
     } else {
         Vec::new()
     };
-    for (moved, learner) in [
-        (applied, "learner_position = m.to_position::pg_catalog.pg_snapshot, last_applied_at = pg_catalog.now(), last_sync_error = NULL,"),
-        (reached, ""),
-    ] {
-        if moved.is_empty() {
-            continue;
-        }
-        let ids: Vec<i64> = moved.iter().map(|m| m.0).collect();
-        let from: Vec<String> = moved.iter().map(|m| m.1.clone()).collect();
-        let to: Vec<String> = moved.iter().map(|m| m.2.clone()).collect();
-        Spi::run_with_args(
-            &format!(
-                "UPDATE poco.target t SET sync_position = m.to_position::pg_catalog.pg_snapshot, {learner} \
-                        sync_position_at = pg_catalog.now(), sync_lag = 0 \
-                   FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]), pg_catalog.unnest($3::text[])) \
-                        AS m(id, from_position, to_position) \
-                  WHERE t.id = m.id AND t.sync_state = 'streaming' AND t.sync_position::text = m.from_position"
-            ),
-            &[ids.into(), from.into(), to.into()],
-        )
-        .ok();
-    }
+    catalog::move_positions(&applied, true);
+    catalog::move_positions(&reached, false);
     for (t, o) in results {
         match o {
             Outcome::Advanced | Outcome::Again => {}
@@ -138,11 +119,7 @@ pub(super) fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
                     poco_core::learner::backoff_ms(gucs::retry_delay_ms(), tries).min(10_000);
                 st.retry_at
                     .insert(t.id, (Instant::now() + Duration::from_millis(wait), tries));
-                Spi::run_with_args(
-                    "UPDATE poco.target SET last_sync_error = pg_catalog.left($2, 4000), sync_lag = CASE WHEN $3 < 0 THEN sync_lag ELSE $3 END WHERE id = $1",
-                    &[t.id.into(), error.as_str().into(), (*changes).into()],
-                )
-                .ok();
+                catalog::note_sync_error(t.id, error, *changes);
                 if tries == 1 {
                     log!("poco_sync stream: target {}: {error}", t.id);
                 }
@@ -163,11 +140,7 @@ pub(super) fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
 /// Changes every continuous target has (or will not need: below the position of a target
 /// waiting for a snapshot) are no longer needed.
 pub(super) fn prune() {
-    Spi::run(
-        "DELETE FROM poco.change WHERE txid < (SELECT pg_catalog.min(pg_catalog.pg_snapshot_xmin(sync_position)::text::bigint) \
-           FROM poco.target WHERE continuous AND sync_position IS NOT NULL)",
-    )
-    .ok();
+    catalog::prune_changes();
 }
 
 /// Start a target over with a full snapshot (poco.resnapshot: state, event, the push job).
@@ -177,10 +150,7 @@ pub(super) fn resnapshot(target: i64, why: &str) {
 
 /// `resnapshot`, its push queued to start in `delay_s` seconds.
 pub(super) fn resnapshot_after(target: i64, why: &str, delay_s: u64) {
-    if let Err(e) = Spi::run_with_args(
-        "SELECT poco.resnapshot($1, $2, pg_catalog.make_interval(secs => $3))",
-        &[target.into(), why.into(), (delay_s as f64).into()],
-    ) {
+    if let Err(e) = catalog::resnapshot(target, why, delay_s) {
         log!("poco_sync stream: target {target}: could not queue its re-snapshot: {e}");
     }
 }
@@ -199,30 +169,10 @@ pub(super) fn maintain(st: &mut State) -> bool {
     let (max_rows, max_age) = gucs::sync_max_backlog();
     BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
         // (id, state, seconds since the position moved, position)
-        let rows: Vec<(i64, String, f64, String)> = Spi::connect(|c| {
-            c.select(
-                "SELECT t.id, t.sync_state, extract(epoch FROM pg_catalog.now() - coalesce(t.sync_position_at, pg_catalog.now()))::float8, \
-                        coalesce(t.sync_position::text, '') \
-                   FROM poco.target t \
-                  WHERE t.continuous AND t.sync_state IN ('streaming', 'error') AND t.id % $2 = $1 \
-                    AND NOT EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = t.id AND j.state IN ('queued', 'running')) \
-                  ORDER BY t.id",
-                None,
-                &[st.part.into(), st.parts.into()],
-            )
-            .map(|rows| {
-                rows.map(|r| {
-                    (
-                        r.get::<i64>(1).ok().flatten().unwrap_or(0),
-                        r.get::<String>(2).ok().flatten().unwrap_or_default(),
-                        r.get::<f64>(3).ok().flatten().unwrap_or(0.0),
-                        r.get::<String>(4).ok().flatten().unwrap_or_default(),
-                    )
-                })
-                .collect()
-            })
-            .unwrap_or_default()
-        });
+        let rows: Vec<(i64, String, f64, String)> = catalog::maintained_targets(st.part, st.parts)
+            .into_iter()
+            .map(|r| (r.id, r.state, r.behind_s, r.position))
+            .collect();
         st.snapshot_retry.retain(|id, _| {
             rows.iter()
                 .any(|(r, state, ..)| r == id && state == "error")
@@ -274,17 +224,9 @@ pub(super) fn maintain(st: &mut State) -> bool {
                 continue;
             }
             if max_rows > 0 && !position.is_empty() {
-                let n = *counted.entry(position.clone()).or_insert_with(|| {
-                    Spi::get_one_with_args::<i64>(
-                        "SELECT count(*) FROM (SELECT 1 FROM poco.change \
-                          WHERE txid >= pg_catalog.pg_snapshot_xmin($1::pg_catalog.pg_snapshot)::text::bigint \
-                            AND NOT pg_catalog.pg_visible_in_snapshot(txid::text::pg_catalog.xid8, $1::pg_catalog.pg_snapshot) LIMIT $2) x",
-                        &[position.as_str().into(), (max_rows + 1).into()],
-                    )
-                    .ok()
-                    .flatten()
-                    .unwrap_or(0)
-                });
+                let n = *counted
+                    .entry(position.clone())
+                    .or_insert_with(|| catalog::backlog(&position, max_rows + 1));
                 if n > max_rows {
                     st.retry_at.remove(&id);
                     resnapshot(
@@ -298,11 +240,7 @@ pub(super) fn maintain(st: &mut State) -> bool {
             prune();
             repair_capture();
         }
-        st.any_continuous =
-            Spi::get_one::<bool>("SELECT EXISTS (SELECT 1 FROM poco.target WHERE continuous)")
-                .ok()
-                .flatten()
-                .unwrap_or(false);
+        st.any_continuous = catalog::any_continuous();
         st.any_continuous
     }))
 }
@@ -311,24 +249,12 @@ pub(super) fn maintain(st: &mut State) -> bool {
 /// disabled, a catalog edited by hand): the capture is put right and every continuous target
 /// re-snapshotted, since changes may have gone uncaptured meanwhile. Checked once a second.
 pub(super) fn repair_capture() {
-    let fault = match Spi::get_one::<String>("SELECT poco.capture_fault()") {
-        Ok(Some(f)) => f,
-        _ => return,
+    let Some(fault) = catalog::capture_fault() else {
+        return;
     };
     log!("poco_sync stream: the capture is not intact ({fault}); repairing it and re-snapshotting every continuous target");
     let why = format!("the capture was not intact ({fault}): changes may have gone uncaptured");
-    let done = Spi::run_with_args(
-        "SELECT poco.refresh_capture(), poco.resnapshot_all($1)",
-        &[why.as_str().into()],
-    )
-    .and_then(|_| {
-        Spi::run_with_args(
-            "INSERT INTO poco.events (kind, message, detail) \
-             VALUES ('capture_repaired', $1, pg_catalog.jsonb_build_object('fault', $2::text))",
-            &[why.as_str().into(), fault.as_str().into()],
-        )
-    });
-    if let Err(e) = done {
+    if let Err(e) = catalog::repair_capture(&why, &fault) {
         log!("poco_sync stream: could not repair the capture: {e}");
     }
 }
