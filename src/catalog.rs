@@ -406,7 +406,7 @@ pub fn sync_snapshot_done(target_id: i64, position: Option<&str>) {
         "UPDATE poco.target SET sync_position = $2::pg_catalog.pg_snapshot, learner_position = $2::pg_catalog.pg_snapshot, \
                 last_snapshot_at = pg_catalog.now(), sync_position_at = pg_catalog.now(), \
                 sync_state = CASE WHEN NOT continuous THEN 'off' \
-                                  WHEN EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = $1 AND j.state = 'queued') THEN 'resnapshot' \
+                                  WHEN EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = $1 AND j.kind = 'push' AND j.state = 'queued') THEN 'resnapshot' \
                                   ELSE 'streaming' END, \
                 sync_lag = 0, last_sync_error = NULL \
           WHERE id = $1 AND $2 IS NOT NULL",

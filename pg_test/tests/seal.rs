@@ -636,3 +636,55 @@ fn a_capture_dropped_disabled_or_bypassed_is_repaired_and_loses_nothing() {
     assert!(synced(&db, t), "{}", state(&db, t));
     assert_learner_equals_scope(&db, &ldb, "21");
 }
+
+/// A restore queued for a continuous target while a snapshot of it ends is not a re-snapshot:
+/// the target streams on (it once stayed in 'resnapshot' with no job to end it, and its
+/// changes stopped reaching the learner).
+#[test]
+fn a_queued_restore_does_not_stop_a_continuous_target() {
+    let (_platform, db) = sample_platform("seal_restore_queued", 3);
+    let l = poco_e2e::learner("seal_restore_queued_learner");
+    let t = enable_sync(&db, "21", &l);
+    assert!(synced(&db, t), "{}", state(&db, t));
+    // A new snapshot held up on the learner (a session of its own holds a lock on a table
+    // the push replaces) while a restore is queued behind it.
+    let holder = l.connect("family");
+    holder.execute("BEGIN; LOCK TABLE elearning.users IN ACCESS SHARE MODE");
+    let job: i64 = db.query("SELECT poco_push('21')")[0].get(0);
+    let mut running = false;
+    for _ in 0..200 {
+        if db
+            .value(&format!("SELECT state FROM poco.job WHERE id = {job}"))
+            .as_deref()
+            == Some("running")
+        {
+            running = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(running, "the push did not start");
+    db.execute(&format!(
+        "INSERT INTO poco.job (kind, parent_id, target_id, next_attempt_at) \
+         VALUES ('restore', '21', {t}, now() + interval '1 hour')"
+    ));
+    holder.execute("COMMIT");
+    assert_eq!(
+        db.value(&format!("SELECT poco_wait({job}, '1 min')"))
+            .as_deref(),
+        Some("succeeded")
+    );
+    assert_eq!(state(&db, t), "streaming -");
+    // And a change made now still arrives.
+    db.execute("UPDATE elearning.users SET display_name = 'after the snapshot' WHERE id = 21");
+    db.execute(&format!(
+        "DELETE FROM poco.job WHERE target_id = {t} AND kind = 'restore' AND state = 'queued'"
+    ));
+    assert!(synced(&db, t), "{}", state(&db, t));
+    let ldb = l.connect("family");
+    assert_eq!(
+        ldb.value("SELECT display_name FROM elearning.users WHERE id = 21")
+            .as_deref(),
+        Some("after the snapshot")
+    );
+}
