@@ -210,3 +210,63 @@ fn a_hostile_learner_harms_neither_the_platform_nor_other_families() {
     // No learner password in any log line but the caller's own statements, any view, dump.
     poco_e2e::assert_secret_kept(&platform, &["poco_enable_sync("]);
 }
+
+/// A learner that answers the membership check of the careful path (no plpgsql there) with
+/// huge keys (a non-deterministic collation makes '22' equal '22' followed by megabytes)
+/// does not grow the stream's memory: what the learner returns for a key is read no longer
+/// than the longest key the platform asked about.
+#[test]
+fn a_learner_answering_with_huge_keys_does_not_grow_the_stream() {
+    let mut opts = Options::platform();
+    opts.extra_conf
+        .push("poco.network_timeout = '1min'".to_string());
+    let (_platform, db) = sample_platform_with("hostile_keys", 4, &opts);
+    let lh = learner("hostile_keys_learner");
+    let t = enable_sync(&db, "22", &lh);
+    let h = lh.connect("family");
+    h.execute(
+        "CREATE COLLATION public.ign (provider = icu, locale = 'und-u-ka-shifted-ks-level1', deterministic = false); \
+         DROP EXTENSION plpgsql CASCADE; \
+         ALTER TABLE elearning.users DROP CONSTRAINT users_pkey CASCADE; \
+         ALTER TABLE elearning.users ALTER COLUMN id DROP IDENTITY IF EXISTS; \
+         ALTER TABLE elearning.users ALTER COLUMN id TYPE text COLLATE public.ign",
+    );
+    let n: i64 = db
+        .value("SELECT count(*) FROM elearning.users WHERE id = 22 OR parent_id = 22")
+        .unwrap()
+        .parse()
+        .unwrap();
+    for i in 0..=n {
+        h.execute(&format!(
+            "INSERT INTO elearning.users SELECT (pg_catalog.jsonb_populate_record(u, \
+               pg_catalog.jsonb_build_object('id', '22' || repeat('-', 30000000), 'email', u.email || 'huge{i}'))).* \
+               FROM elearning.users u WHERE u.id = '22' AND length(u.id) = 2"
+        ));
+    }
+    let pid = db
+        .value("SELECT pid::text FROM pg_stat_activity WHERE backend_type = 'poco_sync stream'")
+        .unwrap();
+    let before = rss_anon_kb(&pid).unwrap_or(0);
+    db.execute(
+        "UPDATE elearning.users SET display_name = display_name || '!' WHERE id = 22 OR parent_id = 22",
+    );
+    let t0 = Instant::now();
+    let mut peak = 0u64;
+    while t0.elapsed() < Duration::from_secs(15) {
+        peak = peak.max(rss_anon_kb(&pid).unwrap_or(0));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "hostile keys: stream private memory {} MB before, {} MB peak ({} learner rows of 30 MB keys)",
+        before / 1024,
+        peak / 1024,
+        n + 1
+    );
+    assert!(
+        peak < before + 40 * 1024,
+        "stream grew from {} MB to {} MB",
+        before / 1024,
+        peak / 1024
+    );
+    let _ = t;
+}

@@ -257,12 +257,16 @@ pub(super) fn sync_keys(
                 } else {
                     guard.join(" OR ")
                 };
+                // The learner is the parent's: a key it returns (equal to ours under its own
+                // collation or operator, yet megabytes long) is read no longer than the longest
+                // key asked about, plus one character, so it still differs from each of ours.
+                let cap = upd.iter().map(|k| k.len()).max().unwrap_or(0) + 1;
                 membership.push(MembershipCheck {
                     guard,
                     sql: format!(
                         "SELECT pg_catalog.jsonb_build_object({})::text FROM {} t \
                           JOIN pg_catalog.jsonb_populate_recordset(NULL::{}, {}::pg_catalog.jsonb) k ON ({t_list}) = ({k_list})",
-                        pk.iter().map(|c| format!("{}, t.{}::pg_catalog.text", literal(c), quote_ident(c))).collect::<Vec<_>>().join(", "),
+                        pk.iter().map(|c| format!("{}, pg_catalog.left(t.{}::pg_catalog.text, {cap})", literal(c), quote_ident(c))).collect::<Vec<_>>().join(", "),
                         table.ident,
                         table.ident,
                         literal(&format!("[{}]", upd.iter().cloned().collect::<Vec<_>>().join(",")))
