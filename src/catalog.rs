@@ -337,6 +337,25 @@ pub fn requeue(job_id: i64, delay_ms: u64, why: &str) {
     .or_raise();
 }
 
+/// Which of these jobs belong to one of these parents.
+pub fn jobs_of_parents(ids: &[i64], parents: &[String]) -> Vec<i64> {
+    if ids.is_empty() {
+        return vec![];
+    }
+    Spi::connect(|c| {
+        c.select(
+            "SELECT id FROM poco.job WHERE id = ANY($1) AND parent_id = ANY($2)",
+            None,
+            &[ids.to_vec().into(), parents.to_vec().into()],
+        )
+        .map(|rows| {
+            rows.filter_map(|r| r.get::<i64>(1).ok().flatten())
+                .collect()
+        })
+        .or_raise()
+    })
+}
+
 /// Copy a running job's progress into its row and tell listeners (`NOTIFY poco_progress`).
 pub fn publish_progress(s: &crate::shmem::JobSlot, payload: &serde_json::Value) {
     Spi::run_with_args(

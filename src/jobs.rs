@@ -219,7 +219,9 @@ pub mod poco {
     }
 
     /// Live progress of running jobs (shared memory). Empty without the preloaded library.
-    #[pg_extern(volatile, parallel_safe)]
+    /// A role restricted by poco_grant_parent sees its own parents' jobs only.
+    #[pg_extern(volatile, parallel_safe, security_definer)]
+    #[search_path(pg_catalog, pg_temp)]
     fn job_progress() -> TableIterator<
         'static,
         (
@@ -238,7 +240,13 @@ pub mod poco {
         } else {
             vec![]
         };
-        TableIterator::new(slots.into_iter().filter(|s| s.job_id != 0).map(|s| {
+        let mut slots: Vec<_> = slots.into_iter().filter(|s| s.job_id != 0).collect();
+        if let Some(own) = crate::authz::restricted_to() {
+            let ids: Vec<i64> = slots.iter().map(|s| s.job_id).collect();
+            let visible = catalog::jobs_of_parents(&ids, &own);
+            slots.retain(|s| visible.contains(&s.job_id));
+        }
+        TableIterator::new(slots.into_iter().map(|s| {
             (
                 s.job_id,
                 s.pid,

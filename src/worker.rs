@@ -330,7 +330,7 @@ fn publish(jobs: &mut Jobs) {
             None
         };
         let payload = json!({
-            "job_id": s.job_id, "parent_id": job.parent_id, "target_id": job.target_id, "state": "running",
+            "job_id": s.job_id, "target_id": job.target_id, "state": "running",
             "tables_total": s.tables_total, "tables_done": s.tables_done, "rows_done": s.rows_done,
             "bytes_done": s.bytes_done, "current_table": s.current_table(),
             "rows_expected": job.rows_expected, "percent": (fraction * 1000.0).round() / 10.0,

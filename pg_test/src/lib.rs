@@ -347,10 +347,14 @@ impl Server {
 
     /// Connect as another (non-superuser) role.
     pub fn connect_as(&self, user: &str, db: &str) -> Db {
-        Db::connect(&format!(
+        Db::connect(&self.conninfo_as(user, db))
+    }
+
+    pub fn conninfo_as(&self, user: &str, db: &str) -> String {
+        format!(
             "host=127.0.0.1 port={} user={user} dbname={db} connect_timeout=10",
             self.port
-        ))
+        )
     }
 
     pub fn postmaster_pid(&self) -> i32 {
@@ -402,6 +406,45 @@ pub fn redact(sql: &str) -> String {
     }
     res.push_str(rest);
     res
+}
+
+/// Collects the payloads of one channel's notifications in the background.
+pub struct Listener {
+    _rt: tokio::runtime::Runtime,
+    _client: tokio_postgres::Client,
+    pub rx: std::sync::mpsc::Receiver<String>,
+}
+
+/// LISTEN on `channel` over a connection of its own.
+pub fn listen(conninfo: &str, channel: &str) -> Listener {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let client = rt.block_on(async {
+        let (client, mut conn) = tokio_postgres::connect(conninfo, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+                if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                    let _ = tx.send(n.payload().to_string());
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN {channel}"))
+            .await
+            .unwrap();
+        client
+    });
+    Listener {
+        _rt: rt,
+        _client: client,
+        rx,
+    }
 }
 
 /// A synchronous client over tokio-postgres, for tests.

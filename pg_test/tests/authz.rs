@@ -135,3 +135,74 @@ fn a_role_granted_one_parent_acts_for_that_parent_only() {
     // poco_grant_parent itself is a superuser's.
     denied(&app, "SELECT poco_grant_parent('app', 21)");
 }
+
+/// A role granted one parent learns nothing of another family's running job: not from
+/// poco.job_progress() nor poco.jobs, and the progress notifications (which any role can
+/// LISTEN to: PostgreSQL has no rights on channels) carry job numbers only, never a parent
+/// or an error text.
+#[test]
+fn a_role_granted_one_parent_sees_nothing_of_another_familys_running_job() {
+    let (platform, db) = sample_platform("authz_progress", 4);
+    db.execute(
+        "INSERT INTO elearning.audit_log (user_id, action, detail) \
+         SELECT 22, 'page_view', jsonb_build_object('pad', repeat('z', 300)) FROM generate_series(1, 3000) g; \
+         CREATE ROLE p21 LOGIN; SELECT poco_grant_parent('p21', 21);",
+    );
+    let l = learner("authz_progress_22");
+    let proxy = poco_e2e::FaultProxy::start(l.port);
+    db.execute(&format!(
+        "SELECT poco_add_target(22, 'postgresql://postgres:pw@127.0.0.1:{}/family?sslmode=disable')",
+        proxy.port
+    ));
+    let heard = poco_e2e::listen(&platform.conninfo_as("p21", "platform"), "poco_progress");
+    let as21 = platform.connect_as("p21", "platform");
+    proxy.delay_per_8k(30);
+    let job: i64 = db.query("SELECT poco_push(22)")[0].get(0);
+    let mut looks = 0;
+    for _ in 0..400 {
+        let running = db
+            .value(&format!(
+                "SELECT count(*) FROM poco.job_progress() WHERE job_id = {job}"
+            ))
+            .as_deref()
+            == Some("1");
+        if running {
+            looks += 1;
+            assert_eq!(
+                as21.value("SELECT count(*) FROM poco.job_progress()")
+                    .as_deref(),
+                Some("0"),
+                "22's running job shown to p21"
+            );
+            assert_eq!(
+                as21.value("SELECT count(*) FROM poco.jobs").as_deref(),
+                Some("0")
+            );
+        } else if looks > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(looks >= 2, "the push was seen running ({looks} looks)");
+    proxy.delay_per_8k(0);
+    poco_e2e::assert_job_succeeds(&db, job, "1 min");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let notes: Vec<serde_json::Value> = heard
+        .rx
+        .try_iter()
+        .map(|p| serde_json::from_str(&p).expect("JSON payload"))
+        .collect();
+    assert!(
+        notes.iter().any(|v| v["job_id"] == job && v["state"] == "succeeded"),
+        "{notes:?}"
+    );
+    let numbers = [
+        "job_id", "target_id", "state", "tables_total", "tables_done", "rows_done", "bytes_done",
+        "current_table", "rows_expected", "percent", "elapsed_s", "eta_s",
+    ];
+    for v in &notes {
+        for k in v.as_object().unwrap().keys() {
+            assert!(numbers.contains(&k.as_str()), "{k} in a notification: {v}");
+        }
+    }
+}

@@ -549,42 +549,6 @@ fn a_job_whose_process_is_killed_ends_failed_and_the_next_push_works() {
     assert_learner_equals_scope(&db, &ldb, "3");
 }
 
-/// Collect `NOTIFY poco_progress` payloads in the background.
-struct Listener {
-    _rt: tokio::runtime::Runtime,
-    _client: tokio_postgres::Client,
-    rx: std::sync::mpsc::Receiver<String>,
-}
-
-fn listen(platform: &Server) -> Listener {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let client = rt.block_on(async {
-        let (client, mut conn) =
-            tokio_postgres::connect(&platform.conninfo("platform"), tokio_postgres::NoTls)
-                .await
-                .unwrap();
-        tokio::spawn(async move {
-            while let Some(Ok(m)) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
-                if let tokio_postgres::AsyncMessage::Notification(n) = m {
-                    let _ = tx.send(n.payload().to_string());
-                }
-            }
-        });
-        client.batch_execute("LISTEN poco_progress").await.unwrap();
-        client
-    });
-    Listener {
-        _rt: rt,
-        _client: client,
-        rx,
-    }
-}
-
 #[test]
 fn progress_advances_while_a_push_runs_and_is_announced() {
     let (platform, db) = sample_platform("push_progress", 10);
@@ -608,7 +572,7 @@ fn progress_advances_while_a_push_runs_and_is_announced() {
     ))[0]
         .get(0);
 
-    let listener = listen(&platform);
+    let listener = poco_e2e::listen(&platform.conninfo("platform"), "poco_progress");
     proxy.delay_per_8k(30);
     let job: i64 = db.query("SELECT poco_push(3)")[0].get(0);
     // poco.jobs shows the rows and bytes advance while it runs.

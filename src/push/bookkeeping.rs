@@ -107,10 +107,10 @@ pub(super) fn record(
     }
     catalog::log_job_event(kind, job.id, &message, detail);
     let payload = json!({
-        "job_id": job.id, "parent_id": job.parent_id, "target_id": job.target_id, "state": end.state,
+        "job_id": job.id, "target_id": job.target_id, "state": end.state,
         "tables_total": p.tables_total, "tables_done": p.tables_done, "rows_done": p.rows_done,
         "bytes_done": p.bytes_done, "percent": if end.state == "succeeded" { 100.0 } else { 0.0 },
-        "eta_s": 0, "error": end.error,
+        "eta_s": 0,
     });
     Spi::run_with_args(
         "SELECT pg_catalog.pg_notify('poco_progress', $1)",
