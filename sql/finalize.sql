@@ -227,6 +227,14 @@ COMMENT ON VIEW poco.scope_tables IS 'The compiled account scope: path and queri
 
 -- ---- Continuous sync (API §2; docs/sync-design.md) ----
 
+-- A row's composite text form as the stream reads it back: record_out under fixed output
+-- settings (ISO dates, postgres intervals, exact floats, hex bytea, UTC), whatever the writing
+-- session's (src/sync.rs; issue #24).
+CREATE FUNCTION poco.record_image(record) RETURNS text
+LANGUAGE c STRICT STABLE PARALLEL SAFE
+AS 'MODULE_PATHNAME', 'poco_record_image';
+REVOKE ALL ON FUNCTION poco.record_image(record) FROM PUBLIC;
+
 -- The capture trigger: one poco.change row per row change (SECURITY DEFINER: the roles that
 -- write the platform's tables need no right on poco). No SET search_path on it: that clause
 -- costs a GUC save and restore on every row (~6 % of a one-row insert transaction); instead
@@ -237,11 +245,11 @@ LANGUAGE plpgsql SECURITY DEFINER
 AS $$
 BEGIN
   IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
-    INSERT INTO poco.change (rel, op, new) VALUES (TG_RELID, 'I', pg_catalog.textin(pg_catalog.record_out(NEW)));
+    INSERT INTO poco.change (rel, op, new) VALUES (TG_RELID, 'I', poco.record_image(NEW));
   ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
-    INSERT INTO poco.change (rel, op, old, new) VALUES (TG_RELID, 'U', pg_catalog.textin(pg_catalog.record_out(OLD)), pg_catalog.textin(pg_catalog.record_out(NEW)));
+    INSERT INTO poco.change (rel, op, old, new) VALUES (TG_RELID, 'U', poco.record_image(OLD), poco.record_image(NEW));
   ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
-    INSERT INTO poco.change (rel, op, old) VALUES (TG_RELID, 'D', pg_catalog.textin(pg_catalog.record_out(OLD)));
+    INSERT INTO poco.change (rel, op, old) VALUES (TG_RELID, 'D', poco.record_image(OLD));
   ELSE
     INSERT INTO poco.change (rel, op) VALUES (TG_RELID, 'T');
   END IF;
@@ -500,7 +508,6 @@ AS $$ SELECT poco.enable_sync(poco.authorized_parent($1::text), poco_add_target(
 CREATE FUNCTION pg_catalog.poco_enable_sync(parent_id text, url jsonb)
 RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$ SELECT poco.enable_sync(poco.authorized_parent($1), poco_add_target($1, $2)) $$;
-
 CREATE FUNCTION poco.disable_sync(parent_id text) RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$

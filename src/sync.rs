@@ -95,3 +95,93 @@ pub mod poco {
         }
     }
 }
+
+/// `poco.record_image(record) RETURNS text`: a row's composite text form (record_out) as the
+/// stream reads it back, whatever the writing session's output settings. The capture trigger
+/// runs in the writer's session, and record_out spells dates, times, intervals, floats and
+/// bytea by that session's DateStyle, IntervalStyle, TimeZone, extra_float_digits and
+/// bytea_output; the stream reads images under fixed settings (process::pin_session), so an
+/// image written under `SQL, DMY` failed to parse there and stopped every family (#24).
+/// The settings are swapped for the length of the call, as plain variables (a SET or a
+/// set_config per row would cost a GUC save and restore on every captured row), and put back
+/// even when record_out fails. lc_monetary is not swapped (money output reads a cached
+/// localeconv): a money value in an image is read as written, and no key can be money here
+/// (a root key must be a built-in type of its own; see docs/sync-design.md).
+///
+/// Written against the fmgr interface by hand rather than with #[pg_extern]: the argument is
+/// the pseudo-type `record`, which pgrx does not map, and record_out needs an FmgrInfo of its
+/// own to cache its column output functions in.
+#[no_mangle]
+#[doc(hidden)]
+pub extern "C" fn pg_finfo_poco_record_image() -> &'static pg_sys::Pg_finfo_record {
+    const V1: pg_sys::Pg_finfo_record = pg_sys::Pg_finfo_record { api_version: 1 };
+    &V1
+}
+
+extern "C" {
+    /// utils/bytea.h (not in pgrx's bindings): 0 escape, 1 hex.
+    static mut bytea_output: std::ffi::c_int;
+}
+
+thread_local! {
+    static UTC: std::cell::Cell<*mut pg_sys::pg_tz> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+}
+
+/// # Safety
+/// Called by PostgreSQL's fmgr with one non-null `record` argument (the function is STRICT).
+#[no_mangle]
+#[pg_guard]
+pub unsafe extern "C-unwind" fn poco_record_image(
+    fcinfo: pg_sys::FunctionCallInfo,
+) -> pg_sys::Datum {
+    let arg = (*fcinfo).args.as_slice(1)[0].value;
+    let flinfo = (*fcinfo).flinfo;
+    let mut out = (*flinfo).fn_extra as *mut pg_sys::FmgrInfo;
+    if out.is_null() {
+        out = pg_sys::MemoryContextAllocZero(
+            (*flinfo).fn_mcxt,
+            std::mem::size_of::<pg_sys::FmgrInfo>(),
+        ) as *mut pg_sys::FmgrInfo;
+        pg_sys::fmgr_info_cxt(
+            pg_sys::Oid::from(pg_sys::F_RECORD_OUT),
+            out,
+            (*flinfo).fn_mcxt,
+        );
+        (*flinfo).fn_extra = out.cast();
+    }
+    let utc = UTC.with(|u| {
+        if u.get().is_null() {
+            u.set(pg_sys::pg_tzset(c"UTC".as_ptr()));
+        }
+        u.get()
+    });
+    let saved = (
+        pg_sys::DateStyle,
+        pg_sys::DateOrder,
+        pg_sys::IntervalStyle,
+        pg_sys::extra_float_digits,
+        bytea_output,
+        pg_sys::session_timezone,
+    );
+    let restore = move || {
+        pg_sys::DateStyle = saved.0;
+        pg_sys::DateOrder = saved.1;
+        pg_sys::IntervalStyle = saved.2;
+        pg_sys::extra_float_digits = saved.3;
+        bytea_output = saved.4;
+        pg_sys::session_timezone = saved.5;
+    };
+    pg_sys::DateStyle = pg_sys::USE_ISO_DATES as _;
+    pg_sys::DateOrder = pg_sys::DATEORDER_YMD as _;
+    pg_sys::IntervalStyle = pg_sys::INTSTYLE_POSTGRES as _;
+    // Above 0: the shortest text that reads back bit-exact.
+    pg_sys::extra_float_digits = 1;
+    bytea_output = 1;
+    if !utc.is_null() {
+        pg_sys::session_timezone = utc;
+    }
+    let text = PgTryBuilder::new(|| pg_sys::OutputFunctionCall(out, arg))
+        .finally(|| restore())
+        .execute();
+    pg_sys::Datum::from(pg_sys::cstring_to_text(text))
+}

@@ -135,13 +135,37 @@ pub fn image_json(
         let v = match f {
             Field::Null | Field::TooLong => serde_json::Value::Null,
             Field::Value(v) if *json => {
-                serde_json::from_str(&v).map_err(|e| format!("column {name}: {e}"))?
+                let parsed: serde_json::Value =
+                    serde_json::from_str(&v).map_err(|e| format!("column {name}: {e}"))?;
+                if v.contains("\\u0000") {
+                    without_nul(parsed)
+                } else {
+                    parsed
+                }
             }
             Field::Value(v) => serde_json::Value::String(v.into_owned()),
         };
         obj.insert(name.clone(), v);
     }
     Ok(serde_json::Value::Object(obj))
+}
+
+/// A json value (json keeps `\u0000`, jsonb refuses it) with its NUL characters taken out of
+/// every string and key: an image is read as jsonb for attribution, which only looks at keys,
+/// foreign keys and the root's predicate columns (the rows sent are read at the stream's
+/// snapshot, as they are).
+fn without_nul(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => Value::String(s.replace('\0', "")),
+        Value::Array(a) => Value::Array(a.into_iter().map(without_nul).collect()),
+        Value::Object(o) => Value::Object(
+            o.into_iter()
+                .map(|(k, v)| (k.replace('\0', ""), without_nul(v)))
+                .collect(),
+        ),
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -158,6 +182,14 @@ mod tests {
                 Field::TooLong => Some("<long>".into()),
             })
             .collect()
+    }
+
+    #[test]
+    fn a_json_value_with_nul_reads_as_jsonb_can_hold_it() {
+        let cols = [("id".to_string(), false), ("js".to_string(), true)];
+        let v = image_json(&cols, r#"(7,"{""a\\u0000"": [""x\\u0000y"", 1]}")"#, 1 << 20).unwrap();
+        assert_eq!(v["js"], serde_json::json!({"a": ["xy", 1]}));
+        assert_eq!(v["id"], serde_json::json!("7"));
     }
 
     #[test]

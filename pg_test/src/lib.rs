@@ -918,7 +918,8 @@ pub fn check_history(
     }
 }
 
-/// The history checker: compare the learner with the parent's scope on the platform.
+/// The history checker: compare the learner with the parent's scope on the platform. Rows are
+/// read as row_to_json: a json value stays as written (to_jsonb refuses `\u0000` in one).
 pub fn check_learner(platform: &Db, learner: &Db, parent: &str) -> Report {
     use std::collections::BTreeMap;
     let mut report = Report::default();
@@ -947,7 +948,7 @@ pub fn check_learner(platform: &Db, learner: &Db, parent: &str) -> Report {
         };
         let want: BTreeMap<String, serde_json::Value> = rows(
             platform,
-            &format!("SELECT pg_catalog.to_jsonb(s)::text FROM ({sql}) s"),
+            &format!("SELECT pg_catalog.row_to_json(s)::text FROM ({sql}) s"),
             &[&parent],
         )
         .into_iter()
@@ -955,7 +956,7 @@ pub fn check_learner(platform: &Db, learner: &Db, parent: &str) -> Report {
         .collect();
         let everywhere: std::collections::BTreeSet<String> = rows(
             platform,
-            &format!("SELECT pg_catalog.to_jsonb(s)::text FROM {name} s"),
+            &format!("SELECT pg_catalog.row_to_json(s)::text FROM {name} s"),
             &[],
         )
         .iter()
@@ -964,7 +965,7 @@ pub fn check_learner(platform: &Db, learner: &Db, parent: &str) -> Report {
         let mut got: BTreeMap<String, Vec<serde_json::Value>> = BTreeMap::new();
         for r in rows(
             learner,
-            &format!("SELECT pg_catalog.to_jsonb(s)::text FROM {name} s"),
+            &format!("SELECT pg_catalog.row_to_json(s)::text FROM {name} s"),
             &[],
         ) {
             got.entry(key(&r)).or_default().push(r);

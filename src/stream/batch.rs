@@ -315,10 +315,11 @@ pub(super) fn sync_keys(
             } else {
                 format!("UPDATE SET {}", set.join(", "))
             };
+            let (select, source) = insert_source(table, &rows_lit);
             stmts.push(format!(
-                "INSERT INTO {} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} FROM pg_catalog.jsonb_populate_recordset(NULL::{}, {rows_lit}::pg_catalog.jsonb) \
+                "INSERT INTO {} ({cols}) OVERRIDING SYSTEM VALUE SELECT {select} FROM {source} \
                  ON CONFLICT ({pk_list}) DO {action}",
-                table.ident, table.ident
+                table.ident
             ));
         }
         if !reference && reconcile.contains(&table.oid) {
@@ -409,6 +410,54 @@ pub(super) fn safe_type<'a>(table: &'a poco_core::scope::ScopedTable, col: &str)
         .unwrap_or("pg_catalog.text")
 }
 
+/// A column whose values are `json` (through domains): sent as its text, not as a JSON value.
+/// jsonb, which a batch is, refuses `\u0000` in a string and keeps neither the key order, the
+/// white space nor the duplicate keys that json keeps; the learner reads the text back as json
+/// (`insert_source`).
+pub(super) fn json_text(c: &poco_core::scope::Column) -> bool {
+    c.json && c.safe_type == "json"
+}
+
+/// What the learner's upsert of `table` selects its columns from, given the batch's rows as a
+/// jsonb array literal: `jsonb_populate_recordset`, or, when the table has json columns (sent
+/// as text, see `json_text`), each row's element beside it, to read those as text.
+fn insert_source(table: &poco_core::scope::ScopedTable, rows_lit: &str) -> (String, String) {
+    let json: Vec<&poco_core::scope::Column> = table
+        .all_columns
+        .iter()
+        .filter(|c| !table.excluded_attnums.contains(&c.attnum) && json_text(c))
+        .collect();
+    let cols = table.columns.join(", ");
+    if json.is_empty() {
+        return (
+            cols,
+            format!(
+                "pg_catalog.jsonb_populate_recordset(NULL::{}, {rows_lit}::pg_catalog.jsonb)",
+                table.ident
+            ),
+        );
+    }
+    let select: Vec<String> = table
+        .columns
+        .iter()
+        .map(|ident| match json.iter().find(|c| c.ident == *ident) {
+            Some(c) => format!(
+                "(poco_r.poco_r OPERATOR(pg_catalog.->>) {})::pg_catalog.json",
+                literal(&c.name)
+            ),
+            None => format!("k.{ident}"),
+        })
+        .collect();
+    (
+        select.join(", "),
+        format!(
+            "pg_catalog.jsonb_array_elements({rows_lit}::pg_catalog.jsonb) poco_r(poco_r) \
+             CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::{}, poco_r.poco_r) k",
+            table.ident
+        ),
+    )
+}
+
 /// The JSON of a row `alias` of the table's scoped query, without anyone's code: to_jsonb when
 /// every sent column is of a built-in type (it then consults no cast), otherwise each column
 /// that is not as its text output (the learner reads text back through the type's input,
@@ -420,7 +469,7 @@ pub(super) fn row_json(table: &poco_core::scope::ScopedTable, alias: &str) -> St
         .iter()
         .filter(|c| !table.excluded_attnums.contains(&c.attnum))
         .collect();
-    if sent.iter().all(|c| c.plain) {
+    if sent.iter().all(|c| c.plain && !json_text(c)) {
         return format!("pg_catalog.to_jsonb({alias})");
     }
     let parts: Vec<String> = sent
@@ -433,7 +482,7 @@ pub(super) fn row_json(table: &poco_core::scope::ScopedTable, alias: &str) -> St
                     format!(
                         "{}, {}",
                         literal(&c.name),
-                        if c.plain { v } else { text_of(&v) }
+                        if c.plain && !json_text(c) { v } else { text_of(&v) }
                     )
                 })
                 .collect();

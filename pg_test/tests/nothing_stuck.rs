@@ -1,0 +1,276 @@
+//! Nothing stuck, nothing silent (issue #24): the ways continuous sync stopped, or drifted
+//! from the platform, while `poco_status` said `streaming` with no error.
+
+use poco_e2e::{
+    check_learner, enable_sync, learner, sample_platform, sample_platform_with, Db, Options, Rng,
+};
+
+/// The reproduction from the issue: one platform session with another DateStyle wrote an image
+/// the stream could not read back, and no family's position moved again.
+#[test]
+fn a_writer_with_another_datestyle_stalls_nobody() {
+    let (platform, db) = sample_platform("stuck_datestyle", 3);
+    let (la, lb) = (learner("stuck_datestyle_a"), learner("stuck_datestyle_b"));
+    let (ta, tb) = (enable_sync(&db, "21", &la), enable_sync(&db, "22", &lb));
+    let writer = platform.connect("platform");
+    writer.execute(
+        "SET datestyle = 'SQL, DMY'; \
+         INSERT INTO elearning.audit_log (user_id, action, at) VALUES (NULL, 'sys', '2026-12-25 10:00+00')",
+    );
+    // A role whose own settings are another style: its sessions write such images too.
+    db.execute(
+        "CREATE ROLE app LOGIN; GRANT USAGE ON SCHEMA elearning TO app; \
+         GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA elearning TO app; \
+         ALTER ROLE app SET datestyle = 'German'; ALTER ROLE app SET intervalstyle = 'sql_standard'",
+    );
+    let app = platform.connect_as("app", "platform");
+    app.execute(
+        "INSERT INTO elearning.audit_log (user_id, action, at) \
+         SELECT id, 'app', '2026-12-24 09:00+00' FROM elearning.users WHERE parent_id = 21",
+    );
+    db.execute(
+        "UPDATE elearning.users SET display_name = 'Parent 21 renamed' WHERE id = 21; \
+         UPDATE elearning.users SET display_name = 'Parent 22 renamed' WHERE id = 22",
+    );
+    for t in [ta, tb] {
+        assert_eq!(
+            db.value(&format!("SELECT poco_sync_wait({t}, '20 s')"))
+                .as_deref(),
+            Some("t"),
+            "target {t}: {:?}",
+            db.value(&format!(
+                "SELECT sync_state || ' ' || coalesce(last_sync_error, '-') FROM poco.target WHERE id = {t}"
+            ))
+        );
+    }
+    let (a, b) = (la.connect("family"), lb.connect("family"));
+    assert_eq!(
+        a.value("SELECT display_name FROM elearning.users WHERE id = 21")
+            .as_deref(),
+        Some("Parent 21 renamed")
+    );
+    assert_eq!(
+        b.value("SELECT display_name FROM elearning.users WHERE id = 22")
+            .as_deref(),
+        Some("Parent 22 renamed")
+    );
+    assert_eq!(
+        a.value("SELECT count(*) FROM elearning.audit_log WHERE action = 'app' AND at = '2026-12-24 09:00+00'")
+            .as_deref(),
+        db.value("SELECT count(*)::text FROM elearning.audit_log a JOIN elearning.users u ON u.id = a.user_id WHERE a.action = 'app' AND u.parent_id = 21").as_deref()
+    );
+    for (l, p) in [(&a, "21"), (&b, "22")] {
+        let report = check_learner(&db, l, p);
+        assert!(report.clean(), "family {p}: {report:?}");
+    }
+}
+
+/// Output settings a writing session may have. lc_monetary: the servers here have only the C
+/// locales, whose money output is the same.
+const DATESTYLES: [&str; 7] = [
+    "ISO, MDY",
+    "ISO, DMY",
+    "SQL, DMY",
+    "SQL, MDY",
+    "Postgres, DMY",
+    "Postgres, YMD",
+    "German",
+];
+const INTERVALSTYLES: [&str; 4] = ["postgres", "postgres_verbose", "sql_standard", "iso_8601"];
+const FLOAT_DIGITS: [&str; 4] = ["-15", "0", "1", "3"];
+const BYTEA: [&str; 2] = ["hex", "escape"];
+const ZONES: [&str; 5] = [
+    "UTC",
+    "Asia/Kolkata",
+    "America/St_Johns",
+    "Europe/Amsterdam",
+    "Pacific/Chatham",
+];
+const MONETARY: [&str; 3] = ["C", "C.utf8", "POSIX"];
+
+const TYPED_SCHEMA: &str = r#"
+SELECT poco_scope_clear();
+CREATE SCHEMA s;
+CREATE TABLE s.fam (id bigint PRIMARY KEY, parent_id bigint REFERENCES s.fam (id), name text NOT NULL);
+-- Keys and foreign keys of every type whose text output follows a session setting.
+CREATE TABLE s.ev (
+  d date NOT NULL, ts timestamptz NOT NULL, iv interval NOT NULL, f float8 NOT NULL, b bytea NOT NULL,
+  fam_id bigint NOT NULL REFERENCES s.fam (id),
+  tsn timestamp, tm time, tz timetz, f4 real, m money, js json, jb jsonb, note text,
+  PRIMARY KEY (d, ts, iv, f, b));
+CREATE INDEX ON s.ev (fam_id);
+CREATE TABLE s.ev_note (id integer PRIMARY KEY, d date NOT NULL, ts timestamptz NOT NULL, iv interval NOT NULL,
+  f float8 NOT NULL, b bytea NOT NULL, body text,
+  FOREIGN KEY (d, ts, iv, f, b) REFERENCES s.ev ON UPDATE CASCADE ON DELETE CASCADE);
+CREATE INDEX ON s.ev_note (d, ts, iv, f, b);
+INSERT INTO s.fam VALUES (1, NULL, 'one'), (11, 1, 'one a'), (12, 1, 'one b'), (2, NULL, 'two'), (21, 2, 'two a'),
+  (3, NULL, 'three'), (31, 3, 'three a');
+SELECT poco_scope_root('s.fam', 'id = $1 OR parent_id = $1');
+SELECT poco_scope_table('s.ev');
+SELECT poco_scope_table('s.ev_note');
+"#;
+
+/// The last error lines of a server log, for a failure message.
+fn errors(log: &str) -> String {
+    let e: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ERROR") || l.contains("poco_sync stream:"))
+        .collect();
+    e[e.len().saturating_sub(5)..].join("\n")
+}
+
+/// A float8 literal that reads back bit-exact (Rust prints the shortest such text).
+fn float_literal(r: &mut Rng) -> String {
+    let pick = [
+        0.1 + 0.2,
+        1.0 / 3.0,
+        f64::MIN_POSITIVE / 3.0, // subnormal
+        -2.5e-300,
+        123456789.123456789,
+        f64::MAX,
+    ];
+    let x = if r.chance(40) {
+        pick[r.below(pick.len())]
+    } else {
+        (r.next() >> 11) as f64 / (1u64 << 53) as f64 * 1e6
+    };
+    format!("{x:e}")
+}
+
+/// Every value of table s.ev of the platform and of a learner, as text read with one set of
+/// settings (floats exact), ordered: what must be equal.
+fn ev_text(db: &Db, fam_filter: &str) -> Vec<String> {
+    db.execute("SET extra_float_digits = 3; SET datestyle = 'ISO, YMD'; SET timezone = 'UTC'; SET bytea_output = 'hex'");
+    db.query(&format!(
+        "SELECT format('%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s', e.d, e.ts, e.iv, e.f, e.b, e.fam_id, e.tsn, e.tm, e.tz, e.f4, \
+                e.m, e.js::text, e.note) FROM s.ev e {fam_filter} ORDER BY 1"
+    ))
+    .iter()
+    .map(|r| r.get::<_, String>(0))
+    .collect()
+}
+
+/// Images read as they were written: a random mix of output settings per writing session, over
+/// keys and foreign keys of every setting-dependent type, json values jsonb refuses. The
+/// learners equal their scope, floats bit-exact, json unchanged, and no pass failed (no
+/// target re-snapshotted).
+#[test]
+fn images_are_read_as_written_whatever_the_writers_settings() {
+    let mut opts = Options::platform();
+    opts.extra_conf.push("poco.retry_delay = '100ms'".into());
+    let (platform, db) = sample_platform_with("stuck_settings", 0, &opts);
+    db.execute(TYPED_SCHEMA);
+    let (l1, l2) = (learner("stuck_settings_1"), learner("stuck_settings_2"));
+    let (t1, t2) = (enable_sync(&db, "1", &l1), enable_sync(&db, "2", &l2));
+    let seed: u64 = poco_e2e::env_or("POCO_SETTINGS_SEED", 0x5e77_1265);
+    let rounds: usize = poco_e2e::env_or("POCO_SETTINGS_ROUNDS", 60);
+    println!("settings mix: seed {seed}, {rounds} writing sessions");
+    let mut r = Rng(seed);
+    let mut done: Vec<String> = Vec::new();
+    for round in 0..rounds {
+        let w = platform.connect("platform");
+        let set = format!(
+            "SET datestyle = '{}'; SET intervalstyle = '{}'; SET extra_float_digits = {}; SET bytea_output = '{}'; \
+             SET timezone = '{}'; SET lc_monetary = '{}'",
+            DATESTYLES[r.below(DATESTYLES.len())],
+            INTERVALSTYLES[r.below(INTERVALSTYLES.len())],
+            FLOAT_DIGITS[r.below(FLOAT_DIGITS.len())],
+            BYTEA[r.below(BYTEA.len())],
+            ZONES[r.below(ZONES.len())],
+            MONETARY[r.below(MONETARY.len())],
+        );
+        w.execute(&set);
+        let fam = [1, 11, 12, 2, 21, 3, 31][r.below(7)];
+        let f = float_literal(&mut r);
+        // A row picked at random among those of some family (its key as this session spells
+        // it does not matter: it is found by the row).
+        let any = format!("(SELECT d, ts, iv, f, b FROM s.ev ORDER BY md5(note || '{round}') LIMIT 1)");
+        let sql = match r.below(8) {
+            0..=2 => format!(
+                "INSERT INTO s.ev VALUES (date '2026-01-01' + {round}, timestamptz '2026-03-01 10:00:00.123456+05:30' + {round} * interval '1 hour', \
+                   make_interval(0, {m}, 0, {round}, 4, 5, 6.789) * (CASE WHEN {neg} THEN -1 ELSE 1 END), float8 '{f}', \
+                   decode(md5('{round}'), 'hex') || '\\x5c00'::bytea, {fam}, timestamp '1999-12-31 23:59:59.5', time '13:14:15', \
+                   timetz '01:02:03-07', real '{f4}', {round}.25::numeric::money, \
+                   '{{\"z\": {round}, \"a\": \"\\u0000 nul\", \"z\": \"dup\"}}', '{{\"k\": [1, 2.50]}}', 'note {round}')",
+                m = r.below(14),
+                neg = r.chance(30),
+                f4 = (r.below(1000) as f32) / 7.0,
+            ),
+            3 => format!(
+                "INSERT INTO s.ev_note SELECT {round}, d, ts, iv, f, b, 'body {round}' FROM s.ev ORDER BY md5(note || '{round}') LIMIT 1"
+            ),
+            4 => format!("UPDATE s.ev e SET note = 'edit {round}', f4 = f4 + 1 WHERE (d, ts, iv, f, b) = {any}"),
+            // A key changes: the notes follow (ON UPDATE CASCADE).
+            5 => format!("UPDATE s.ev e SET d = d + 1000, f = float8 '{f}' WHERE (d, ts, iv, f, b) = {any}"),
+            // The row moves to another family, its notes with it.
+            6 => format!("UPDATE s.ev e SET fam_id = {fam} WHERE (d, ts, iv, f, b) = {any}"),
+            _ => format!("DELETE FROM s.ev e WHERE (d, ts, iv, f, b) = {any}"),
+        };
+        w.execute(&sql);
+        done.push(format!("{set}; {sql}"));
+    }
+    for t in [t1, t2] {
+        assert_eq!(
+            db.value(&format!("SELECT poco_sync_wait({t}, '60 s')"))
+                .as_deref(),
+            Some("t"),
+            "target {t}: {:?}\n{}\nplatform errors:\n{}",
+            db.value(&format!(
+                "SELECT sync_state || ' ' || coalesce(last_sync_error, '-') FROM poco.target WHERE id = {t}"
+            )),
+            done.join("\n"),
+            errors(&platform.log())
+        );
+    }
+    // Last, through the stream alone (no snapshot in between): a row whose json keeps what
+    // jsonb would not (\u0000, key order, a duplicate key), written under other settings.
+    let jobs = "SELECT count(*) FROM poco.job";
+    let before = db.value(jobs);
+    let w = platform.connect("platform");
+    w.execute(
+        "SET datestyle = 'SQL, DMY'; SET extra_float_digits = -15; SET bytea_output = 'escape'; \
+         SET intervalstyle = 'sql_standard'; SET timezone = 'Pacific/Chatham'; \
+         INSERT INTO s.ev (d, ts, iv, f, b, fam_id, js, note) VALUES ('31/12/2030', '31/12/2030 23:59:59.999999+13:45', \
+           '-1 2:03:04', 2.2250738585072014e-308, '\\x00ff', 11, '{\"b\": \"\\u0000\", \"a\": 1, \"b\": 2}', 'last')",
+    );
+    assert_eq!(
+        db.value(&format!("SELECT poco_sync_wait({t1}, '60 s')")).as_deref(),
+        Some("t"),
+        "{}",
+        errors(&platform.log())
+    );
+    assert_eq!(db.value(jobs), before, "the last row came by the stream");
+    assert_eq!(
+        l1.connect("family")
+            .value("SELECT js::text FROM s.ev WHERE note = 'last'")
+            .as_deref(),
+        Some("{\"b\": \"\\u0000\", \"a\": 1, \"b\": 2}")
+    );
+    let mut rows = 0;
+    for (l, p) in [(&l1, "1"), (&l2, "2")] {
+        let ldb = l.connect("family");
+        let report = check_learner(&db, &ldb, p);
+        assert!(report.clean(), "family {p}: {report:?}\n{}", done.join("\n"));
+        rows += report.rows;
+        let filter = format!("JOIN s.fam a ON a.id = e.fam_id WHERE {p} IN (a.id, a.parent_id)");
+        assert_eq!(
+            ev_text(&ldb, ""),
+            ev_text(&db, &filter),
+            "family {p}: values as text"
+        );
+    }
+    // No pass and no batch failed (each says so in the log), and the only re-snapshots are
+    // those of rows that moved, between families or to another key (by design: they take what
+    // they own along).
+    assert_eq!(errors(&platform.log()), "", "the stream failed somewhere");
+    assert_eq!(
+        db.value(
+            "SELECT count(*) FROM poco.events WHERE kind = 'sync_resnapshot' AND message NOT LIKE '% moved%, with what it owns'"
+        )
+        .as_deref(),
+        Some("0"),
+        "{:?}",
+        db.value("SELECT string_agg(message, E'\\n') FROM poco.events WHERE kind = 'sync_resnapshot'")
+    );
+    println!("settings mix: {rounds} writing sessions, {rows} learner rows checked");
+}
