@@ -508,6 +508,21 @@ AS $$ SELECT poco.enable_sync(poco.authorized_parent($1::text), poco_add_target(
 CREATE FUNCTION pg_catalog.poco_enable_sync(parent_id text, url jsonb)
 RETURNS bigint LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$ SELECT poco.enable_sync(poco.authorized_parent($1), poco_add_target($1, $2)) $$;
+-- The same for a target already stored, without its credentials again (API §2).
+CREATE FUNCTION pg_catalog.poco_enable_sync(target_id bigint)
+RETURNS bigint LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+  p text;
+BEGIN
+  PERFORM poco.authorize_target(target_id);
+  SELECT t.parent_id INTO p FROM poco.target t WHERE t.id = target_id;
+  IF NOT FOUND THEN
+    RAISE EXCEPTION 'target % does not exist', target_id USING ERRCODE = '42704', HINT = 'poco.targets lists the targets.';
+  END IF;
+  RETURN poco.enable_sync(poco.authorized_parent(p), target_id);
+END $$;
+
 CREATE FUNCTION poco.disable_sync(parent_id text) RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$

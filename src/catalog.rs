@@ -57,6 +57,16 @@ pub fn load_target(id: i64) -> Result<TargetRow> {
         .ok_or(PocoError::NoSuchTarget(id))
 }
 
+/// Whether the target syncs continuously, its row locked against poco_enable_sync until the
+/// caller's transaction ends.
+pub fn continuous_for_update(id: i64) -> bool {
+    first_value::<bool>(
+        "SELECT continuous FROM poco.target WHERE id = $1 FOR UPDATE",
+        &[id.into()],
+    )
+    .unwrap_or(false)
+}
+
 /// Lock and load every target (for key rotation).
 pub fn all_targets_for_update() -> Result<Vec<TargetRow>> {
     Spi::run("LOCK TABLE poco.target IN SHARE ROW EXCLUSIVE MODE").or_raise();

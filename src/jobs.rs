@@ -102,6 +102,16 @@ pub mod poco {
                 ));
             }
         }
+        // A continuous target's learner holds the copy at its stream's position: a backup from
+        // another position under it would take batches meant for that position (#24).
+        if catalog::continuous_for_update(t) {
+            raise(scope_err(
+                SqlState::ObjectNotInPrerequisiteState,
+                format!("target {t} syncs continuously: a restored backup would not match its stream's position"),
+                "Turn continuous sync off first (SELECT poco_disable_sync(parent_id)), restore, and turn it on again \
+                 with SELECT poco_enable_sync(target_id), which takes a new snapshot.",
+            ));
+        }
         let id = catalog::queue_restore(&row.parent_id, t, gucs::push_attempts(), backup)
             .or_raise()
             .expect("RETURNING id");

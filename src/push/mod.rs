@@ -156,6 +156,16 @@ fn run(job: &catalog::JobRow, rt: &tokio::runtime::Runtime) -> Result<Done, JobE
     let chunk = gucs::copy_chunk();
 
     if job.kind == "restore" {
+        // poco_restore refuses a continuous target; one queued before sync was turned on (or
+        // into poco.job by hand) is refused here, so no batch lands on a copy of another
+        // position.
+        if BackgroundWorker::transaction(|| catalog::continuous_for_update(target_id)) {
+            return Err(JobError::new(
+                "55000",
+                format!("target {target_id} syncs continuously: a restored backup would not match its stream's position"),
+            )
+            .hint("Turn continuous sync off first (poco_disable_sync), restore, then poco_enable_sync(target_id)."));
+        }
         let (sysid, dbname) = BackgroundWorker::transaction(platform_identity);
         let (client, _) =
             open_learner(rt, &target, password.as_deref(), target_id, &sysid, &dbname)?;
