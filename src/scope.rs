@@ -275,6 +275,60 @@ pub fn root_rows(sc: &Scope, parent: &str) -> i64 {
     .unwrap_or(0)
 }
 
+/// A scoped table continuous sync cannot follow (#24 point 7), as the error to raise: one
+/// without a primary key (a batch names rows by it: an owned table's batch failed for ever,
+/// a reference table's made `ON CONFLICT ()`), or an UNLOGGED one, itself or a partition
+/// (crash recovery empties it and no trigger fires: the learner would keep what the platform
+/// lost). Undeclared tables on ownership paths count for UNLOGGED too. None: it can.
+pub fn unsyncable(sc: &Scope) -> Option<PocoError> {
+    let scoped: Vec<pg_sys::Oid> = sc.tables.iter().map(|t| pg_sys::Oid::from(t.oid)).collect();
+    let paths: Vec<pg_sys::Oid> = sc.paths.iter().map(|p| pg_sys::Oid::from(p.oid)).collect();
+    let found = rows(
+        "WITH t(rel, scoped) AS (SELECT r, true FROM pg_catalog.unnest($1::pg_catalog.oid[]) r \
+                                 UNION ALL SELECT r, false FROM pg_catalog.unnest($2::pg_catalog.oid[]) r) \
+         SELECT t.rel::pg_catalog.regclass::text, \
+                t.scoped AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = t.rel AND i.indisprimary), \
+                (SELECT pg_catalog.min(p.rel::pg_catalog.regclass::text) \
+                   FROM (SELECT t.rel UNION SELECT x.relid FROM pg_catalog.pg_partition_tree(t.rel) x) p(rel) \
+                   JOIN pg_catalog.pg_class c ON c.oid = p.rel WHERE c.relpersistence = 'u') \
+           FROM t ORDER BY t.rel::pg_catalog.regclass::text",
+        &[scoped.into(), paths.into()],
+        |r| {
+            (
+                s(r, 1),
+                r.get::<bool>(2).ok().flatten().unwrap_or(false),
+                r.get::<String>(3).ok().flatten(),
+            )
+        },
+    );
+    let quoted = |t: &str| t.replace('\'', "''");
+    for (table, no_pk, unlogged) in found {
+        if no_pk {
+            return Some(core_scope::scope_err(
+                SqlState::FeatureNotSupported,
+                format!("continuous sync cannot follow {table}: it has no primary key"),
+                format!(
+                    "Continuous sync names each changed row by its primary key: add one (ALTER TABLE {table} ADD PRIMARY KEY (...)), \
+                     or leave the table out (SELECT poco_scope_remove('{}')). poco_push copies it as it is.",
+                    quoted(&table)
+                ),
+            ));
+        }
+        if let Some(u) = unlogged {
+            return Some(core_scope::scope_err(
+                SqlState::FeatureNotSupported,
+                format!("continuous sync cannot follow {table}: {u} is UNLOGGED"),
+                format!(
+                    "Crash recovery empties an unlogged table without any trigger firing, so the learner would keep rows the platform lost: \
+                     ALTER TABLE {u} SET LOGGED, or leave {table} out (SELECT poco_scope_remove('{}')). poco_push copies it as it is.",
+                    quoted(&table)
+                ),
+            ));
+        }
+    }
+    None
+}
+
 /// Why continuous sync could not follow the root predicate (None: it can). Continuous sync
 /// sees the changes of captured tables' rows, and attributes a root row by its own image: a
 /// predicate that reads other rows (a subquery) or calls a function that is not immutable
@@ -468,6 +522,9 @@ fn validate_and_log(message: String, detail: serde_json::Value) {
                     &why,
                     "while targets sync continuously, ",
                 ));
+            }
+            if let Some(e) = unsyncable(sc) {
+                raise(e);
             }
         }
     }
@@ -720,6 +777,9 @@ pub mod poco {
         if let Ok(Some(sc)) = current() {
             if let Some(why) = unfollowable(&sc) {
                 raise(unfollowable_error(&why, ""));
+            }
+            if let Some(e) = unsyncable(&sc) {
+                raise(e);
             }
         }
     }

@@ -379,3 +379,108 @@ fn a_restore_never_leaves_a_continuous_target_out_of_step() {
     // An unknown target is an error, as for the other functions taking one.
     assert_eq!(db.error("SELECT poco_enable_sync(99999::bigint)").code().code(), "42704");
 }
+
+/// The reproduction from the issue: an owned table without a primary key was accepted, and the
+/// family then stalled. Tables continuous sync cannot follow are now refused when declared
+/// (no primary key, UNLOGGED), named with a hint; a push still takes them. A later migration
+/// that takes the key away, or sets a table UNLOGGED, commits: the targets then show the
+/// reason as their error until it is put right, and then sync again.
+#[test]
+fn tables_continuous_sync_cannot_follow_are_refused_and_later_ddl_is_named() {
+    let (_platform, db) = sample_platform("stuck_nopk", 3);
+    let l = learner("stuck_nopk_learner");
+    let t = enable_sync(&db, "21", &l);
+    db.execute(
+        "CREATE TABLE elearning.notes (user_id bigint REFERENCES elearning.users (id), body text); \
+         INSERT INTO elearning.notes SELECT id, 'note of ' || id FROM elearning.users WHERE id = 21 OR parent_id = 21; \
+         CREATE UNLOGGED TABLE elearning.scratch (id bigint PRIMARY KEY, user_id bigint REFERENCES elearning.users (id)); \
+         CREATE TABLE elearning.tagged (tag text UNIQUE NOT NULL, user_id bigint REFERENCES elearning.users (id))",
+    );
+    for (table, what) in [
+        ("elearning.notes", "no primary key"),
+        ("elearning.scratch", "UNLOGGED"),
+    ] {
+        let e = db.error(&format!("SELECT poco_scope_table('{table}')"));
+        assert_eq!(e.code().code(), "0A000", "{table}: {}", e.message());
+        assert!(
+            e.message().contains(table) && e.message().contains(what),
+            "{}",
+            e.message()
+        );
+        assert!(
+            e.hint().is_some_and(|h| h.contains("poco_push")),
+            "{:?}",
+            e.hint()
+        );
+    }
+    // A reference table keyed only by UNIQUE: refused too (its batch was ON CONFLICT ()).
+    let e = db.error("SELECT poco_scope_reference('elearning.tagged', 'all')");
+    assert_eq!(e.code().code(), "0A000", "{}", e.message());
+    assert_eq!(db.value("SELECT count(*) FROM poco.scope WHERE rel::text LIKE 'elearning.%' AND rel::text IN ('elearning.notes', 'elearning.scratch', 'elearning.tagged')").as_deref(), Some("0"));
+
+    // Without continuous targets the table can be declared, and a push takes it; turning
+    // sync on again is then refused, naming it.
+    db.execute("SELECT poco_disable_sync('21')");
+    db.execute("SELECT poco_scope_table('elearning.notes')");
+    let job: i64 = db.query(&format!("SELECT poco_push('21', {t})"))[0].get(0);
+    assert_eq!(
+        db.value(&format!("SELECT poco_wait({job}, '1 min')")).as_deref(),
+        Some("succeeded")
+    );
+    let ldb = l.connect("family");
+    assert_eq!(
+        ldb.value("SELECT count(*) FROM elearning.notes").as_deref(),
+        db.value("SELECT count(*) FROM elearning.notes").as_deref()
+    );
+    let e = db.error(&format!("SELECT poco_enable_sync({t})"));
+    assert_eq!(e.code().code(), "0A000", "{}", e.message());
+    assert!(e.message().contains("elearning.notes"), "{}", e.message());
+    db.execute("SELECT poco_scope_remove('elearning.notes')");
+    db.value(&format!("SELECT poco_enable_sync({t})"));
+    assert_eq!(poco_e2e::latest_job_result(&db, t), "succeeded");
+    assert!(synced(&db, t), "{}", state(&db, t));
+
+    // Later DDL commits (a platform's migration is never refused) and is named.
+    for (break_it, mend_it, what) in [
+        (
+            "ALTER TABLE elearning.audit_log DROP CONSTRAINT audit_log_pkey",
+            "ALTER TABLE elearning.audit_log ADD PRIMARY KEY (id)",
+            "no primary key",
+        ),
+        (
+            "ALTER TABLE elearning.audit_log SET UNLOGGED",
+            "ALTER TABLE elearning.audit_log SET LOGGED",
+            "UNLOGGED",
+        ),
+    ] {
+        db.execute(break_it);
+        db.execute("UPDATE elearning.users SET display_name = 'while broken' WHERE id = 21");
+        let shown = poco_e2e::wait_for(std::time::Duration::from_secs(60), || {
+            db.value("SELECT last_error FROM poco_status('21')")
+                .filter(|e| e.contains(what) && e.contains("elearning.audit_log"))
+        });
+        assert!(shown.is_some(), "{what}: {}", state(&db, t));
+        assert_eq!(
+            db.value(&format!("SELECT poco_sync_wait({t}, '2 s')")).as_deref(),
+            Some("f"),
+            "not in step while it cannot follow"
+        );
+        db.execute(mend_it);
+        db.execute("UPDATE elearning.users SET display_name = 'mended' WHERE id = 21");
+        assert!(
+            poco_e2e::wait_for(std::time::Duration::from_secs(90), || {
+                (synced(&db, t)
+                    && ldb
+                        .value("SELECT display_name FROM elearning.users WHERE id = 21")
+                        .as_deref()
+                        == Some("mended"))
+                .then_some(())
+            })
+            .is_some(),
+            "{what}: {}",
+            state(&db, t)
+        );
+        let report = check_learner(&db, &ldb, "21");
+        assert!(report.clean(), "{what}: {report:?}");
+    }
+}

@@ -148,6 +148,10 @@ struct Compiled {
     rels: RelImages,
     pks: HashMap<u32, Vec<String>>,
     fks: BTreeSet<(u32, u32)>,
+    /// A scoped table continuous sync cannot follow since a DDL (its primary key dropped, SET
+    /// UNLOGGED): declarations refuse such tables, a platform's migration is never refused.
+    /// Every target then fails with this, until the table is put right (scope::unsyncable).
+    unsyncable: Option<String>,
 }
 
 struct Target {
@@ -248,6 +252,10 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                 scope::require().map_err(|e| JobError::new(e.sqlstate().code(), e.to_string()))?;
             let pks = primary_keys(&sc);
             let fks = scoped_references(&sc);
+            let unsyncable = crate::scope::unsyncable(&sc).map(|e| match e.hint() {
+                Some(h) => format!("{e} (SQLSTATE {}) HINT: {h}", e.sqlstate().code()),
+                None => e.to_string(),
+            });
             st.plans.clear();
             st.compiled = Some(std::rc::Rc::new(Compiled {
                 generation,
@@ -255,6 +263,7 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                 rels: Default::default(),
                 pks,
                 fks,
+                unsyncable,
             }));
         }
         let compiled = st.compiled.clone().expect("compiled above");
@@ -333,6 +342,11 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         let mut positions: Vec<(String, Snap)> = Vec::new();
         for t in targets {
             if in_backoff(st, &t) {
+                continue;
+            }
+            if let Some(why) = &compiled.unsyncable {
+                let error = why.clone();
+                steps.push((t, Step::Done(Outcome::Failed { error, changes: 0 })));
                 continue;
             }
             if let Some(e) = unreachable.remove(&t.id) {
