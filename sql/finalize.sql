@@ -553,6 +553,11 @@ CREATE FUNCTION pg_catalog.poco_sync_wait(target_id bigint, timeout interval DEF
 RETURNS boolean LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$ SELECT poco.sync_wait($1, pg_catalog.pg_current_snapshot()::text, extract(epoch FROM $2)::float8) $$;
 
+-- Compare the learner with the platform's scope, table by table (src/verify.rs).
+CREATE FUNCTION pg_catalog.poco_verify(target_id bigint, repair boolean DEFAULT false)
+RETURNS TABLE(table_name text, platform_rows bigint, learner_rows bigint, equal boolean)
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$ SELECT * FROM poco.verify($1, $2) $$;
 
 -- Grant what an application (the parent-facing page) needs to one role.
 CREATE FUNCTION pg_catalog.poco_grant_usage(role_name name)

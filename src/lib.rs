@@ -19,6 +19,7 @@ mod status;
 mod stream;
 mod sync;
 mod targets;
+mod verify;
 mod worker;
 
 ::pgrx::pg_module_magic!(name, version);

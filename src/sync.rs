@@ -37,13 +37,50 @@ pub mod poco {
         Ok(None)
     }
 
+    /// `snap` (pg_current_snapshot() text of the caller) with the caller's own transaction
+    /// counted as in progress. PostgreSQL leaves a transaction's own xid out of its snapshot's
+    /// in-progress list, so a snapshot taken by a transaction that has written (an earlier
+    /// statement, or poco_sync's own bookkeeping in the same call) reads as if that write were
+    /// committed, and no position could ever cover it: the wait always timed out.
+    fn own_xact_in_progress(snap: &str) -> String {
+        let own = Spi::get_one::<String>("SELECT pg_catalog.pg_current_xact_id_if_assigned()::text")
+            .ok()
+            .flatten()
+            .and_then(|x| x.parse::<u64>().ok());
+        let mut parts = snap.splitn(3, ':');
+        let (Some(own), Some(xmin), Some(xmax)) = (
+            own,
+            parts.next().and_then(|v| v.parse::<u64>().ok()),
+            parts.next().and_then(|v| v.parse::<u64>().ok()),
+        ) else {
+            return snap.to_string();
+        };
+        let mut xip: Vec<u64> = parts
+            .next()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        if own >= xmax || xip.contains(&own) {
+            return snap.to_string();
+        }
+        xip.push(own);
+        xip.sort_unstable();
+        let list: Vec<String> = xip.iter().map(u64::to_string).collect();
+        format!("{}:{xmax}:{}", xmin.min(own), list.join(","))
+    }
+
     /// Block until target `target_id` has applied every change visible in `snap` (the caller's
     /// snapshot at the call); false on timeout.
     #[pg_extern(volatile, parallel_unsafe)]
-    fn sync_wait(target_id: Option<i64>, snap: Option<String>, timeout_s: Option<f64>) -> bool {
+    pub(crate) fn sync_wait(
+        target_id: Option<i64>,
+        snap: Option<String>,
+        timeout_s: Option<f64>,
+    ) -> bool {
         let target = target_id.unwrap_or_else(|| raise(PocoError::NullArgument("target_id")));
         crate::authz::authorize_target(target);
-        let snap = snap.unwrap_or_default();
+        let snap = own_xact_in_progress(&snap.unwrap_or_default());
         let timeout =
             Duration::from_secs_f64(timeout_s.unwrap_or(60.0).clamp(0.0, 86_400.0 * 365.0));
         if unsafe { pg_sys::XactIsoLevel } >= pg_sys::XACT_REPEATABLE_READ as i32 {
