@@ -37,10 +37,8 @@ fn a_writer_with_another_datestyle_stalls_nobody() {
             db.value(&format!("SELECT poco_sync_wait({t}, '20 s')"))
                 .as_deref(),
             Some("t"),
-            "target {t}: {:?}",
-            db.value(&format!(
-                "SELECT sync_state || ' ' || coalesce(last_sync_error, '-') FROM poco.target WHERE id = {t}"
-            ))
+            "target {t}: {}",
+            state(&db, t)
         );
     }
     let (a, b) = (la.connect("family"), lb.connect("family"));
@@ -214,10 +212,8 @@ fn images_are_read_as_written_whatever_the_writers_settings() {
             db.value(&format!("SELECT poco_sync_wait({t}, '60 s')"))
                 .as_deref(),
             Some("t"),
-            "target {t}: {:?}\n{}\nplatform errors:\n{}",
-            db.value(&format!(
-                "SELECT sync_state || ' ' || coalesce(last_sync_error, '-') FROM poco.target WHERE id = {t}"
-            )),
+            "target {t}: {}\n{}\nplatform errors:\n{}",
+            state(&db, t),
             done.join("\n"),
             errors(&platform.log())
         );
