@@ -480,3 +480,61 @@ fn tables_continuous_sync_cannot_follow_are_refused_and_later_ddl_is_named() {
         assert!(report.clean(), "{what}: {report:?}");
     }
 }
+
+/// A bad row costs its own family, not everyone (#24 point 2). A root row holding a value
+/// past jsonb's limit (a string over 256 MB) cannot be attributed: its image does not convert.
+/// That error failed the pass as a whole: no family's position moved again, and every target
+/// still said `streaming` with no error.
+#[test]
+fn a_row_that_cannot_be_attributed_stalls_no_family() {
+    let (platform, db) = sample_platform("stuck_badrow", 3);
+    let (la, lb) = (learner("stuck_badrow_a"), learner("stuck_badrow_b"));
+    let (ta, tb) = (enable_sync(&db, "21", &la), enable_sync(&db, "22", &lb));
+    db.execute("UPDATE elearning.users SET display_name = repeat('x', 270000000) WHERE id = 21");
+    db.execute("UPDATE elearning.users SET display_name = 'Parent 22 after' WHERE id = 22");
+    for t in [ta, tb] {
+        assert!(synced(&db, t), "target {t}: {}\n{}", state(&db, t), errors(&platform.log()));
+    }
+    let (a, b) = (la.connect("family"), lb.connect("family"));
+    assert_eq!(
+        a.value("SELECT length(display_name) FROM elearning.users WHERE id = 21").as_deref(),
+        Some("270000000")
+    );
+    assert_eq!(
+        b.value("SELECT display_name FROM elearning.users WHERE id = 22").as_deref(),
+        Some("Parent 22 after")
+    );
+    // Later changes go on as usual, for both families.
+    db.execute(
+        "UPDATE elearning.users SET display_name = 'Parent 21 again' WHERE id = 21; \
+         UPDATE elearning.users SET display_name = 'Parent 22 again' WHERE id = 22",
+    );
+    for t in [ta, tb] {
+        assert!(synced(&db, t), "target {t}: {}", state(&db, t));
+    }
+    assert_eq!(
+        a.value("SELECT display_name FROM elearning.users WHERE id = 21").as_deref(),
+        Some("Parent 21 again")
+    );
+    for (l, p) in [(&a, "21"), (&b, "22")] {
+        let report = check_learner(&db, l, p);
+        assert!(report.clean(), "family {p}: {report:?}");
+    }
+    // Only the family that holds the row started over; the other one was not re-snapshotted.
+    assert_eq!(
+        db.value(&format!(
+            "SELECT count(*) FROM poco.events WHERE kind = 'sync_resnapshot' AND target_id = {tb}"
+        ))
+        .as_deref(),
+        Some("0")
+    );
+    // A change that could not be attributed is named in the log once, not on every pass: two
+    // changes hold the long value (the update, and the next one's old image), each read once
+    // by each of the two streams.
+    let log = platform.log();
+    let named = log
+        .lines()
+        .filter(|l| l.contains("could not be attributed"))
+        .count();
+    assert!((1..=4).contains(&named), "{named} lines\n{}", errors(&log));
+}

@@ -64,6 +64,11 @@ impl Owners {
             ),
         }
     }
+    /// Whether an image's lookup failed: whom the change concerns is not known on that side,
+    /// so no family is told its keys, and each reads them through its own scope instead.
+    pub(super) fn failed(&self) -> bool {
+        matches!(self, Owners::Rows { old, new } if *old == Side::Failed || *new == Side::Failed)
+    }
     /// An update whose row changed family (the parents before and after differ): what it owns
     /// moved with it. The parents concerned on either side.
     pub(super) fn moved(&self) -> Option<BTreeSet<u32>> {

@@ -43,6 +43,12 @@ pub(super) fn sync_keys(
     // is not in its family's scope now, told by its family's own keys, never by the changed
     // keys (which may be another family's).
     let mut reconcile: BTreeSet<u32> = BTreeSet::new();
+    // Keys of changes whose attribution failed (attribution::Side::Failed): read through the
+    // family's scope at S, so upserted only if the family holds the row, and never named to
+    // the learner otherwise (reconcile deletes what it should no longer hold). Updated ones
+    // the family holds are checked for a move into it, as `updated` keys are.
+    let mut probed: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
+    let mut probed_updated: BTreeMap<u32, BTreeSet<String>> = BTreeMap::new();
     for (
         Keyed {
             rel, op, old, new, ..
@@ -50,6 +56,29 @@ pub(super) fn sync_keys(
         owners,
     ) in changes.iter().copied()
     {
+        if owners.failed() {
+            // Whom the row belonged to, or belongs to, is not known: the family reconciles
+            // the table and every table owned through it (the row may have moved family,
+            // with what it owns).
+            for r in at_or_below(sc, *rel) {
+                reconcile.insert(r);
+                touched.entry(r).or_default();
+            }
+            if sc.table(*rel).is_some() {
+                for k in [old, new].into_iter().flatten() {
+                    if !key_is_whole(k) {
+                        let name = sc.table(*rel).map(|t| t.ident.as_str()).unwrap_or("?");
+                        return Step::Done(Outcome::Resnapshot(format!(
+                            "a change of {name} could not be read: a new snapshot copies the rows"
+                        )));
+                    }
+                    probed.entry(*rel).or_default().insert(k.to_string());
+                    if *op == b'U' {
+                        probed_updated.entry(*rel).or_default().insert(k.to_string());
+                    }
+                }
+            }
+        }
         // (A path table's changes only move rows or tell old owners: nothing of it is sent.)
         let Some(pk) = pks.get(rel).filter(|_| sc.table(*rel).is_some()) else {
             continue;
@@ -121,9 +150,11 @@ pub(super) fn sync_keys(
             .collect::<Vec<_>>()
             .join(", ");
         let reference = matches!(table.role, Role::Reference(_));
-        let keys: Option<String> = touched
-            .get(&table.oid)
-            .map(|k| format!("[{}]", k.iter().cloned().collect::<Vec<_>>().join(",")));
+        let keys: Option<String> = touched.get(&table.oid).map(|k| {
+            let probe = probed.get(&table.oid).into_iter().flatten();
+            let all: BTreeSet<&String> = k.iter().chain(probe).collect();
+            format!("[{}]", all.into_iter().cloned().collect::<Vec<_>>().join(","))
+        });
         if (keys.is_none() && !reference) || (reference && !recheck.contains(&table.oid)) {
             continue;
         }
@@ -221,10 +252,23 @@ pub(super) fn sync_keys(
             }
         };
         drop(row_keys);
-        if let (false, Some(upd)) = (reference, updated.get(&table.oid)) {
+        let none = BTreeSet::new();
+        let probed_in: BTreeSet<String> = probed_updated
+            .get(&table.oid)
+            .unwrap_or(&none)
+            .intersection(&in_now)
+            .cloned()
+            .collect();
+        if let (false, Some(upd)) = (
+            reference,
+            updated
+                .get(&table.oid)
+                .or((!probed_in.is_empty()).then_some(&none)),
+        ) {
             let upd: BTreeSet<String> = upd
-                .difference(inserted.get(&table.oid).unwrap_or(&BTreeSet::new()))
+                .difference(inserted.get(&table.oid).unwrap_or(&none))
                 .cloned()
+                .chain(probed_in)
                 .collect();
             if !upd.is_empty() {
                 let join = |keys: &BTreeSet<&String>| {
@@ -353,6 +397,43 @@ pub(super) fn sync_keys(
         membership,
         n,
     })
+}
+
+/// The scoped tables (not reference ones) at `rel` or owned through it: those whose ownership
+/// path passes through `rel` (a scoped table or an undeclared path table).
+fn at_or_below(sc: &Scope, rel: u32) -> Vec<u32> {
+    let up_of = |oid: u32| match (sc.table(oid), sc.path_table(oid)) {
+        (Some(t), _) => t.up.as_ref(),
+        (None, Some(p)) => p.up.as_ref(),
+        (None, None) => None,
+    };
+    sc.tables
+        .iter()
+        .filter(|t| !matches!(t.role, Role::Reference(_)))
+        .filter(|t| {
+            let mut at = t.oid;
+            for _ in 0..=poco_core::scope::MAX_PATH_LEN {
+                if at == rel {
+                    return true;
+                }
+                match up_of(at) {
+                    Some(h) => at = h.parent,
+                    None => return false,
+                }
+            }
+            false
+        })
+        .map(|t| t.oid)
+        .collect()
+}
+
+/// Whether a key (JSON text, `key_of`) has every column: one read from an image that could
+/// not be read has NULLs, and matches no row.
+fn key_is_whole(k: &str) -> bool {
+    match serde_json::from_str::<Value>(k) {
+        Ok(Value::Object(m)) => !m.is_empty() && m.values().all(|v| !v.is_null()),
+        _ => false,
+    }
 }
 
 /// What a pass does for one target: an outcome already known, or a batch to send.

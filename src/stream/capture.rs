@@ -201,7 +201,8 @@ pub(super) fn load_attributed(
                 .unzip();
             let mut chunk = chunk;
             canonical_keys(sc, pks, &mut chunk);
-            let chunk_owners = unsafe { cx.switch_to(|_| attribute(plans, sc, &chunk, parents)) };
+            let chunk_owners =
+                unsafe { cx.switch_to(|_| attribute_isolated(plans, sc, &chunk, parents)) };
             unsafe {
                 cx.reset();
                 if !table.is_null() {
@@ -265,6 +266,45 @@ pub(super) fn load_attributed(
     })?;
     resolve_through_log(&out.changes, &mut out.owners, &out.ups);
     Ok(out)
+}
+
+/// `attribute`, in a subtransaction: an error raised for one change (an image past jsonb's
+/// limits, say) costs that change, not the pass of every family. The chunk is then attributed
+/// change by change; a change that still fails is told to nobody (Side::Failed): each family
+/// of the pass reads its keys through its own scope at S, and reconciles the table and what
+/// is owned through it from its own keys (batch.rs), so no key is named to a family that does
+/// not hold it.
+fn attribute_isolated(
+    plans: &mut Plans,
+    sc: &Scope,
+    chunk: &[Change],
+    parents: &[String],
+) -> Vec<Owners> {
+    if let Ok(owners) = crate::process::in_subtransaction(|| attribute(plans, sc, chunk, parents)) {
+        return owners;
+    }
+    chunk
+        .iter()
+        .map(|c| {
+            let one = std::slice::from_ref(c);
+            match crate::process::in_subtransaction(|| attribute(plans, sc, one, parents)) {
+                Ok(mut o) if o.len() == 1 => o.pop().expect("one"),
+                Ok(_) => Owners::Rows { old: Side::Failed, new: Side::Failed },
+                Err(e) => {
+                    let name = sc
+                        .table(c.0)
+                        .map(|x| x.ident.as_str())
+                        .or_else(|| sc.path_table(c.0).map(|x| x.ident.as_str()))
+                        .unwrap_or("?");
+                    log!(
+                        "poco_sync stream: a change of {name} could not be attributed; each family of the pass reads its rows through its own scope instead: {}",
+                        e.describe()
+                    );
+                    Owners::Rows { old: Side::Failed, new: Side::Failed }
+                }
+            }
+        })
+        .collect()
 }
 
 /// The key of the row an old image's ownership path starts at, when that key is the parent's
