@@ -7,7 +7,8 @@
 //! tell that the moment was reached.
 //!
 //! Known: `push_mid_copy`, `push_between_tables`, `push_after_learner_commit` (pushes and
-//! snapshots), `stream_key_loading`, `stream_ack_lost` (continuous sync).
+//! snapshots), `stream_key_loading`, `stream_ack_lost`, `stream_attribution` (continuous sync;
+//! the last fails every owner lookup of attribution for as long as it is armed).
 
 use crate::gucs;
 use crate::net::JobError;
@@ -23,6 +24,12 @@ thread_local! {
 pub fn fires(name: &str) -> bool {
     let first = FIRED.with(|f| !f.borrow().contains(name));
     fires_when(name, first) && FIRED.with(|f| f.borrow_mut().insert(name.to_string()))
+}
+
+/// Whether `name` is armed: true at every call while it is listed (a moment a test makes fail
+/// for as long as it wants, not once).
+pub fn armed(name: &str) -> bool {
+    fires_when(name, true)
 }
 
 /// A push's failpoint: on the job's first attempt, `name` fails the push there as a lost

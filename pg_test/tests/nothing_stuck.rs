@@ -538,3 +538,77 @@ fn a_row_that_cannot_be_attributed_stalls_no_family() {
         .count();
     assert!((1..=4).contains(&named), "{named} lines\n{}", errors(&log));
 }
+
+/// Changes whose owners cannot be looked up at all (the failpoint `stream_attribution` fails
+/// every lookup) still reach exactly their families: each family reads the changed keys
+/// through its own scope, reconciles the tables concerned from its own keys, and a row that
+/// moved into it (a learner, with what it owns) is caught by the membership check.
+#[test]
+fn changes_nobody_can_attribute_still_reach_exactly_their_families() {
+    let (platform, db) = sample_platform("stuck_unattributed", 3);
+    let (la, lb) = (learner("stuck_unattr_a"), learner("stuck_unattr_b"));
+    let (ta, tb) = (enable_sync(&db, "21", &la), enable_sync(&db, "22", &lb));
+    let arm = |spec: &str| {
+        db.execute(&format!("ALTER SYSTEM SET poco.failpoint = '{spec}'"));
+        db.execute("SELECT pg_reload_conf()");
+        std::thread::sleep(std::time::Duration::from_millis(600));
+    };
+    arm("stream_attribution");
+    let mover = db
+        .value("SELECT min(id) FROM elearning.users WHERE parent_id = 22")
+        .expect("a learner of parent 22");
+    let statements = [
+        "UPDATE elearning.users SET display_name = 'unattributed 21' WHERE id = 21".to_string(),
+        "INSERT INTO elearning.audit_log (user_id, action) \
+           SELECT id, 'unattributed' FROM elearning.users WHERE parent_id = 22"
+            .into(),
+        "DELETE FROM elearning.audit_log WHERE id IN (SELECT a.id FROM elearning.audit_log a \
+           JOIN elearning.users u ON u.id = a.user_id WHERE u.parent_id = 21 ORDER BY a.id LIMIT 3)"
+            .into(),
+        // A learner of parent 22 moves to parent 21, with what it owns.
+        format!("UPDATE elearning.users SET parent_id = 21 WHERE id = {mover}"),
+        "UPDATE elearning.quiz_attempts SET score = score / 2 \
+           WHERE learner_id IN (SELECT id FROM elearning.users WHERE parent_id = 21)"
+            .into(),
+    ];
+    for s in &statements {
+        db.execute(s);
+    }
+    for t in [ta, tb] {
+        assert!(synced(&db, t), "target {t}: {}\n{}", state(&db, t), errors(&platform.log()));
+    }
+    arm("");
+    assert!(
+        platform.log().contains("failpoint stream_attribution fired"),
+        "the lookups failed"
+    );
+    let (a, b) = (la.connect("family"), lb.connect("family"));
+    let has = |l: &Db, id: &str| {
+        l.value(&format!("SELECT count(*) FROM elearning.users WHERE id = {id}"))
+            .unwrap_or_default()
+    };
+    assert_eq!((has(&a, &mover), has(&b, &mover)), ("1".into(), "0".into()), "the learner moved");
+    assert_eq!(
+        a.value("SELECT display_name FROM elearning.users WHERE id = 21").as_deref(),
+        Some("unattributed 21")
+    );
+    for (l, p) in [(&a, "21"), (&b, "22")] {
+        let report = check_learner(&db, l, p);
+        assert!(report.clean(), "family {p}: {report:?}");
+    }
+    // Parent 22's family lost a learner: its learner reconciled, it was not re-snapshotted.
+    assert_eq!(
+        db.value(&format!(
+            "SELECT count(*) FROM poco.events WHERE kind = 'sync_resnapshot' AND target_id = {tb}"
+        ))
+        .as_deref(),
+        Some("0")
+    );
+    // Disarmed, changes are attributed again and go on as usual.
+    db.execute("UPDATE elearning.users SET display_name = 'attributed 22' WHERE id = 22");
+    assert!(synced(&db, tb), "{}", state(&db, tb));
+    assert_eq!(
+        b.value("SELECT display_name FROM elearning.users WHERE id = 22").as_deref(),
+        Some("attributed 22")
+    );
+}

@@ -107,6 +107,9 @@ pub(super) fn attribute(
         let mut found: Vec<u32> = Vec::new();
         let mut reached = false;
         for sql in queries {
+            if crate::failpoint::armed("stream_attribution") {
+                pgrx::error!("failpoint stream_attribution: an owner lookup failed");
+            }
             let args = [
                 unsafe {
                     pgrx::datum::DatumWithOid::new_from_datum(candidates.datum(), candidates.oid())
