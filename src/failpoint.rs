@@ -8,7 +8,8 @@
 //!
 //! Known: `push_mid_copy`, `push_between_tables`, `push_after_learner_commit` (pushes and
 //! snapshots), `stream_key_loading`, `stream_ack_lost`, `stream_attribution` (continuous sync;
-//! the last fails every owner lookup of attribution for as long as it is armed).
+//! the last fails every owner lookup of attribution for as long as it is armed), and
+//! `stream_batch:<parent id>` (building that parent's batches fails while it is armed).
 
 use crate::gucs;
 use crate::net::JobError;
@@ -30,6 +31,18 @@ pub fn fires(name: &str) -> bool {
 /// for as long as it wants, not once).
 pub fn armed(name: &str) -> bool {
     fires_when(name, true)
+}
+
+/// Whether `name` is armed for `who` (`name:who` in the list, or `name` alone: for everyone),
+/// at every call while it is listed.
+pub fn armed_for(name: &str, who: &str) -> bool {
+    let Some(spec) = gucs::failpoint() else {
+        return false;
+    };
+    spec.split(',').map(str::trim).any(|item| match item.split_once(':') {
+        Some((n, w)) => n == name && w == who,
+        None => item == name,
+    })
 }
 
 /// A push's failpoint: on the job's first attempt, `name` fails the push there as a lost

@@ -2,7 +2,7 @@
 //! from the platform, while `poco_status` said `streaming` with no error.
 
 use poco_e2e::{
-    check_learner, enable_sync, learner, sample_platform, sample_platform_with, Db, Options, Rng,
+    check_learner, enable_sync, learner, sample_platform, sample_platform_with, wait_for, Db, Options, Rng,
 };
 
 /// The reproduction from the issue: one platform session with another DateStyle wrote an image
@@ -610,5 +610,75 @@ fn changes_nobody_can_attribute_still_reach_exactly_their_families() {
     assert_eq!(
         b.value("SELECT display_name FROM elearning.users WHERE id = 22").as_deref(),
         Some("attributed 22")
+    );
+}
+
+/// A target whose batch the platform cannot build, pass after pass (the failpoint
+/// `stream_batch:<parent>`), says so at once, then goes to `error` and starts over from a new
+/// snapshot after a back-off; the other family keeps syncing and is not re-snapshotted.
+#[test]
+fn a_batch_the_platform_cannot_build_ends_in_error_then_a_new_snapshot() {
+    let (platform, db) = sample_platform("stuck_broken", 3);
+    let (la, lb) = (learner("stuck_broken_a"), learner("stuck_broken_b"));
+    let (ta, tb) = (enable_sync(&db, "21", &la), enable_sync(&db, "22", &lb));
+    db.execute("ALTER SYSTEM SET poco.failpoint = 'stream_batch:22'");
+    db.execute("SELECT pg_reload_conf()");
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    db.execute(
+        "UPDATE elearning.users SET display_name = 'broken 21' WHERE id = 21; \
+         UPDATE elearning.users SET display_name = 'broken 22' WHERE id = 22",
+    );
+    assert!(synced(&db, ta), "target {ta}: {}", state(&db, ta));
+    // Target b is not shown as streaming with no error while its change does not move.
+    let seen = wait_for(std::time::Duration::from_secs(20), || {
+        let s = state(&db, tb);
+        s.contains("failpoint stream_batch").then_some(s)
+    });
+    assert!(seen.is_some(), "target {tb}: {}", state(&db, tb));
+    // Then it goes to error, says why in the events, and a new snapshot brings the change.
+    let events = |kind: &str| {
+        db.value(&format!(
+            "SELECT string_agg(message, E'\\n' ORDER BY id) FROM poco.events WHERE kind = '{kind}' AND target_id = {tb}"
+        ))
+        .unwrap_or_default()
+    };
+    let stopped = wait_for(std::time::Duration::from_secs(30), || {
+        let e = events("sync_error");
+        (!e.is_empty()).then_some(e)
+    })
+    .unwrap_or_else(|| panic!("no sync_error event for {tb}: {}", state(&db, tb)));
+    assert!(
+        stopped.contains("failed passes") && stopped.contains("failpoint stream_batch"),
+        "{stopped}"
+    );
+    let b = lb.connect("family");
+    let arrived = wait_for(std::time::Duration::from_secs(60), || {
+        (b.value("SELECT display_name FROM elearning.users WHERE id = 22").as_deref()
+            == Some("broken 22"))
+        .then_some(())
+    });
+    assert!(arrived.is_some(), "target {tb}: {}", state(&db, tb));
+    assert!(
+        events("sync_resnapshot").contains("trying the failed snapshot again"),
+        "{}",
+        events("sync_resnapshot")
+    );
+    db.execute("ALTER SYSTEM RESET poco.failpoint");
+    db.execute("SELECT pg_reload_conf()");
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    db.execute("UPDATE elearning.users SET display_name = 'after 22' WHERE id = 22");
+    assert!(synced(&db, tb), "target {tb}: {}", state(&db, tb));
+    assert_eq!(state(&db, tb), "streaming -");
+    for (l, p) in [(&la.connect("family"), "21"), (&b, "22")] {
+        let report = check_learner(&db, l, p);
+        assert!(report.clean(), "family {p}: {report:?}");
+    }
+    assert_eq!(
+        db.value(&format!(
+            "SELECT count(*) FROM poco.events WHERE kind = 'sync_resnapshot' AND target_id = {ta}"
+        ))
+        .as_deref(),
+        Some("0"),
+        "family 21 was not re-snapshotted"
     );
 }

@@ -84,7 +84,7 @@ pub(super) fn sync_keys(
             continue;
         };
         if pk.is_empty() {
-            return Step::Done(Outcome::Failed {
+            return Step::Done(Outcome::Broken {
                 error: format!("table {rel} has no primary key: it cannot be synced"),
                 changes: n,
             });
@@ -233,7 +233,7 @@ pub(super) fn sync_keys(
             }
             Ok(_) => ("[]".into(), "[]".into()),
             Err(e) => {
-                return Step::Done(Outcome::Failed {
+                return Step::Done(Outcome::Broken {
                     error: format!("reading {}: {e}", table.ident),
                     changes: n,
                 })
@@ -245,7 +245,7 @@ pub(super) fn sync_keys(
         let in_now: BTreeSet<String> = match serde_json::from_str::<Vec<Value>>(&row_keys) {
             Ok(a) => a.iter().map(|r| key_of(pk, r)).collect(),
             Err(e) => {
-                return Step::Done(Outcome::Failed {
+                return Step::Done(Outcome::Broken {
                     error: format!("reading {}: {e}", table.ident),
                     changes: n,
                 })
@@ -378,7 +378,7 @@ pub(super) fn sync_keys(
             let own = match own {
                 Ok(mut v) => v.pop().flatten().unwrap_or_else(|| "[]".into()),
                 Err(e) => {
-                    return Step::Done(Outcome::Failed {
+                    return Step::Done(Outcome::Broken {
                         error: format!("reading {}: {e}", table.ident),
                         changes: n,
                     })

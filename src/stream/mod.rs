@@ -112,6 +112,8 @@ struct State {
     resnaps: HashMap<i64, (u32, Instant)>,
     /// A target that failed waits until then (backoff) before it is tried again.
     retry_at: HashMap<i64, (Instant, u32)>,
+    /// Passes in a row whose batch for a target the platform could not build (Outcome::Broken).
+    broken: HashMap<i64, u32>,
     /// The last error of a whole pass, logged once.
     last_error: Option<String>,
     /// Prepared attribution queries, by SQL text (a scope change gives new texts; Postgres
@@ -177,6 +179,14 @@ enum Outcome {
     /// TRUNCATE, or the learner holds another position: start over with a full snapshot.
     Resnapshot(String),
     Failed {
+        error: String,
+        changes: i64,
+    },
+    /// The platform could not build the target's batch (its changes could not be read, or its
+    /// rows): retried as Failed is, and after BROKEN_LIMIT passes in a row the target goes to
+    /// `error` and is re-snapshotted after a back-off (maintenance), so that it never stays
+    /// behind for good while it says `streaming`.
+    Broken {
         error: String,
         changes: i64,
     },
@@ -394,7 +404,7 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                 Err(e) => {
                     for (t, _) in group {
                         let error = format!("reading the captured changes: {e}");
-                        steps.push((t, Step::Done(Outcome::Failed { error, changes: 0 })));
+                        steps.push((t, Step::Done(Outcome::Broken { error, changes: -1 })));
                     }
                 }
                 Ok(loaded) => {
@@ -478,6 +488,9 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                         // that target's, not the whole pass's (every target of the stream).
                         let plans = &mut st.plans;
                         let step = match crate::process::in_subtransaction(|| {
+                            if crate::failpoint::armed_for("stream_batch", &t.parent) {
+                                pgrx::error!("failpoint stream_batch: the batch could not be built");
+                            }
                             sync_target(plans, sc, pks, fks, &t, pi, &mine)
                         }) {
                             Ok(step) => step,
@@ -489,7 +502,7 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                                     e.describe()
                                 )))
                             }
-                            Err(e) => Step::Done(Outcome::Failed {
+                            Err(e) => Step::Done(Outcome::Broken {
                                 error: format!("building the batch: {}", e.describe()),
                                 changes: mine.len() as i64,
                             }),

@@ -39,10 +39,12 @@ pub(super) fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
         match o {
             Outcome::Advanced => {
                 st.retry_at.remove(&t.id);
+                st.broken.remove(&t.id);
                 st.ahead.insert(t.id, (t.recorded.clone(), s.to_string()));
             }
             Outcome::Applied { .. } => {
                 st.retry_at.remove(&t.id);
+                st.broken.remove(&t.id);
                 st.ahead.remove(&t.id);
             }
             _ => {}
@@ -87,6 +89,7 @@ pub(super) fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
             }
             Outcome::Resnapshot(why) => {
                 st.retry_at.remove(&t.id);
+                st.broken.remove(&t.id);
                 st.careful.remove(&t.id);
                 // Re-snapshots of one target because its learner refused batch after batch
                 // wait longer each time: 1 s, 2 s, 4 s ... up to 5 min, instead of a full
@@ -124,6 +127,32 @@ pub(super) fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
                     log!("poco_sync stream: target {}: {error}", t.id);
                 }
             }
+            Outcome::Broken { error, changes } => {
+                let n = st.broken.get(&t.id).copied().unwrap_or(0) + 1;
+                if n < BROKEN_LIMIT {
+                    st.broken.insert(t.id, n);
+                    let wait = poco_core::learner::backoff_ms(gucs::retry_delay_ms(), n).min(10_000);
+                    st.retry_at
+                        .insert(t.id, (Instant::now() + Duration::from_millis(wait), n));
+                    catalog::note_sync_error(t.id, error, *changes);
+                    if n == 1 {
+                        log!("poco_sync stream: target {}: {error}", t.id);
+                    }
+                    continue;
+                }
+                // Retrying the same batch does not help: the target starts over from a new
+                // snapshot, after maintenance's back-off (a snapshot copies rows a batch could
+                // not carry, and moves the position past what could not be read).
+                st.broken.remove(&t.id);
+                st.retry_at.remove(&t.id);
+                st.careful.remove(&t.id);
+                let why = format!(
+                    "continuous sync stopped after {BROKEN_LIMIT} failed passes, a new snapshot follows: {error}"
+                );
+                log!("poco_sync stream: target {}: {why}", t.id);
+                catalog::sync_snapshot_failed(t.id, &why);
+                catalog::log_event("sync_error", Some(&t.parent), Some(t.id), &why, serde_json::json!({}));
+            }
         }
     }
     // One stream prunes (two would wait on each other's row locks), a few times a second.
@@ -136,6 +165,9 @@ pub(super) fn record(st: &mut State, s: &str, results: &[(Target, Outcome)]) {
         prune();
     }
 }
+
+/// Passes in a row that could not build a target's batch before it goes to `error`.
+pub(super) const BROKEN_LIMIT: u32 = 3;
 
 /// Changes every continuous target has (or will not need: below the position of a target
 /// waiting for a snapshot) are no longer needed.
