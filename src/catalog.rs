@@ -513,10 +513,14 @@ pub fn move_positions(moved: &[(i64, String, String)], applied: bool) {
     if moved.is_empty() {
         return;
     }
+    // A pass that failed as a whole said so on every target: moving again, it is over.
     let learner = if applied {
-        "learner_position = m.to_position::pg_catalog.pg_snapshot, last_applied_at = pg_catalog.now(), last_sync_error = NULL,"
+        "learner_position = m.to_position::pg_catalog.pg_snapshot, last_applied_at = pg_catalog.now(), last_sync_error = NULL,".to_string()
     } else {
-        ""
+        format!(
+            "last_sync_error = CASE WHEN pg_catalog.starts_with(t.last_sync_error, {}) THEN NULL ELSE t.last_sync_error END,",
+            poco_core::learner::literal(crate::stream::PASS_FAILED)
+        )
     };
     let ids: Vec<i64> = moved.iter().map(|m| m.0).collect();
     let from: Vec<String> = moved.iter().map(|m| m.1.clone()).collect();
@@ -530,6 +534,17 @@ pub fn move_positions(moved: &[(i64, String, String)], applied: bool) {
               WHERE t.id = m.id AND t.sync_state = 'streaming' AND t.sync_position::text = m.from_position"
         ),
         &[ids.into(), from.into(), to.into()],
+    )
+    .ok();
+}
+
+/// The stream's pass failed as a whole: said on each streaming target of stream `part` of
+/// `parts` (cleared when the target moves again, `move_positions`).
+pub fn note_pass_error(part: i64, parts: i64, error: &str) {
+    Spi::run_with_args(
+        "UPDATE poco.target SET last_sync_error = pg_catalog.left($3, 4000) \
+          WHERE continuous AND sync_state = 'streaming' AND id % $2 = $1",
+        &[part.into(), parts.into(), error.into()],
     )
     .ok();
 }

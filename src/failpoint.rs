@@ -9,7 +9,8 @@
 //! Known: `push_mid_copy`, `push_between_tables`, `push_after_learner_commit` (pushes and
 //! snapshots), `stream_key_loading`, `stream_ack_lost`, `stream_attribution` (continuous sync;
 //! the last fails every owner lookup of attribution for as long as it is armed), and
-//! `stream_batch:<parent id>` (building that parent's batches fails while it is armed).
+//! `stream_batch:<parent id>` (building that parent's batches fails while it is armed),
+//! `stream_pass` (every pass of the streams fails as a whole while it is armed).
 
 use crate::gucs;
 use crate::net::JobError;

@@ -119,7 +119,7 @@ pub fn init() {
     GucRegistry::define_string_guc(
         c"poco.failpoint",
         c"Tests only: make poco_sync processes fail at named moments (name, or name:crash; comma-separated).",
-        c"Empty (the default) turns failpoints off. Known: push_mid_copy, push_between_tables, push_after_learner_commit, stream_key_loading, stream_ack_lost, stream_attribution, stream_batch:<parent id>.",
+        c"Empty (the default) turns failpoints off. Known: push_mid_copy, push_between_tables, push_after_learner_commit, stream_key_loading, stream_ack_lost, stream_attribution, stream_batch:<parent id>, stream_pass.",
         &FAILPOINT,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY,

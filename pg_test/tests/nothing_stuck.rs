@@ -682,3 +682,47 @@ fn a_batch_the_platform_cannot_build_ends_in_error_then_a_new_snapshot() {
         "family 21 was not re-snapshotted"
     );
 }
+
+/// A pass that fails as a whole (the failpoint `stream_pass`) is shown on every target of the
+/// stream, those with changes waiting and those without, and the error goes once the targets
+/// move again.
+#[test]
+fn a_pass_that_fails_as_a_whole_is_shown_on_every_target() {
+    let (platform, db) = sample_platform("stuck_pass", 3);
+    let (la, lb) = (learner("stuck_pass_a"), learner("stuck_pass_b"));
+    let (ta, tb) = (enable_sync(&db, "21", &la), enable_sync(&db, "22", &lb));
+    let arm = |spec: &str| {
+        db.execute(&format!("ALTER SYSTEM SET poco.failpoint = '{spec}'"));
+        db.execute("SELECT pg_reload_conf()");
+        std::thread::sleep(std::time::Duration::from_millis(600));
+    };
+    arm("stream_pass");
+    db.execute("UPDATE elearning.users SET display_name = 'passless 21' WHERE id = 21");
+    for t in [ta, tb] {
+        let shown = wait_for(std::time::Duration::from_secs(20), || {
+            state(&db, t)
+                .contains("the stream pass failed: failpoint stream_pass")
+                .then_some(())
+        });
+        assert!(shown.is_some(), "target {t}: {}", state(&db, t));
+    }
+    assert_eq!(
+        db.value(&format!("SELECT poco_sync_wait({ta}, '2 s')")).as_deref(),
+        Some("f")
+    );
+    assert!(platform.log().contains("poco_sync stream: failpoint stream_pass"));
+    arm("");
+    for t in [ta, tb] {
+        assert!(synced(&db, t), "target {t}: {}", state(&db, t));
+        let cleared = wait_for(std::time::Duration::from_secs(10), || {
+            (state(&db, t) == "streaming -").then_some(())
+        });
+        assert!(cleared.is_some(), "target {t}: {}", state(&db, t));
+    }
+    assert_eq!(
+        la.connect("family")
+            .value("SELECT display_name FROM elearning.users WHERE id = 21")
+            .as_deref(),
+        Some("passless 21")
+    );
+}

@@ -114,8 +114,9 @@ struct State {
     retry_at: HashMap<i64, (Instant, u32)>,
     /// Passes in a row whose batch for a target the platform could not build (Outcome::Broken).
     broken: HashMap<i64, u32>,
-    /// The last error of a whole pass, logged once.
+    /// The last error of a whole pass, logged once, and when it was last noted on the targets.
     last_error: Option<String>,
+    noted_at: Option<Instant>,
     /// Prepared attribution queries, by SQL text (a scope change gives new texts; Postgres
     /// re-plans them by itself after DDL).
     plans: HashMap<String, pgrx::spi::OwnedPreparedStatement>,
@@ -167,6 +168,10 @@ struct Target {
     learner_position: String,
 }
 
+/// How a target's last_sync_error starts when the stream's pass failed as a whole (cleared
+/// once the target moves again).
+pub(crate) const PASS_FAILED: &str = "the stream pass failed";
+
 enum Outcome {
     /// Nothing for this target between its position and S.
     Advanced,
@@ -210,6 +215,9 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
     }
     let continuous = maintain(st);
     let result = crate::process::in_snapshot(|| {
+        if crate::failpoint::armed("stream_pass") {
+            return Err(JobError::new("XX000", "failpoint stream_pass: the pass failed"));
+        }
         let s = Spi::get_one::<String>("SELECT pg_catalog.pg_current_snapshot()::text")
             .map_err(|e| JobError::new("XX000", e.to_string()))?
             .unwrap_or_default();
@@ -523,10 +531,21 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
         Ok(r) => r,
         Err(e) => {
             // Said once, not on every pass while it lasts (e.g. the scope was cleared).
-            if st.last_error.as_deref() != Some(e.message.as_str()) {
+            let new = st.last_error.as_deref() != Some(e.message.as_str());
+            if new {
                 log!("poco_sync stream: {}", e.message);
-                st.last_error = Some(e.message);
             }
+            // And on every target of this stream, so that none says `streaming` with no error
+            // while nothing moves (again every few seconds, for targets that joined since).
+            if new || st.noted_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
+                st.noted_at = Some(Instant::now());
+                let why = format!("{PASS_FAILED}: {}", e.message);
+                let (part, parts) = (st.part, st.parts);
+                BackgroundWorker::transaction(|| {
+                    crate::catalog::note_pass_error(part, parts, &why)
+                });
+            }
+            st.last_error = Some(e.message);
             return (false, continuous);
         }
     };
