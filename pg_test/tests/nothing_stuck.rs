@@ -726,3 +726,45 @@ fn a_pass_that_fails_as_a_whole_is_shown_on_every_target() {
         Some("passless 21")
     );
 }
+
+/// While a learner cannot be reached, `lag_changes` counts what waits for it: its own family's
+/// changes, not the other families', and more as they pile up (it stayed at what the first
+/// failed batch held).
+#[test]
+fn the_lag_of_an_unreachable_learner_counts_what_waits_for_it() {
+    let (_platform, db) = sample_platform("stuck_lag", 3);
+    let (la, lb) = (learner("stuck_lag_a"), learner("stuck_lag_b"));
+    let (ta, tb) = (enable_sync(&db, "21", &la), enable_sync(&db, "22", &lb));
+    let status = |p: &str| {
+        db.value(&format!(
+            "SELECT state || ' ' || lag_changes || ' ' || (last_error IS NOT NULL) FROM poco_status({p})"
+        ))
+        .unwrap_or_default()
+    };
+    la.stop("fast");
+    db.execute("UPDATE elearning.users SET display_name = 'away 0' WHERE id = 21");
+    let failing = wait_for(std::time::Duration::from_secs(20), || {
+        (status("21") == "streaming 1 true").then_some(())
+    });
+    assert!(failing.is_some(), "{} / {}", status("21"), state(&db, ta));
+    for n in 1..=4 {
+        db.execute(&format!(
+            "UPDATE elearning.users SET display_name = 'away {n}' WHERE id = 21; \
+             UPDATE elearning.users SET display_name = 'other {n}' WHERE id = 22"
+        ));
+    }
+    assert!(synced(&db, tb), "{}", state(&db, tb));
+    let counted = wait_for(std::time::Duration::from_secs(30), || {
+        (status("21") == "streaming 5 true").then_some(())
+    });
+    assert!(counted.is_some(), "{} / {}", status("21"), state(&db, ta));
+    la.start_again();
+    assert!(synced(&db, ta), "{}", state(&db, ta));
+    assert_eq!(status("21"), "streaming 0 false");
+    assert_eq!(
+        la.connect("family")
+            .value("SELECT display_name FROM elearning.users WHERE id = 21")
+            .as_deref(),
+        Some("away 4")
+    );
+}

@@ -367,11 +367,8 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                 steps.push((t, Step::Done(Outcome::Failed { error, changes: 0 })));
                 continue;
             }
-            if let Some(e) = unreachable.remove(&t.id) {
-                // How many changes wait is not known (not read): the lag shown stays.
-                steps.push((t, Step::Done(refused(e, -1))));
-                continue;
-            }
+            // A learner that could not be reached stays in the group: its share of the
+            // changes is counted (its lag), then it is refused below.
             if still_connecting.contains(&t.id) {
                 steps.push((t, Step::Done(Outcome::Again)));
                 continue;
@@ -434,10 +431,11 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                     let sending: Vec<&Target> = group
                         .iter()
                         .zip(&concerned)
-                        .filter(|(_, c)| **c)
+                        .filter(|((t, _), c)| **c && !unreachable.contains_key(&t.id))
                         .map(|((t, _), _)| t)
                         .collect();
                     let mut failed = connect_all(rt, st, &sending);
+                    failed.extend(unreachable.drain());
                     for ((t, si), concerned) in group.into_iter().zip(concerned) {
                         if loaded.too_many.contains(&si) {
                             // One batch that large is not held in memory: a full snapshot is
@@ -452,15 +450,6 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                             steps.push((t, Step::Done(Outcome::Advanced)));
                             continue;
                         }
-                        if let Some(e) = failed.remove(&t.id) {
-                            steps.push((t, Step::Done(refused(e, -1))));
-                            continue;
-                        }
-                        if !st.conns.contains_key(&t.id) {
-                            // Still connecting (in the background): a later pass sends it.
-                            steps.push((t, Step::Done(Outcome::Again)));
-                            continue;
-                        }
                         // The target's share of the batch: its own changes, and those whose
                         // owner cannot be told, that its position has not seen.
                         let pi = parents.binary_search(&t.parent).ok().map(|i| i as u32);
@@ -471,6 +460,16 @@ fn pass(rt: &tokio::runtime::Runtime, st: &mut State) -> (bool, bool) {
                             .zip(&loaded.owners)
                             .filter(|(c, o)| o.concerns(pi) && !snap.visible(c.txid))
                             .collect();
+                        if let Some(e) = failed.remove(&t.id) {
+                            // Its lag: what waits for it.
+                            steps.push((t, Step::Done(refused(e, mine.len() as i64))));
+                            continue;
+                        }
+                        if !st.conns.contains_key(&t.id) {
+                            // Still connecting (in the background): a later pass sends it.
+                            steps.push((t, Step::Done(Outcome::Again)));
+                            continue;
+                        }
                         // A row of this family that changed family (or one that joined it)
                         // took what it owns along: a new snapshot, decided here, so that no
                         // batch naming the moved rows is ever sent.
