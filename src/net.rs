@@ -23,6 +23,10 @@ pub struct JobError {
     pub message: String,
     pub hint: Option<String>,
     pub transient: bool,
+    /// Stopped by poco_cancel (or the worker's own stop): the only error that ends a job as
+    /// `cancelled`. A learner's 57014 (its pg_cancel_backend, statement_timeout) or a network
+    /// timeout is not one: those are transient.
+    pub by_cancel: bool,
 }
 
 impl JobError {
@@ -32,6 +36,7 @@ impl JobError {
             message: message.into(),
             hint: None,
             transient: false,
+            by_cancel: false,
         }
     }
     pub fn transient(sqlstate: &str, message: impl Into<String>) -> Self {
@@ -52,10 +57,13 @@ impl JobError {
         }
     }
     pub fn cancelled() -> Self {
-        JobError::new("57014", "the push was cancelled")
+        JobError {
+            by_cancel: true,
+            ..JobError::new("57014", "the push was cancelled")
+        }
     }
     pub fn is_cancel(&self) -> bool {
-        self.sqlstate == "57014"
+        self.by_cancel
     }
 
     /// An error from the learner connection, prefixed with what we were doing. What the

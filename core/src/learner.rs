@@ -340,6 +340,9 @@ pub fn transient_sqlstate(code: &str) -> bool {
         || matches!(
             code,
             "57P01" | "57P02" | "57P03" | "53300" | "53400" | "40001" | "40P01" | "55P03"
+                // The learner cancelled the statement (an operator's pg_cancel_backend, its
+                // statement_timeout): only poco_cancel cancels a job.
+                | "57014"
         )
 }
 
@@ -399,7 +402,7 @@ mod tests {
 
     #[test]
     fn transient_codes() {
-        for c in ["08006", "08001", "57P01", "53300", "40001"] {
+        for c in ["08006", "08001", "57P01", "53300", "40001", "57014"] {
             assert!(transient_sqlstate(c), "{c}");
         }
         for c in ["42P01", "23505", "XX000", "42501"] {
