@@ -549,6 +549,41 @@ pub fn note_pass_error(part: i64, parts: i64, error: &str) {
     .ok();
 }
 
+/// Continuous targets of stream `part` of `parts` left in `snapshot` or `resnapshot` with no
+/// job queued or running (the job was cancelled before it started, or ended without a
+/// position): put in `error` with the reason, which maintenance retries. Their ids.
+pub fn orphaned_snapshots_to_error(part: i64, parts: i64) -> Vec<i64> {
+    Spi::connect_mut(|c| {
+        c.update(
+            "UPDATE poco.target t SET sync_state = 'error', last_sync_error = pg_catalog.left( \
+                    'its snapshot ended without success (' || coalesce((SELECT 'job ' || j.id || ': ' || j.state || coalesce(': ' || j.error, '') \
+                       FROM poco.job j WHERE j.target_id = t.id ORDER BY j.id DESC LIMIT 1), 'no job') || \
+                    '); it is tried again after a back-off', 4000) \
+              WHERE t.continuous AND t.sync_state IN ('snapshot', 'resnapshot') AND t.id % $2 = $1 \
+                AND NOT EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = t.id AND j.state IN ('queued', 'running')) \
+             RETURNING t.id, t.parent_id, t.last_sync_error",
+            None,
+            &[part.into(), parts.into()],
+        )
+        .map(|rows| {
+            rows.filter_map(|r| {
+                let id = r.get::<i64>(1).ok().flatten()?;
+                let parent = r.get::<String>(2).ok().flatten();
+                let why = r.get::<String>(3).ok().flatten().unwrap_or_default();
+                Some((id, parent, why))
+            })
+            .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+    })
+    .into_iter()
+    .map(|(id, parent, why)| {
+        log_event("sync_error", parent.as_deref(), Some(id), &why, serde_json::json!({}));
+        id
+    })
+    .collect()
+}
+
 /// A batch for the target failed: its error (cut) and, when known (>= 0), its backlog.
 pub fn note_sync_error(target_id: i64, error: &str, changes: i64) {
     Spi::run_with_args(
@@ -559,11 +594,18 @@ pub fn note_sync_error(target_id: i64, error: &str, changes: i64) {
 }
 
 /// Changes every continuous target has (or will not need: below the position of a target
-/// waiting for a snapshot) are no longer needed.
+/// waiting for a snapshot) are no longer needed. A target in `error` with no job holds
+/// nothing back: it starts over from a new snapshot, and poco.resnapshot then sets its
+/// position to the current snapshot, a floor below that snapshot's. With no target to hold
+/// them, changes below the current snapshot's xmin go (any snapshot to come sees them).
 pub fn prune_changes() {
     Spi::run(
-        "DELETE FROM poco.change WHERE txid < (SELECT pg_catalog.min(pg_catalog.pg_snapshot_xmin(sync_position)::text::bigint) \
-           FROM poco.target WHERE continuous AND sync_position IS NOT NULL)",
+        "DELETE FROM poco.change WHERE txid < coalesce( \
+           (SELECT pg_catalog.min(pg_catalog.pg_snapshot_xmin(t.sync_position)::text::bigint) \
+              FROM poco.target t WHERE t.continuous AND t.sync_position IS NOT NULL \
+               AND (t.sync_state <> 'error' \
+                    OR EXISTS (SELECT 1 FROM poco.job j WHERE j.target_id = t.id AND j.state IN ('queued', 'running')))), \
+           pg_catalog.pg_snapshot_xmin(pg_catalog.pg_current_snapshot())::text::bigint)",
     )
     .ok();
 }

@@ -99,6 +99,13 @@ pub(super) fn record(
         catalog::sync_snapshot_done(job.target_id.unwrap_or(0), done.position.as_deref());
     } else if end.state == "failed" {
         catalog::sync_snapshot_failed(job.target_id.unwrap_or(0), end.error.unwrap_or(""));
+    } else if end.state == "cancelled" {
+        // A continuous target's snapshot ends in error whatever ended it: maintenance tries it
+        // again (poco_disable_sync is how continuous sync stops).
+        catalog::sync_snapshot_failed(
+            job.target_id.unwrap_or(0),
+            &format!("its snapshot (job {}) was cancelled; it is tried again after a back-off", job.id),
+        );
     }
     let mut detail = base;
     if let Some(e) = end.error {

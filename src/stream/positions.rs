@@ -200,6 +200,10 @@ pub(super) fn maintain(st: &mut State) -> bool {
     st.maintained_at = Some(Instant::now());
     let (max_rows, max_age) = gucs::sync_max_backlog();
     BackgroundWorker::transaction(std::panic::AssertUnwindSafe(|| {
+        // A snapshot that ended without success and left its target waiting for nothing.
+        for id in catalog::orphaned_snapshots_to_error(st.part, st.parts) {
+            log!("poco_sync stream: target {id}: its snapshot ended without success; it is tried again after a back-off");
+        }
         // (id, state, seconds since the position moved, position)
         let rows: Vec<(i64, String, f64, String)> = catalog::maintained_targets(st.part, st.parts)
             .into_iter()
