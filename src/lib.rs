@@ -4,6 +4,7 @@
 use pgrx::prelude::*;
 
 mod authz;
+mod capped;
 mod catalog;
 mod errors;
 mod failpoint;

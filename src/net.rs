@@ -14,6 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::config::{ChannelBinding, SslMode as PgSslMode};
+use crate::capped::{Capped, CappedTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// Why a job step failed: what the user sees, the SQLSTATE, and whether a retry may help.
@@ -431,10 +432,6 @@ pub async fn connect(
 ) -> Result<tokio_postgres::Client, JobError> {
     let addrs = resolve(spec, allow_private, timeout).await?;
     let mut cfg = tokio_postgres::Config::new();
-    for ip in &addrs {
-        cfg.host(&spec.host.as_string());
-        cfg.hostaddr(*ip);
-    }
     cfg.port(spec.port)
         .user(&spec.user)
         .dbname(&spec.dbname)
@@ -449,9 +446,6 @@ pub async fn connect(
         .filter(|&s| s > 0)
         .map(|s| Duration::from_secs(s.max(2)).min(timeout))
         .unwrap_or(timeout);
-    cfg.connect_timeout(connect_timeout)
-        .keepalives(true)
-        .keepalives_idle(Duration::from_secs(30));
     if let Some(o) = spec.params.get("options") {
         cfg.options(o);
     }
@@ -467,9 +461,46 @@ pub async fn connect(
         SslMode::Allow | SslMode::Prefer => PgSslMode::Prefer,
         _ => PgSslMode::Require,
     });
-    let tls = tls(spec, root_dir).await?;
-    let (client, conn) = tokio::time::timeout(timeout, cfg.connect(tls))
+    let mut tls = tls(spec, root_dir).await?;
+    let wher = format!("{}:{}", spec.host.as_string(), spec.port);
+    // The socket is opened here (not by tokio-postgres) so that what the learner sends is
+    // read through the caps (capped.rs), on the socket and inside TLS.
+    let mut socket = None;
+    let mut failure = String::new();
+    for ip in &addrs {
+        match tokio::time::timeout(
+            connect_timeout,
+            tokio::net::TcpStream::connect(SocketAddr::new(*ip, spec.port)),
+        )
         .await
+        {
+            Ok(Ok(s)) => {
+                socket = Some(s);
+                break;
+            }
+            Ok(Err(e)) => failure = format!("error connecting to server: {e}"),
+            Err(_) => failure = format!("connecting to {wher} timed out"),
+        }
+    }
+    let Some(socket) = socket else {
+        return Err(JobError::transient(
+            "08001",
+            format!("cannot connect to learner {wher}: {failure}"),
+        ));
+    };
+    let _ = socket.set_nodelay(true);
+    let _ = socket2::SockRef::from(&socket)
+        .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(Duration::from_secs(30)));
+    let ssl_answer = spec.sslmode != SslMode::Disable;
+    let connector = <MakeRustlsConnect as tokio_postgres::tls::MakeTlsConnect<
+        Capped<tokio::net::TcpStream>,
+    >>::make_tls_connect(&mut tls, &spec.host.as_string())
+    .map_err(|e| JobError::new("08001", format!("learner {wher}: TLS setup: {e}")))?;
+    let (client, conn) = tokio::time::timeout(
+        timeout,
+        cfg.connect_raw(Capped::new(socket, ssl_answer), CappedTls(connector)),
+    )
+    .await
         .map_err(|_| {
             JobError::transient(
                 "08001",
@@ -499,6 +530,7 @@ fn connect_error(spec: &TargetSpec, e: &tokio_postgres::Error) -> JobError {
             ),
         );
         je.transient = transient_sqlstate(code);
+        je.hint = db.hint().map(|h| cut(h, LEARNER_TEXT_MAX));
         if code == "28P01" || code == "28000" {
             je.hint = Some("Check the user and password of the target (poco_add_target again with the right URL).".into());
         }

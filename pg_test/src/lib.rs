@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 pub use tokio_postgres::error::DbError;
 pub use tokio_postgres::Row;
 
+mod flood;
+pub use flood::{Flood, FloodServer};
 mod proxy;
 pub use proxy::FaultProxy;
 

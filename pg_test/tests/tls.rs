@@ -203,6 +203,20 @@ fn sslmodes_behave_as_in_libpq() {
     assert_eq!(state, "succeeded", "{err}");
     assert_eq!(proxy.last_sni(), None, "no SNI for an IP address");
 
+    // What the learner sends is capped inside TLS too (issue #24 point 5): a NOTICE of 20 MB,
+    // raised by an event trigger on the push's own DDL, ends the push with a clear error.
+    fam.execute(
+        "CREATE FUNCTION public.noise() RETURNS event_trigger LANGUAGE plpgsql AS \
+           $$ BEGIN RAISE NOTICE '%', repeat('n', 20000000); END $$; \
+         CREATE EVENT TRIGGER noise ON ddl_command_end EXECUTE FUNCTION public.noise()",
+    );
+    let (state, err) = push(&db, &format!("postgresql://{host_ip}?sslmode=require"));
+    assert_eq!(state, "failed", "{err}");
+    assert!(err.contains("poco_sync reads at most 16 MB per message"), "{err}");
+    fam.execute("DROP EVENT TRIGGER noise");
+    let (state, err) = push(&db, &format!("postgresql://{host_ip}?sslmode=require"));
+    assert_eq!(state, "succeeded", "{err}");
+
     // A learner without TLS: require is refused with a clear error, and no retry helps.
     let plain = Server::start("tls_plain", &Options::learner());
     plain.psql("postgres", "CREATE DATABASE family");
