@@ -310,26 +310,34 @@ pub fn fail_orphans(live: &[i64], why: &str) -> Vec<i64> {
     })
 }
 
-/// Claim up to `n` queued jobs whose time has come, one per target at a time: they become
-/// 'running' (attempts + 1). Returns their ids.
-pub fn claim_jobs(n: usize) -> Vec<i64> {
+/// Claim up to `n` queued jobs whose time has come, one per target at a time and at most
+/// `per_parent` running per parent: they become 'running' (attempts + 1). Parents with fewer
+/// running jobs go first, so one parent's slow learners never take every slot while others
+/// wait. Returns their ids.
+pub fn claim_jobs(n: usize, per_parent: usize) -> Vec<i64> {
     if n == 0 {
         return vec![];
     }
     Spi::connect_mut(|client| {
         client
             .update(
-                "WITH c AS (
-                   SELECT j.id FROM poco.job j
+                "WITH ready AS (
+                   SELECT j.id, j.parent_id, j.next_attempt_at,
+                          (SELECT count(*) FROM poco.job r WHERE r.state = 'running' AND r.parent_id = j.parent_id) AS running,
+                          row_number() OVER (PARTITION BY j.parent_id ORDER BY j.next_attempt_at, j.id) AS nth
+                     FROM poco.job j
                     WHERE j.state = 'queued' AND j.next_attempt_at <= now()
                       AND NOT EXISTS (SELECT 1 FROM poco.job r WHERE r.state = 'running' AND r.target_id = j.target_id)
-                      AND j.id = (SELECT min(q.id) FROM poco.job q WHERE q.state = 'queued' AND q.target_id IS NOT DISTINCT FROM j.target_id)
-                    ORDER BY j.next_attempt_at, j.id LIMIT $1 FOR UPDATE SKIP LOCKED)
+                      AND j.id = (SELECT min(q.id) FROM poco.job q WHERE q.state = 'queued' AND q.target_id IS NOT DISTINCT FROM j.target_id)),
+                 c AS (
+                   SELECT j.id FROM poco.job j JOIN ready USING (id)
+                    WHERE ready.running + ready.nth <= $2
+                    ORDER BY ready.running + ready.nth, ready.next_attempt_at, j.id LIMIT $1 FOR UPDATE OF j SKIP LOCKED)
                  UPDATE poco.job j SET state = 'running', attempts = j.attempts + 1,
                         started_at = now(), finished_at = NULL, tables_done = 0, rows_done = 0, bytes_done = 0
                    FROM c WHERE j.id = c.id RETURNING j.id",
                 None,
-                &[(n as i64).into()],
+                &[(n as i64).into(), (per_parent as i64).into()],
             )
             .or_raise()
             .filter_map(|r| r.get::<i64>(1).ok().flatten())

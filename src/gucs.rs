@@ -13,6 +13,8 @@ static MAX_JOBS: GucSetting<i32> = GucSetting::<i32>::new(2);
 static PUSH_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(4);
 static RETRY_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static NETWORK_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+static PUSH_DEADLINE_S: GucSetting<i32> = GucSetting::<i32>::new(6 * 3600);
+static MAX_JOBS_PER_PARENT: GucSetting<i32> = GucSetting::<i32>::new(0);
 static BATCH_BYTES: GucSetting<i32> = GucSetting::<i32>::new(256 * 1024);
 static BINARY_COPY: GucSetting<bool> = GucSetting::<bool>::new(true);
 static SYNC_MAX_BACKLOG: GucSetting<i32> = GucSetting::<i32>::new(100_000);
@@ -105,6 +107,29 @@ pub fn init() {
         3_600_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"poco.push_deadline",
+        c"Longest a push (or a snapshot) may run, per attempt, before it is stopped.",
+        c"A push holds a snapshot of the platform (its xmin) and a job slot while it runs: a \
+          learner that reads slowly cannot hold them longer than this. The job then fails with \
+          SQLSTATE 57014 and the learner keeps its previous data.",
+        &PUSH_DEADLINE_S,
+        1,
+        30 * 86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"poco.max_jobs_per_parent",
+        c"Most pushes of one parent's targets that run at once; 0 (the default): half of \
+          poco.max_jobs, at least 1.",
+        c"So that one parent's slow learners never hold every job slot while other parents wait.",
+        &MAX_JOBS_PER_PARENT,
+        0,
+        crate::shmem::MAX_SLOTS as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"poco.copy_chunk",
@@ -212,6 +237,18 @@ pub fn push_attempts() -> i32 {
 
 pub fn retry_delay_ms() -> u64 {
     RETRY_DELAY_MS.get().max(10) as u64
+}
+
+pub fn push_deadline() -> std::time::Duration {
+    std::time::Duration::from_secs(PUSH_DEADLINE_S.get().max(1) as u64)
+}
+
+/// Most running pushes per parent (poco.max_jobs_per_parent; 0: half of poco.max_jobs).
+pub fn max_jobs_per_parent() -> usize {
+    match MAX_JOBS_PER_PARENT.get() {
+        n if n > 0 => n as usize,
+        _ => (max_jobs() / 2).max(1),
+    }
 }
 
 pub fn network_timeout() -> std::time::Duration {

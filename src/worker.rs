@@ -160,7 +160,7 @@ fn one_pass(_runtime: &tokio::runtime::Runtime, jobs: &mut Jobs) -> Duration {
                 .take(room)
                 .collect()
         };
-        let claimed = catalog::claim_jobs(free.len());
+        let claimed = catalog::claim_jobs(free.len(), gucs::max_jobs_per_parent());
         let pairs: Vec<(usize, i64)> = free.into_iter().zip(claimed).collect();
         for (slot, id) in &pairs {
             shmem::with_slot(*slot, |s| {

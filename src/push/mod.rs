@@ -45,15 +45,24 @@ pub const JOB_WORKER_TYPE: &str = "poco_sync push";
 thread_local! {
     static SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
     static TERMINATED: Cell<bool> = const { Cell::new(false) };
+    /// When this attempt must stop (poco.push_deadline), and whether it did.
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    static PAST_DEADLINE: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Cancelled by `poco_cancel`, or told to stop (SIGTERM: shutdown, pg_terminate_backend).
+/// Cancelled by `poco_cancel`, told to stop (SIGTERM: shutdown, pg_terminate_backend), or
+/// past the attempt's deadline (poco.push_deadline).
 fn cancelled() -> bool {
     if BackgroundWorker::sigterm_received() {
         TERMINATED.with(|t| t.set(true)); // the flag clears when read: remember it
     }
+    if DEADLINE.with(|d| d.get()).is_some_and(|d| Instant::now() >= d) {
+        PAST_DEADLINE.with(|p| p.set(true));
+    }
     let slot = SLOT.with(|s| s.get());
-    TERMINATED.with(|t| t.get()) || (slot != usize::MAX && shmem::with_slot(slot, |s| s.cancel))
+    TERMINATED.with(|t| t.get())
+        || PAST_DEADLINE.with(|p| p.get())
+        || (slot != usize::MAX && shmem::with_slot(slot, |s| s.cancel))
 }
 
 fn progress(f: impl FnOnce(&mut shmem::JobSlot)) {
@@ -94,7 +103,25 @@ pub extern "C-unwind" fn poco_job_main(arg: pg_sys::Datum) {
         shmem::with_slot(slot, |s| *s = shmem::JobSlot::default());
         return;
     };
+    let deadline = gucs::push_deadline();
+    DEADLINE.with(|d| d.set(Some(Instant::now() + deadline)));
     let mut outcome = run(&job, &runtime);
+    // Past its deadline (a learner reading slowly): the snapshot it held and its slot are
+    // given back; a retry would be as slow, so the job fails.
+    if matches!(&outcome, Err(e) if e.is_cancel())
+        && PAST_DEADLINE.with(|p| p.get())
+        && !shmem::with_slot(slot, |s| s.cancel)
+        && !TERMINATED.with(|t| t.get())
+    {
+        outcome = Err(JobError::new(
+            "57014",
+            format!(
+                "the push ran past its deadline of {} s (poco.push_deadline) and was stopped; the learner keeps its previous data",
+                deadline.as_secs()
+            ),
+        )
+        .hint("The learner took the data too slowly: check its network and load, or raise poco.push_deadline."));
+    }
     // Stopped by a server shutdown (SIGTERM), not by poco_cancel: a transient failure, so the
     // job runs again after the restart instead of ending as cancelled.
     if matches!(&outcome, Err(e) if e.is_cancel())
