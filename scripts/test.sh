@@ -30,6 +30,8 @@ echo "==> end-to-end tests (platform and learner servers started by pg_test/)"
 export POCO_TEST_USER="$TEST_USER" POCO_PG_CONFIG="$PG_CONFIG"
 run cargo test -p poco_e2e -- --test-threads=2 --show-output   # show-output: the isolation figures land in the log
 
+# The watchdog (pg_test/src/watchdog.rs) checks every platform at the end of its scenario.
+echo "poco_sync: the watchdog checked $(grep -c '^poco_e2e watchdog: .*; checked$' "$LOG" || true) scenarios"
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "poco_sync: %d passed, %d failed\n", p, f; exit (f > 0 || p == 0) }' "$LOG"
 rm -f "$LOG"

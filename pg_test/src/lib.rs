@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 pub use tokio_postgres::error::DbError;
 pub use tokio_postgres::Row;
 
+mod watchdog;
+pub use watchdog::watchdog_skips_verify;
 mod flood;
 pub use flood::{Flood, FloodServer};
 mod proxy;
@@ -138,6 +140,10 @@ pub struct Server {
     pub dir: PathBuf,
     pub port: u16,
     bindir: PathBuf,
+    /// poco_sync is preloaded: the watchdog checks it when it is dropped (watchdog.rs).
+    platform: bool,
+    /// Handed over to the watchdog (a learner dropped while a platform lives): stopped later.
+    handed_off: bool,
 }
 
 impl Server {
@@ -171,7 +177,12 @@ impl Server {
             dir: dir.clone(),
             port: 0,
             bindir,
+            platform: opts.preload,
+            handed_off: false,
         };
+        if opts.preload {
+            watchdog::platform_started();
+        }
         let mut conf = vec![
             "listen_addresses = '127.0.0.1'".to_string(),
             format!("unix_socket_directories = '{}'", dir.display()),
@@ -367,6 +378,15 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if self.handed_off {
+            return;
+        }
+        if self.platform {
+            watchdog::platform_dropped(self);
+        } else if watchdog::hand_over(self) {
+            self.handed_off = true;
+            return;
+        }
         self.stop("immediate");
         if std::env::var_os("POCO_KEEP_TEST_DIRS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -479,6 +499,17 @@ impl Db {
 
     pub fn query(&self, sql: &str) -> Vec<Row> {
         self.query_with(sql, &[])
+    }
+
+    /// A query's rows, or the server's message (no panic).
+    pub fn try_query(&self, sql: &str) -> Result<Vec<Row>, String> {
+        self.rt
+            .block_on(self.client.query(sql, &[]))
+            .map_err(|e| {
+                e.as_db_error()
+                    .map(|d| format!("{} ({})", d.message(), d.code().code()))
+                    .unwrap_or(e.to_string())
+            })
     }
 
     /// The first column of the first row as text, or the error (no panic).

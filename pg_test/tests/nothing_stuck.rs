@@ -618,7 +618,7 @@ fn changes_nobody_can_attribute_still_reach_exactly_their_families() {
 /// snapshot after a back-off; the other family keeps syncing and is not re-snapshotted.
 #[test]
 fn a_batch_the_platform_cannot_build_ends_in_error_then_a_new_snapshot() {
-    let (platform, db) = sample_platform("stuck_broken", 3);
+    let (_platform, db) = sample_platform("stuck_broken", 3);
     let (la, lb) = (learner("stuck_broken_a"), learner("stuck_broken_b"));
     let (ta, tb) = (enable_sync(&db, "21", &la), enable_sync(&db, "22", &lb));
     db.execute("ALTER SYSTEM SET poco.failpoint = 'stream_batch:22'");
